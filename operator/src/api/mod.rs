@@ -1,0 +1,25 @@
+//! The public API of llama-operator: group `llama-operator.io`, version `v1alpha1`.
+//!
+//! These Rust types are the source of truth; `crds/` holds the CustomResourceDefinitions generated
+//! from them by the `crdgen` binary, and a test fails when the two drift apart.
+
+mod compute_quota;
+mod llama_deployment;
+mod model;
+mod status;
+
+pub use compute_quota::{
+    ComputeQuota, ComputeQuotaSpec, ComputeQuotaStatus, FamilyLimit, FamilyUsage, QuotaHolder,
+};
+pub use llama_deployment::{
+    AuthMode, AuthSpec, ComputeSpec, ContentSafetySpec, HuggingFaceSource, LlamaDeployment,
+    LlamaDeploymentSpec, NodePoolProvider, NodePoolSpec, PvcSource, QuotaSpec, RateLimitsSpec,
+    SecretKeyRef, SecretRef, SourceSpec, SourceType, TokenAuthSpec, WeightFormat,
+};
+pub use model::ModelName;
+pub use status::{InstanceCounts, LlamaDeploymentStatus, Phase, QuotaSource};
+
+/// The API group of every resource this operator serves.
+pub const GROUP: &str = "llama-operator.io";
+/// The served and stored API version.
+pub const VERSION: &str = "v1alpha1";

@@ -1,0 +1,97 @@
+//! `LlamaDeployment` status: what the operator observed and decided.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The observed state of a LlamaDeployment, written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlamaDeploymentStatus {
+    /// A one-word summary: Pending, QuotaExceeded, Provisioning, Loading, Ready, Failed or
+    /// Expiring. Read `conditions` for the reason and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// Standard conditions: Ready, NodePoolReady, ModelLoaded, QuotaExceeded,
+    /// ScaleLimitedByQuota. Each has a reason and a message that says what to fix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The in-cluster URL of the endpoint, e.g. http://my-llama.team-a.svc:8080. Point the Azure
+    /// AI Inference or OpenAI SDK at it with one of the keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// Instance counts: desired, running and ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceCounts>,
+
+    /// Label selector of the server pods, for the scale subresource (HPA, KEDA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// Which quota pays for the deployment: `dedicated` (the namespace's ComputeQuota) or
+    /// `shared` (the cluster's shared pool; the deployment is deleted at `expiresAt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_source: Option<QuotaSource>,
+
+    /// When a deployment on shared quota is deleted (creation + 168 hours by default). Unset
+    /// for dedicated quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+
+    /// vCPU core-hours consumed so far: for each instance, the instance type's cores × the hours
+    /// it ran. Only grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_hours: Option<f64>,
+
+    /// Estimated cost so far: for each instance, the instance type's hourly price × the hours it
+    /// ran, in `currency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost: Option<f64>,
+
+    /// Currency of `estimatedCost`, from the instance-type catalog (e.g. USD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+/// A one-word summary of a LlamaDeployment's state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    QuotaExceeded,
+    Provisioning,
+    Loading,
+    Ready,
+    Failed,
+    Expiring,
+}
+
+/// Instance counts of a deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceCounts {
+    /// Instances wanted (after quota caps).
+    #[serde(default)]
+    pub desired: i32,
+    /// Instances running (server pods created and scheduled).
+    #[serde(default)]
+    pub current: i32,
+    /// Instances ready to serve.
+    #[serde(default)]
+    pub ready: i32,
+}
+
+/// Which quota pays for a deployment.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum QuotaSource {
+    Dedicated,
+    Shared,
+}

@@ -1,0 +1,6 @@
+//! llama-operator: runs Meta Llama models on Kubernetes GPU clusters the way Azure AI Foundry
+//! runs them on "managed compute".
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod crdgen;
