@@ -22,7 +22,10 @@ fn crds_directory_matches_the_rust_types() {
     on_disk.sort();
     let mut expected: Vec<String> = all.iter().map(|(f, _)| f.to_string()).collect();
     expected.sort();
-    assert_eq!(on_disk, expected, "crds/ holds files crdgen does not produce");
+    assert_eq!(
+        on_disk, expected,
+        "crds/ holds files crdgen does not produce"
+    );
     assert!(
         stale.is_empty(),
         "stale CRDs {stale:?}: run `cargo run -p llama-operator --bin crdgen -- --out crds`"
@@ -36,7 +39,9 @@ fn every_schema_property_is_documented() {
         if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
             for (name, sub) in props {
                 let here = format!("{path}.{name}");
-                let is_meta = here.ends_with(".metadata") || here.ends_with(".apiVersion") || here.ends_with(".kind");
+                let is_meta = here.ends_with(".metadata")
+                    || here.ends_with(".apiVersion")
+                    || here.ends_with(".kind");
                 let inside_condition = path.contains(".conditions");
                 if sub.get("description").is_none() && !is_meta && !inside_condition {
                     missing.push(here.clone());
@@ -51,8 +56,18 @@ fn every_schema_property_is_documented() {
     let mut missing = Vec::new();
     for (_, crd) in llama_operator::crdgen::all() {
         let json = serde_json::to_value(&crd).expect("serialize");
-        let kind = json["spec"]["names"]["kind"].as_str().unwrap_or("?").to_owned();
-        walk(&kind, &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"], &mut missing);
+        let kind = json["spec"]["names"]["kind"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        walk(
+            &kind,
+            &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+            &mut missing,
+        );
     }
-    assert!(missing.is_empty(), "fields without a doc comment: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a doc comment: {missing:?}"
+    );
 }

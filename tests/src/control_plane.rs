@@ -7,8 +7,8 @@ use crate::kubeconfig;
 use crate::pki::Pki;
 use crate::processes;
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -20,15 +20,29 @@ pub enum StartError {
     #[error("building or locating the control-plane binaries failed: {0}")]
     Binaries(String),
     #[error("cannot prepare {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot generate certificates: {0}")]
     Pki(#[from] rcgen::Error),
     #[error("cannot start {name}: {source}")]
-    Spawn { name: String, source: std::io::Error },
+    Spawn {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("{name} exited during start-up ({status}); last log lines:\n{log}")]
-    Exited { name: String, status: String, log: String },
+    Exited {
+        name: String,
+        status: String,
+        log: String,
+    },
     #[error("{name} was not ready after {seconds} s; last log lines:\n{log}")]
-    Timeout { name: String, seconds: u64, log: String },
+    Timeout {
+        name: String,
+        seconds: u64,
+        log: String,
+    },
 }
 
 /// A running control plane.
@@ -86,8 +100,18 @@ impl ControlPlane {
         let mut etcd = Command::new(bin_dir.join("etcd"));
         etcd.args(["--name", "default", "--data-dir"])
             .arg(dir.join("etcd"))
-            .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .args(["--unsafe-no-fsync", "--log-level", "warn"]);
         let etcd_pid = launch(&dir, "etcd", etcd)?;
@@ -102,7 +126,12 @@ impl ControlPlane {
         let mut apiserver = Command::new(bin_dir.join("kube-apiserver"));
         apiserver
             .args(["--etcd-servers", &etcd_url])
-            .args(["--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1"])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+            ])
             .args(["--secure-port", &api_port.to_string()])
             .arg("--cert-dir")
             .arg(dir.join("apiserver-certs"))
@@ -116,26 +145,41 @@ impl ControlPlane {
             .arg(p("sa.pub"))
             .arg("--service-account-signing-key-file")
             .arg(p("sa.key"))
-            .args(["--service-account-issuer", "https://kubernetes.default.svc.cluster.local"])
+            .args([
+                "--service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local",
+            ])
             .args(["--service-cluster-ip-range", "10.96.0.0/16"])
             .args(["--authorization-mode", "Node,RBAC"])
             .args(["--allow-privileged=true", "--profiling=false", "--v=0"]);
         let api_pid = launch(&dir, "kube-apiserver", apiserver)?;
 
         let admin_kubeconfig = dir.join("admin.kubeconfig");
-        kubeconfig::write(&admin_kubeconfig, &server, &pki.ca.cert_pem, &pki.admin, "admin")
-            .map_err(io(&admin_kubeconfig))?;
+        kubeconfig::write(
+            &admin_kubeconfig,
+            &server,
+            &pki.ca.cert_pem,
+            &pki.admin,
+            "admin",
+        )
+        .map_err(io(&admin_kubeconfig))?;
         let kubectl = bin_dir.join("kubectl");
-        wait_until(&dir, "kube-apiserver", api_pid, Duration::from_secs(60), || {
-            Command::new(&kubectl)
-                .arg("--kubeconfig")
-                .arg(&admin_kubeconfig)
-                .args(["get", "--raw", "/readyz"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })?;
+        wait_until(
+            &dir,
+            "kube-apiserver",
+            api_pid,
+            Duration::from_secs(60),
+            || {
+                Command::new(&kubectl)
+                    .arg("--kubeconfig")
+                    .arg(&admin_kubeconfig)
+                    .args(["get", "--raw", "/readyz"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        )?;
 
         // kube-controller-manager, kube-scheduler and kwok, each with its own identity.
         let component_kubeconfig = |name: &str, cert: &crate::pki::CertAndKey| {
@@ -144,7 +188,8 @@ impl ControlPlane {
                 .map_err(io(&path))
                 .map(|()| path)
         };
-        let cm_kubeconfig = component_kubeconfig("kube-controller-manager", &pki.controller_manager)?;
+        let cm_kubeconfig =
+            component_kubeconfig("kube-controller-manager", &pki.controller_manager)?;
         let mut cm = Command::new(bin_dir.join("kube-controller-manager"));
         cm.arg("--kubeconfig")
             .arg(&cm_kubeconfig)
@@ -156,8 +201,15 @@ impl ControlPlane {
             .arg(p("ca.crt"))
             .arg("--cluster-signing-key-file")
             .arg(p("ca.key"))
-            .args(["--leader-elect=false", "--use-service-account-credentials=true"])
-            .args(["--secure-port=0", "--controllers=*", "--concurrent-gc-syncs=5"]);
+            .args([
+                "--leader-elect=false",
+                "--use-service-account-credentials=true",
+            ])
+            .args([
+                "--secure-port=0",
+                "--controllers=*",
+                "--concurrent-gc-syncs=5",
+            ]);
         let cm_pid = launch(&dir, "kube-controller-manager", cm)?;
 
         let sched_kubeconfig = component_kubeconfig("kube-scheduler", &pki.scheduler)?;
@@ -177,7 +229,11 @@ impl ControlPlane {
             .args(["--node-lease-duration-seconds=40"])
             .args(["--manage-all-nodes=false"])
             .args(["--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake"])
-            .args(["--cidr=10.244.0.0/16", "--node-ip=127.0.0.1", "--server-address="]);
+            .args([
+                "--cidr=10.244.0.0/16",
+                "--node-ip=127.0.0.1",
+                "--server-address=",
+            ]);
         let kwok_pid = launch(&dir, "kwok", kwok)?;
 
         // The components must stay up a moment after start (bad flags exit at once).
@@ -188,7 +244,11 @@ impl ControlPlane {
             ("kwok", kwok_pid),
         ] {
             if let Some(status) = processes::exited(pid) {
-                return Err(StartError::Exited { name: name.into(), status, log: log_tail(&dir, name) });
+                return Err(StartError::Exited {
+                    name: name.into(),
+                    status,
+                    log: log_tail(&dir, name),
+                });
             }
         }
         let plane = ControlPlane {
@@ -221,7 +281,11 @@ pub fn binaries() -> Result<PathBuf, StartError> {
         .output()
         .map_err(|err| StartError::Binaries(format!("cannot run {}: {err}", script.display())))?;
     if !output.status.success() {
-        return Err(StartError::Binaries(format!("{} failed ({})", script.display(), output.status)));
+        return Err(StartError::Binaries(format!(
+            "{} failed ({})",
+            script.display(),
+            output.status
+        )));
     }
     let dir = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     Ok(PathBuf::from(dir))
@@ -229,18 +293,27 @@ pub fn binaries() -> Result<PathBuf, StartError> {
 
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn launch(dir: &Path, name: &str, mut command: Command) -> Result<u32, StartError> {
     let log_path = dir.join(format!("{name}.log"));
-    let log = File::create(&log_path)
-        .map_err(|source| StartError::Io { path: log_path.clone(), source })?;
-    let log_err = log
-        .try_clone()
-        .map_err(|source| StartError::Io { path: log_path.clone(), source })?;
+    let log = File::create(&log_path).map_err(|source| StartError::Io {
+        path: log_path.clone(),
+        source,
+    })?;
+    let log_err = log.try_clone().map_err(|source| StartError::Io {
+        path: log_path.clone(),
+        source,
+    })?;
     command.stdin(Stdio::null()).stdout(log).stderr(log_err);
-    processes::spawn(name, command).map_err(|source| StartError::Spawn { name: name.into(), source })
+    processes::spawn(name, command).map_err(|source| StartError::Spawn {
+        name: name.into(),
+        source,
+    })
 }
 
 fn wait_until(
@@ -256,7 +329,11 @@ fn wait_until(
             return Ok(());
         }
         if let Some(status) = processes::exited(pid) {
-            return Err(StartError::Exited { name: name.into(), status, log: log_tail(dir, name) });
+            return Err(StartError::Exited {
+                name: name.into(),
+                status,
+                log: log_tail(dir, name),
+            });
         }
         if Instant::now() > deadline {
             return Err(StartError::Timeout {

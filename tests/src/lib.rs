@@ -56,10 +56,16 @@ impl TestEnv {
         // Pods can be created only once the controller-manager has made the namespace's
         // default ServiceAccount, as in any real cluster.
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-        wait_for(Duration::from_secs(30), || async { accounts.get_opt("default").await.ok()? })
-            .await
-            .with_context(|| format!("no default ServiceAccount in {namespace}"))?;
-        Ok(Self { plane, client, namespace })
+        wait_for(Duration::from_secs(30), || async {
+            accounts.get_opt("default").await.ok()?
+        })
+        .await
+        .with_context(|| format!("no default ServiceAccount in {namespace}"))?;
+        Ok(Self {
+            plane,
+            client,
+            namespace,
+        })
     }
 
     /// Applies the CRDs from `crds/` (server-side apply) and waits until they are Established.
@@ -92,12 +98,21 @@ fn run(mut cmd: Command, args: &[&str], stdin: Option<&str>) -> anyhow::Result<K
     use std::io::Write;
     use std::process::Stdio;
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = cmd.spawn().context("spawn kubectl")?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).context("write kubectl stdin")?;
+        pipe.write_all(text.as_bytes())
+            .context("write kubectl stdin")?;
     }
-    let Output { status, stdout, stderr } = child.wait_with_output().context("wait kubectl")?;
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().context("wait kubectl")?;
     Ok(KubectlOutput {
         success: status.success(),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -128,20 +143,26 @@ pub async fn install_crds(client: &kube::Client) -> anyhow::Result<Vec<String>> 
     entries.sort();
     for path in entries {
         let text = std::fs::read_to_string(&path)?;
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&text)
-            .with_context(|| format!("parse {}", path.display()))?;
+        let crd: CustomResourceDefinition =
+            serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
         let name = crd.metadata.name.clone().context("CRD without a name")?;
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
-            .await
-            .with_context(|| format!("apply {}", path.display()))?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("apply {}", path.display()))?;
         names.push(name);
     }
     for name in &names {
         wait_for(Duration::from_secs(30), || async {
             let crd = api.get(name).await.ok()?;
-            let established = crd.status?.conditions?.iter().any(|c| {
-                c.type_ == "Established" && c.status == "True"
-            });
+            let established = crd
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
             established.then_some(())
         })
         .await

@@ -36,14 +36,19 @@ impl Pki {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "llama-operator-test-ca");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "llama-operator-test-ca");
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
         let ca_cert = ca_params.self_signed(&ca_key)?;
-        let ca = CertAndKey { cert_pem: ca_cert.pem(), key_pem: ca_key.serialize_pem() };
+        let ca = CertAndKey {
+            cert_pem: ca_cert.pem(),
+            key_pem: ca_key.serialize_pem(),
+        };
         let issuer = Issuer::new(ca_params, ca_key);
 
         let serving = leaf(
@@ -57,11 +62,21 @@ impl Pki {
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))],
+            &[
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
+            ],
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
         let client = |cn: &str, org: Option<&str>| {
-            leaf(&issuer, cn, org, &[], &[], ExtendedKeyUsagePurpose::ClientAuth)
+            leaf(
+                &issuer,
+                cn,
+                org,
+                &[],
+                &[],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            )
         };
         let sa_key = KeyPair::generate()?;
         Ok(Self {
@@ -100,14 +115,25 @@ fn leaf(
     let key = KeyPair::generate()?;
     let mut params =
         CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-    params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     if let Some(org) = organization {
-        params.distinguished_name.push(DnType::OrganizationName, org);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, org);
     }
-    params.key_usages =
-        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![usage];
     let cert = params.signed_by(&key, issuer)?;
-    Ok(CertAndKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(CertAndKey {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }

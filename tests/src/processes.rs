@@ -47,7 +47,9 @@ pub fn spawn(name: &str, mut command: Command) -> std::io::Result<u32> {
         .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
         .send((command, reply_tx))
         .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
-    let child = reply_rx.recv().map_err(|_| std::io::Error::other("spawner thread is gone"))??;
+    let child = reply_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("spawner thread is gone"))??;
     let pid = child.id();
     CHILDREN
         .lock()

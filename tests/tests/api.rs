@@ -36,7 +36,10 @@ async fn crds_install_and_become_established() -> anyhow::Result<()> {
     let names = env.install_crds().await?;
     assert_eq!(
         names,
-        vec!["computequotas.llama-operator.io", "llamadeployments.llama-operator.io"]
+        vec![
+            "computequotas.llama-operator.io",
+            "llamadeployments.llama-operator.io"
+        ]
     );
     // Short names and the category resolve through discovery.
     for args in [["get", "llama"], ["get", "ld"], ["get", "cq"]] {
@@ -63,16 +66,42 @@ async fn valid_deployment_is_accepted_with_defaults_and_printer_columns() -> any
 
     let out = env.run_kubectl(&["get", "llamadeployments"], None)?;
     assert!(out.success, "{}", out.stderr);
-    let header: Vec<&str> = out.stdout.lines().next().unwrap_or_default().split_whitespace().collect();
+    let header: Vec<&str> = out
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert_eq!(
         header,
-        ["NAME", "MODEL", "INSTANCES", "READY", "QUOTA", "EXPIRES", "CORE-HOURS", "COST", "AGE"]
+        [
+            "NAME",
+            "MODEL",
+            "INSTANCES",
+            "READY",
+            "QUOTA",
+            "EXPIRES",
+            "CORE-HOURS",
+            "COST",
+            "AGE"
+        ]
     );
-    let row: Vec<&str> = out.stdout.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    let row: Vec<&str> = out
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert_eq!(row[..3], ["chat", "Meta-Llama-3.1-8B-Instruct", "2"]);
 
     let wide = env.run_kubectl(&["get", "llamadeployments", "-o", "wide"], None)?;
-    assert!(wide.stdout.contains("PHASE") && wide.stdout.contains("ENDPOINT"), "{}", wide.stdout);
+    assert!(
+        wide.stdout.contains("PHASE") && wide.stdout.contains("ENDPOINT"),
+        "{}",
+        wide.stdout
+    );
     Ok(())
 }
 
@@ -81,12 +110,19 @@ const INVALID: &[(&str, &str, &[&str])] = &[
     (
         "unknown model",
         "spec: {model: Llama-99B, source: {type: demo}}",
-        &["spec.model", "Unsupported value", "Meta-Llama-3.1-8B-Instruct"],
+        &[
+            "spec.model",
+            "Unsupported value",
+            "Meta-Llama-3.1-8B-Instruct",
+        ],
     ),
     (
         "min greater than max",
         "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, compute: {instanceCount: 3, minInstances: 5, maxInstances: 2}}",
-        &["spec.compute.minInstances", "less than or equal to spec.compute.maxInstances"],
+        &[
+            "spec.compute.minInstances",
+            "less than or equal to spec.compute.maxInstances",
+        ],
     ),
     (
         "negative count",
@@ -106,12 +142,18 @@ const INVALID: &[(&str, &str, &[&str])] = &[
     (
         "count above max",
         "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, compute: {instanceCount: 7, minInstances: 1, maxInstances: 4}}",
-        &["spec.compute.instanceCount", "less than or equal to spec.compute.maxInstances"],
+        &[
+            "spec.compute.instanceCount",
+            "less than or equal to spec.compute.maxInstances",
+        ],
     ),
     (
         "count below min",
         "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, compute: {instanceCount: 1, minInstances: 2, maxInstances: 4}}",
-        &["spec.compute.instanceCount", "greater than or equal to spec.compute.minInstances"],
+        &[
+            "spec.compute.instanceCount",
+            "greater than or equal to spec.compute.minInstances",
+        ],
     ),
     (
         "url that is not http",
@@ -126,7 +168,10 @@ const INVALID: &[(&str, &str, &[&str])] = &[
     (
         "url given for a demo source",
         "spec: {model: Meta-Llama-3.2-1B, source: {type: demo, url: 'https://example.com/m.gguf'}}",
-        &["spec.source.url", "only allowed when spec.source.type is 'url'"],
+        &[
+            "spec.source.url",
+            "only allowed when spec.source.type is 'url'",
+        ],
     ),
     (
         "token auth without issuer",
@@ -136,7 +181,10 @@ const INVALID: &[(&str, &str, &[&str])] = &[
     (
         "zero rate limit",
         "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, rateLimits: {tokensPerMinute: 0}}",
-        &["spec.rateLimits.tokensPerMinute", "greater than or equal to 1"],
+        &[
+            "spec.rateLimits.tokensPerMinute",
+            "greater than or equal to 1",
+        ],
     ),
     (
         "missing source",
@@ -161,7 +209,10 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_field() -> anyhow:
         }
         for word in *expected {
             if !out.stderr.contains(word) {
-                failures.push(format!("{case}: rejection lacks {word:?}: {}", out.stderr.trim()));
+                failures.push(format!(
+                    "{case}: rejection lacks {word:?}: {}",
+                    out.stderr.trim()
+                ));
             }
         }
     }
@@ -172,13 +223,21 @@ async fn invalid_specs_are_rejected_with_a_message_naming_the_field() -> anyhow:
 #[tokio::test]
 async fn names_that_cannot_name_a_service_are_rejected() -> anyhow::Result<()> {
     let env = env("names").await?;
-    for name in ["9lives", "a-name-that-is-far-too-long-for-a-service-and-pool"] {
+    for name in [
+        "9lives",
+        "a-name-that-is-far-too-long-for-a-service-and-pool",
+    ] {
         let manifest = format!(
             "apiVersion: llama-operator.io/v1alpha1\nkind: LlamaDeployment\nmetadata: {{name: {name}}}\nspec: {{model: Meta-Llama-3.2-1B, source: {{type: demo}}}}\n"
         );
         let out = env.run_kubectl(&["apply", "-f", "-"], Some(&manifest))?;
         assert!(!out.success, "{name} was accepted");
-        assert!(out.stderr.contains("metadata.name must be a DNS-1035 label"), "{}", out.stderr);
+        assert!(
+            out.stderr
+                .contains("metadata.name must be a DNS-1035 label"),
+            "{}",
+            out.stderr
+        );
     }
     Ok(())
 }
@@ -194,7 +253,11 @@ async fn kubectl_explain_tells_the_168_hour_rule() -> anyhow::Result<()> {
     assert!(flat.contains("DELETED"), "{flat}");
 
     let top = env.run_kubectl(&["explain", "llamadeployment"], None)?;
-    assert!(top.stdout.contains("Azure AI Model Inference API"), "{}", top.stdout);
+    assert!(
+        top.stdout.contains("Azure AI Model Inference API"),
+        "{}",
+        top.stdout
+    );
     let quota = env.run_kubectl(&["explain", "computequota.spec.limits"], None)?;
     assert!(quota.stdout.contains("vCPU"), "{}", quota.stdout);
     Ok(())
@@ -213,7 +276,11 @@ async fn kubectl_scale_changes_instance_count_within_bounds() -> anyhow::Result<
     // The scale subresource is validated like the spec: 9 is above maxInstances.
     let out = env.run_kubectl(&["scale", "llamadeployment/chat", "--replicas=9"], None)?;
     assert!(!out.success, "scale beyond maxInstances was accepted");
-    assert!(out.stderr.contains("spec.compute.instanceCount"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("spec.compute.instanceCount"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(api.get("chat").await?.spec.compute.instance_count, 3);
     Ok(())
 }
@@ -223,16 +290,35 @@ async fn status_is_a_subresource_and_server_side_apply_tracks_ownership() -> any
     let env = env("ssa").await?;
     let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
     let desired: serde_json::Value = serde_yaml::from_str(VALID)?;
-    api.patch("chat", &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&desired)).await?;
+    api.patch(
+        "chat",
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&desired),
+    )
+    .await?;
 
     // Writing status through the main resource is ignored; through /status it sticks.
     let status = serde_json::json!({
         "apiVersion": "llama-operator.io/v1alpha1", "kind": "LlamaDeployment",
         "status": {"phase": "Pending", "observedGeneration": 1, "coreHours": 1.5}
     });
-    api.patch("chat", &PatchParams::apply("status-writer"), &Patch::Apply(&status)).await?;
-    assert_eq!(api.get("chat").await?.status, None, "status written through the main resource");
-    api.patch_status("chat", &PatchParams::apply("status-writer"), &Patch::Apply(&status)).await?;
+    api.patch(
+        "chat",
+        &PatchParams::apply("status-writer"),
+        &Patch::Apply(&status),
+    )
+    .await?;
+    assert_eq!(
+        api.get("chat").await?.status,
+        None,
+        "status written through the main resource"
+    );
+    api.patch_status(
+        "chat",
+        &PatchParams::apply("status-writer"),
+        &Patch::Apply(&status),
+    )
+    .await?;
     let got = api.get("chat").await?;
     assert_eq!(got.status.as_ref().and_then(|s| s.core_hours), Some(1.5));
 
@@ -241,7 +327,13 @@ async fn status_is_a_subresource_and_server_side_apply_tracks_ownership() -> any
         "apiVersion": "llama-operator.io/v1alpha1", "kind": "LlamaDeployment",
         "spec": {"compute": {"instanceCount": 4}}
     });
-    let conflict = api.patch("chat", &PatchParams::apply("someone-else"), &Patch::Apply(&other)).await;
+    let conflict = api
+        .patch(
+            "chat",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(&other),
+        )
+        .await;
     assert!(
         matches!(&conflict, Err(kube::Error::Api(e)) if e.code == 409),
         "expected a 409 conflict, got {conflict:?}"
@@ -256,22 +348,38 @@ async fn compute_quota_is_served_with_its_schema() -> anyhow::Result<()> {
     let quota: serde_json::Value = serde_yaml::from_str(
         "apiVersion: llama-operator.io/v1alpha1\nkind: ComputeQuota\nmetadata: {name: default}\nspec:\n  limits:\n  - {family: StandardNCADSA100v4Family, cores: 96}\n  gpus: 8\n",
     )?;
-    api.patch("default", &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&quota)).await?;
+    api.patch(
+        "default",
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&quota),
+    )
+    .await?;
     let got = api.get("default").await?;
     assert_eq!(got.spec.limits[0].cores, 96);
 
     // Family names are unique (a list-map keyed by family): a duplicate is rejected.
     let dup = "apiVersion: llama-operator.io/v1alpha1\nkind: ComputeQuota\nmetadata: {name: dup}\nspec:\n  limits:\n  - {family: A, cores: 1}\n  - {family: A, cores: 2}\n";
     let out = env.run_kubectl(&["apply", "-f", "-"], Some(dup))?;
-    assert!(!out.success && out.stderr.contains("spec.limits[1]"), "{}", out.stderr);
+    assert!(
+        !out.success && out.stderr.contains("spec.limits[1]"),
+        "{}",
+        out.stderr
+    );
     let neg = "apiVersion: llama-operator.io/v1alpha1\nkind: ComputeQuota\nmetadata: {name: neg}\nspec:\n  limits:\n  - {family: A, cores: -4}\n";
     let out = env.run_kubectl(&["apply", "-f", "-"], Some(neg))?;
-    assert!(!out.success && out.stderr.contains("spec.limits[0].cores"), "{}", out.stderr);
+    assert!(
+        !out.success && out.stderr.contains("spec.limits[0].cores"),
+        "{}",
+        out.stderr
+    );
 
     // The dynamic API sees the same object (what GitOps tools use).
     let gvk = GroupVersionKind::gvk("llama-operator.io", "v1alpha1", "ComputeQuota");
-    let dynamic: Api<DynamicObject> =
-        Api::namespaced_with(env.client.clone(), &env.namespace, &ApiResource::from_gvk(&gvk));
+    let dynamic: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.namespace,
+        &ApiResource::from_gvk(&gvk),
+    );
     assert_eq!(dynamic.get("default").await?.data["spec"]["gpus"], 8);
     Ok(())
 }

@@ -26,7 +26,11 @@ async fn kwok_node_becomes_ready_and_scheduler_binds_pods_to_it() -> anyhow::Res
     nodes.create(&PostParams::default(), &node).await?;
     wait_for(Duration::from_secs(30), || async {
         let node = nodes.get(&node_name).await.ok()?;
-        let ready = node.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        let ready = node
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
         ready.then_some(())
     })
     .await
@@ -63,7 +67,11 @@ async fn kwok_node_becomes_ready_and_scheduler_binds_pods_to_it() -> anyhow::Res
     pods.create(&PostParams::default(), &second).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let second = pods.get("gpu-user-2").await?;
-    assert_eq!(second.spec.and_then(|s| s.node_name), None, "only one GPU exists on the node");
+    assert_eq!(
+        second.spec.and_then(|s| s.node_name),
+        None,
+        "only one GPU exists on the node"
+    );
     Ok(())
 }
 
@@ -75,10 +83,14 @@ async fn components_report_healthy() -> anyhow::Result<()> {
     assert!(out.stdout.contains("readyz check passed"), "{}", out.stdout);
     // The controller-manager runs: it creates the default ServiceAccount in new namespaces.
     wait_for(Duration::from_secs(30), || async {
-        let out = env.run_kubectl(&["get", "serviceaccount", "default", "-o", "name"], None).ok()?;
+        let out = env
+            .run_kubectl(&["get", "serviceaccount", "default", "-o", "name"], None)
+            .ok()?;
         out.success.then_some(())
     })
     .await
-    .map_err(|e| anyhow::anyhow!("controller-manager did not create the default ServiceAccount: {e}"))?;
+    .map_err(|e| {
+        anyhow::anyhow!("controller-manager did not create the default ServiceAccount: {e}")
+    })?;
     Ok(())
 }

@@ -51,23 +51,44 @@ async fn run(manifests: &[String], exit: bool) -> anyhow::Result<()> {
     let plane = tokio::task::spawn_blocking(testenv::ControlPlane::shared)
         .await?
         .map_err(|e| anyhow::anyhow!("control plane did not start: {e}"))?;
-    step("control plane up (etcd, kube-apiserver, controller-manager, scheduler, kwok)", t0);
+    step(
+        "control plane up (etcd, kube-apiserver, controller-manager, scheduler, kwok)",
+        t0,
+    );
     let client = testenv::client_for(&plane.kubeconfig).await?;
     let crds = testenv::install_crds(&client).await?;
-    step(&format!("CRDs installed and Established: {}", crds.join(", ")), t0);
+    step(
+        &format!("CRDs installed and Established: {}", crds.join(", ")),
+        t0,
+    );
     for file in manifests {
-        let out = plane.kubectl().args(["apply", "--server-side", "-f", file]).output()?;
+        let out = plane
+            .kubectl()
+            .args(["apply", "--server-side", "-f", file])
+            .output()?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
-            anyhow::bail!("kubectl apply -f {file}: {}", String::from_utf8_lossy(&out.stderr));
+            anyhow::bail!(
+                "kubectl apply -f {file}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         step(&format!("applied {file}"), t0);
     }
-    let out = plane.kubectl().args(["get", "llamadeployments", "-A", "-o", "wide"]).output()?;
+    let out = plane
+        .kubectl()
+        .args(["get", "llamadeployments", "-A", "-o", "wide"])
+        .output()?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("Use it from another shell:\n  export KUBECONFIG={}", plane.kubeconfig.display());
+    println!(
+        "Use it from another shell:\n  export KUBECONFIG={}",
+        plane.kubeconfig.display()
+    );
     println!("  {}/kubectl get llama -A", plane.bin_dir.display());
-    println!("  {}/kubectl explain llamadeployment.spec", plane.bin_dir.display());
+    println!(
+        "  {}/kubectl explain llamadeployment.spec",
+        plane.bin_dir.display()
+    );
     if exit {
         println!("==> --exit given: stopping the control plane");
         return Ok(());
