@@ -3,4 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod build;
+pub mod catalog;
+pub mod config;
 pub mod crdgen;
+pub mod validate;

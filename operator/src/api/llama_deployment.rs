@@ -197,7 +197,7 @@ pub struct SecretRef {
 /// With `minInstances` < `maxInstances` the operator's autoscaler moves `instanceCount` between
 /// the bounds following load; otherwise `instanceCount` is left to you, `kubectl scale`, an HPA or
 /// KEDA (all through the scale subresource).
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("!has(self.minInstances) || !has(self.maxInstances) || self.minInstances <= self.maxInstances").message("spec.compute.minInstances must be less than or equal to spec.compute.maxInstances").field_path(".minInstances"),
@@ -230,6 +230,17 @@ pub struct ComputeSpec {
 
 fn default_instance_count() -> i32 {
     1
+}
+
+impl Default for ComputeSpec {
+    fn default() -> Self {
+        Self {
+            instance_type: None,
+            instance_count: default_instance_count(),
+            min_instances: None,
+            max_instances: None,
+        }
+    }
 }
 
 /// Which quota pays for the deployment's vCPU cores.

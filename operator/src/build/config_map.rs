@@ -1,0 +1,93 @@
+//! The ConfigMap with llama-server's configuration for one deployment.
+
+use super::{BuildError, from_json, name_of, owner, pod_labels};
+use crate::api::{LlamaDeployment, SourceType};
+use crate::validate::Plan;
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde_json::json;
+
+/// Where the configuration is mounted in the server container.
+pub const SERVER_CONFIG_PATH: &str = "/etc/llama-server/server.yaml";
+/// Where the model is mounted (or downloaded to).
+pub const MODEL_DIR: &str = "/models";
+/// Where the key files are mounted.
+pub const KEYS_DIR: &str = "/var/run/llama-server/keys";
+
+/// The server configuration: what to serve and the endpoint's policies.
+pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap, BuildError> {
+    let (name, namespace) = name_of(ld)?;
+    let spec = &ld.spec;
+    let model_path = match (&spec.source.type_, &spec.source.pvc) {
+        (SourceType::Demo, _) => "demo".to_owned(),
+        (SourceType::Pvc, Some(pvc)) => match pvc.path.as_deref().map(|p| p.trim_matches('/')) {
+            Some(p) if !p.is_empty() => format!("{MODEL_DIR}/{p}"),
+            _ => MODEL_DIR.to_owned(),
+        },
+        _ => MODEL_DIR.to_owned(),
+    };
+    let config = json!({
+        "modelName": spec.model.to_string(),
+        "modelPath": model_path,
+        "format": spec.source.format,
+        "contextLength": plan.model.context_length,
+        "tensorParallel": plan.instance.gpu_count,
+        "auth": {
+            "mode": spec.auth.mode,
+            "keysDir": KEYS_DIR,
+            "token": spec.auth.token,
+        },
+        "rateLimits": spec.rate_limits,
+        "contentSafety": spec.content_safety,
+    });
+    let text = serde_yaml::to_string(&config).map_err(|e| BuildError::Serde {
+        kind: "ConfigMap",
+        source: serde_json::Error::io(std::io::Error::other(e)),
+    })?;
+    from_json(
+        "ConfigMap",
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": format!("{name}-server"),
+                "namespace": namespace,
+                "labels": pod_labels(ld, &name),
+                "ownerReferences": [owner(ld)?],
+            },
+            "data": {"server.yaml": text},
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::fixtures::{CHAT, ld, plan};
+
+    #[test]
+    fn config_carries_model_limits_and_auth() {
+        let d = ld(CHAT);
+        let cm = server_config_map(&d, &plan(&d)).expect("configmap");
+        assert_eq!(cm.metadata.name.as_deref(), Some("chat-server"));
+        let text = &cm.data.expect("data")["server.yaml"];
+        let cfg: serde_yaml::Value = serde_yaml::from_str(text).expect("yaml");
+        assert_eq!(cfg["modelName"], "Meta-Llama-3.1-8B-Instruct");
+        assert_eq!(cfg["modelPath"], "demo");
+        assert_eq!(cfg["tensorParallel"], 2);
+        assert_eq!(cfg["rateLimits"]["tokensPerMinute"], 200000);
+        assert_eq!(cfg["auth"]["mode"], "key");
+        assert_eq!(cfg["auth"]["keysDir"], KEYS_DIR);
+    }
+
+    #[test]
+    fn pvc_path_is_under_the_model_dir() {
+        let d = ld(&CHAT.replace(
+            "{type: demo}",
+            "{type: pvc, pvc: {claimName: w, path: /llama/8b/}}",
+        ));
+        let cm = server_config_map(&d, &plan(&d)).expect("configmap");
+        let cfg: serde_yaml::Value =
+            serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
+        assert_eq!(cfg["modelPath"], "/models/llama/8b");
+    }
+}

@@ -1,0 +1,124 @@
+//! The model catalog: size, context and GPU needs of every model the API names.
+
+use crate::api::ModelName;
+use serde::{Deserialize, Serialize};
+
+/// Text-only or vision (image and text in).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Architecture {
+    Text,
+    Vision,
+}
+
+/// What the operator needs to know about a model to place it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInfo {
+    /// The catalog name.
+    pub name: ModelName,
+    /// Parameters, in billions.
+    pub parameters_billion: f64,
+    /// Maximum context length in tokens.
+    pub context_length: u32,
+    /// Text or vision.
+    pub architecture: Architecture,
+    /// Size of the bf16 weights in GB (10^9 bytes).
+    pub weights_gb: f64,
+    /// GPU memory needed in GiB: weights plus headroom for the KV cache and activations.
+    pub gpu_memory_gib: u32,
+    /// GPUs an instance needs (the tensor-parallel degree on the default instance type).
+    pub gpus_per_instance: u32,
+    /// The instance type used when `spec.compute.instanceType` is unset.
+    pub default_instance_type: String,
+}
+
+/// GPU memory for `weights_gb` of weights plus 20 % headroom, in GiB, rounded up.
+fn with_headroom(weights_gb: f64) -> u32 {
+    let gib = weights_gb * 1e9 / f64::from(1u32 << 30) * 1.2;
+    gib.ceil() as u32
+}
+
+/// The built-in catalog.
+pub fn default_models() -> Vec<ModelInfo> {
+    use Architecture::{Text, Vision};
+    use ModelName::*;
+    let m = |name, params: f64, ctx, arch, gpus, instance: &str| {
+        let weights_gb = params * 2.0;
+        ModelInfo {
+            name,
+            parameters_billion: params,
+            context_length: ctx,
+            architecture: arch,
+            weights_gb,
+            gpu_memory_gib: with_headroom(weights_gb),
+            gpus_per_instance: gpus,
+            default_instance_type: instance.into(),
+        }
+    };
+    let nc24 = "Standard_NC24ads_A100_v4";
+    let nc96 = "Standard_NC96ads_A100_v4";
+    vec![
+        m(Llama32_1B, 1.24, 131_072, Text, 1, nc24),
+        m(Llama32_3B, 3.21, 131_072, Text, 1, nc24),
+        m(Llama32_1BInstruct, 1.24, 131_072, Text, 1, nc24),
+        m(Llama32_3BInstruct, 3.21, 131_072, Text, 1, nc24),
+        m(LlamaGuard3_1B, 1.50, 131_072, Text, 1, nc24),
+        m(LlamaGuard3_11BVision, 10.67, 131_072, Vision, 1, nc24),
+        m(Llama32_11BVisionInstruct, 10.67, 131_072, Vision, 1, nc24),
+        m(Llama32_90BVisionInstruct, 88.6, 131_072, Vision, 4, nc96),
+        m(Llama31_8BInstruct, 8.03, 131_072, Text, 1, nc24),
+        m(Llama31_70BInstruct, 70.6, 131_072, Text, 4, nc96),
+        // 812 GB of bf16 weights exceed any single 8-GPU instance: it needs two nodes.
+        m(
+            Llama31_405BInstruct,
+            405.9,
+            131_072,
+            Text,
+            16,
+            "Standard_ND96isr_H100_v5",
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::default_instance_types;
+
+    #[test]
+    fn every_api_model_is_in_the_catalog() {
+        let models = default_models();
+        for name in ModelName::ALL {
+            assert!(models.iter().any(|m| m.name == name), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn default_instance_types_exist_and_fit_except_405b() {
+        let types = default_instance_types();
+        for model in default_models() {
+            let it = types
+                .iter()
+                .find(|t| t.name == model.default_instance_type)
+                .expect("default instance type in catalog");
+            let fits = model.gpu_memory_gib <= it.total_gpu_memory_gib()
+                && model.gpus_per_instance <= it.gpu_count;
+            assert_eq!(
+                fits,
+                model.name != ModelName::Llama31_405BInstruct,
+                "{}",
+                model.name
+            );
+        }
+    }
+
+    #[test]
+    fn headroom_is_twenty_percent_over_the_weights() {
+        // 8.03 B params → 16.06 GB → 14.96 GiB → × 1.2 = 17.95 → 18 GiB.
+        let m = default_models()
+            .into_iter()
+            .find(|m| m.name == ModelName::Llama31_8BInstruct);
+        assert_eq!(m.map(|m| m.gpu_memory_gib), Some(18));
+    }
+}

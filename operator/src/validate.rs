@@ -1,0 +1,308 @@
+//! Validation the schema cannot do: it needs the catalogs and the objects the spec refers to.
+//! Pure: the references are read beforehand (see `controller::dereference`).
+
+use crate::api::{AuthMode, LlamaDeployment, NodePoolProvider, SourceType};
+use crate::catalog::{InstanceType, ModelInfo};
+use crate::config::Catalog;
+
+/// A spec the user must fix. Reported as a condition; never retried until something changes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "spec.compute.instanceType {value:?} is not in the operator's instance-type catalog; use one of: {known}"
+    )]
+    UnknownInstanceType { value: String, known: String },
+    #[error(
+        "spec.model {model} needs {needed_gib} GiB of GPU memory on {needed_gpus} GPU(s), but spec.compute.instanceType {instance} has {have_gib} GiB on {have_gpus} GPU(s); choose a larger instance type (e.g. {suggestion})"
+    )]
+    ModelDoesNotFit {
+        model: String,
+        needed_gib: u32,
+        needed_gpus: u32,
+        instance: String,
+        have_gib: u32,
+        have_gpus: u32,
+        suggestion: String,
+    },
+    #[error(
+        "spec.model {model} needs {needed_gpus} GPUs, more than any single instance type offers; it needs a multi-node deployment, which this version does not support"
+    )]
+    NeedsMultiNode { model: String, needed_gpus: u32 },
+    #[error("spec.model {model} is not in the operator's model catalog")]
+    UnknownModel { model: String },
+    #[error(
+        "{field}: Secret {name:?} does not exist in namespace {namespace}; create it or fix the name"
+    )]
+    SecretNotFound {
+        field: &'static str,
+        name: String,
+        namespace: String,
+    },
+    #[error("{field}: Secret {name:?} lacks key(s) {missing}; keys must be 32 characters")]
+    SecretKeysInvalid {
+        field: &'static str,
+        name: String,
+        missing: String,
+    },
+    #[error(
+        "spec.source.pvc.claimName: PersistentVolumeClaim {name:?} does not exist in namespace {namespace}; create it or fix the name"
+    )]
+    PvcNotFound { name: String, namespace: String },
+}
+
+impl SpecError {
+    /// The condition reason (CamelCase, stable).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpecError::UnknownInstanceType { .. } => "InstanceTypeUnknown",
+            SpecError::ModelDoesNotFit { .. } => "ModelDoesNotFit",
+            SpecError::NeedsMultiNode { .. } => "MultiNodeUnsupported",
+            SpecError::UnknownModel { .. } => "ModelUnknown",
+            SpecError::SecretNotFound { .. } => "SecretNotFound",
+            SpecError::SecretKeysInvalid { .. } => "SecretInvalid",
+            SpecError::PvcNotFound { .. } => "PersistentVolumeClaimNotFound",
+        }
+    }
+}
+
+/// What the spec refers to, as found in the cluster.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct References {
+    /// `spec.auth.secretRef`: None if not referenced; Some(None) if missing; Some(Some(keys)) the
+    /// data keys present with a 32-character value.
+    pub auth_secret: Option<Option<Vec<String>>>,
+    /// `spec.source.huggingFace.tokenSecretRef`: None if not referenced; Some(found).
+    pub token_secret: Option<bool>,
+    /// `spec.source.pvc.claimName`: None if not referenced; Some(found).
+    pub pvc: Option<bool>,
+}
+
+/// Everything later steps need, decided from a valid spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub model: ModelInfo,
+    pub instance: InstanceType,
+    /// Server replicas = instances.
+    pub instances: i32,
+    pub provider: NodePoolProvider,
+}
+
+/// Checks a spec against the catalogs and its references.
+pub fn validate(
+    ld: &LlamaDeployment,
+    catalog: &Catalog,
+    refs: &References,
+) -> Result<Plan, SpecError> {
+    let spec = &ld.spec;
+    let namespace = ld.metadata.namespace.clone().unwrap_or_default();
+    let model =
+        catalog
+            .models
+            .get(&spec.model)
+            .cloned()
+            .ok_or_else(|| SpecError::UnknownModel {
+                model: spec.model.to_string(),
+            })?;
+    let max_gpus = catalog
+        .instance_types
+        .values()
+        .map(|t| t.gpu_count)
+        .max()
+        .unwrap_or(0);
+    if model.gpus_per_instance > max_gpus {
+        return Err(SpecError::NeedsMultiNode {
+            model: model.name.to_string(),
+            needed_gpus: model.gpus_per_instance,
+        });
+    }
+    let instance_name = spec
+        .compute
+        .instance_type
+        .clone()
+        .unwrap_or(model.default_instance_type.clone());
+    let instance = catalog
+        .instance_types
+        .get(&instance_name)
+        .cloned()
+        .ok_or_else(|| SpecError::UnknownInstanceType {
+            value: instance_name.clone(),
+            known: catalog
+                .instance_types
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let fits = |t: &InstanceType| {
+        model.gpu_memory_gib <= t.total_gpu_memory_gib() && model.gpus_per_instance <= t.gpu_count
+    };
+    if !fits(&instance) {
+        let suggestion = catalog
+            .instance_types
+            .values()
+            .filter(|t| fits(t))
+            .min_by(|a, b| a.hourly_price.total_cmp(&b.hourly_price))
+            .map(|t| t.name.clone())
+            .unwrap_or_else(|| model.default_instance_type.clone());
+        return Err(SpecError::ModelDoesNotFit {
+            model: model.name.to_string(),
+            needed_gib: model.gpu_memory_gib,
+            needed_gpus: model.gpus_per_instance,
+            instance: instance.name.clone(),
+            have_gib: instance.total_gpu_memory_gib(),
+            have_gpus: instance.gpu_count,
+            suggestion,
+        });
+    }
+    if spec.auth.mode == AuthMode::Key
+        && let (Some(secret_ref), Some(found)) = (&spec.auth.secret_ref, &refs.auth_secret)
+    {
+        match found {
+            None => {
+                return Err(SpecError::SecretNotFound {
+                    field: "spec.auth.secretRef.name",
+                    name: secret_ref.name.clone(),
+                    namespace,
+                });
+            }
+            Some(keys) => {
+                let missing: Vec<&str> = ["primaryKey", "secondaryKey"]
+                    .into_iter()
+                    .filter(|k| !keys.iter().any(|have| have == k))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(SpecError::SecretKeysInvalid {
+                        field: "spec.auth.secretRef.name",
+                        name: secret_ref.name.clone(),
+                        missing: missing.join(", "),
+                    });
+                }
+            }
+        }
+    }
+    if spec.source.type_ == SourceType::HuggingFace
+        && let Some(token_ref) = spec
+            .source
+            .hugging_face
+            .as_ref()
+            .and_then(|h| h.token_secret_ref.as_ref())
+        && refs.token_secret == Some(false)
+    {
+        return Err(SpecError::SecretNotFound {
+            field: "spec.source.huggingFace.tokenSecretRef.name",
+            name: token_ref.name.clone(),
+            namespace,
+        });
+    }
+    if spec.source.type_ == SourceType::Pvc
+        && let Some(pvc) = &spec.source.pvc
+        && refs.pvc == Some(false)
+    {
+        return Err(SpecError::PvcNotFound {
+            name: pvc.claim_name.clone(),
+            namespace,
+        });
+    }
+    Ok(Plan {
+        model,
+        instance,
+        instances: spec.compute.instance_count,
+        provider: spec.node_pool.provider,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OperatorConfig;
+
+    fn ld(yaml: &str) -> LlamaDeployment {
+        serde_yaml::from_str(yaml).expect("valid test YAML")
+    }
+
+    fn catalog() -> Catalog {
+        OperatorConfig::default().catalog()
+    }
+
+    const BASE: &str = "
+apiVersion: llama-operator.io/v1alpha1
+kind: LlamaDeployment
+metadata: {name: chat, namespace: team-a}
+spec:
+  model: Meta-Llama-3.1-8B-Instruct
+  source: {type: demo}
+";
+
+    #[test]
+    fn default_instance_type_comes_from_the_model() {
+        let plan = validate(&ld(BASE), &catalog(), &References::default()).expect("valid");
+        assert_eq!(plan.instance.name, "Standard_NC24ads_A100_v4");
+        assert_eq!(plan.instances, 1);
+    }
+
+    #[test]
+    fn seventy_b_does_not_fit_one_a100_and_the_message_says_what_to_do() {
+        let spec = ld(&format!(
+            "{}  compute: {{instanceType: Standard_NC24ads_A100_v4}}\n",
+            BASE.replace("Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-70B-Instruct")
+        ));
+        let err = validate(&spec, &catalog(), &References::default()).expect_err("does not fit");
+        assert_eq!(err.reason(), "ModelDoesNotFit");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("spec.compute.instanceType Standard_NC24ads_A100_v4"),
+            "{msg}"
+        );
+        assert!(msg.contains("158 GiB"), "{msg}");
+        assert!(msg.contains("Standard_NC96ads_A100_v4"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_instance_type_lists_the_known_ones() {
+        let spec = ld(&format!("{BASE}  compute: {{instanceType: Standard_X1}}\n"));
+        let err = validate(&spec, &catalog(), &References::default()).expect_err("unknown");
+        assert_eq!(err.reason(), "InstanceTypeUnknown");
+        assert!(
+            err.to_string().contains("Standard_ND96isr_H100_v5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_references_name_field_and_object() {
+        let spec = ld(&format!("{BASE}  auth: {{secretRef: {{name: my-keys}}}}\n"));
+        let refs = References {
+            auth_secret: Some(None),
+            ..Default::default()
+        };
+        let err = validate(&spec, &catalog(), &refs).expect_err("missing secret");
+        assert_eq!(err.reason(), "SecretNotFound");
+        assert!(
+            err.to_string()
+                .starts_with("spec.auth.secretRef.name: Secret \"my-keys\""),
+            "{err}"
+        );
+
+        let refs = References {
+            auth_secret: Some(Some(vec!["primaryKey".into()])),
+            ..Default::default()
+        };
+        let err = validate(&spec, &catalog(), &refs).expect_err("missing key");
+        assert!(err.to_string().contains("secondaryKey"), "{err}");
+
+        let spec = ld(&BASE.replace("{type: demo}", "{type: pvc, pvc: {claimName: weights}}"));
+        let refs = References {
+            pvc: Some(false),
+            ..Default::default()
+        };
+        let err = validate(&spec, &catalog(), &refs).expect_err("missing pvc");
+        assert_eq!(err.reason(), "PersistentVolumeClaimNotFound");
+    }
+
+    #[test]
+    fn four_o_five_b_needs_multi_node() {
+        let spec = ld(&BASE.replace("Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-405B-Instruct"));
+        let err = validate(&spec, &catalog(), &References::default()).expect_err("multi-node");
+        assert_eq!(err.reason(), "MultiNodeUnsupported");
+    }
+}
