@@ -6,5 +6,10 @@ pub mod api;
 pub mod build;
 pub mod catalog;
 pub mod config;
+pub mod controller;
 pub mod crdgen;
+pub mod error;
+pub mod metrics;
 pub mod validate;
+
+pub use error::Error;

@@ -1,1 +1,164 @@
-fn main() {}
+//! The `llama-operator` binary.
+
+use futures::StreamExt;
+use llama_operator::config::OperatorConfig;
+use llama_operator::controller::{self, Context, Scope};
+use llama_operator::metrics::Metrics;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "usage: llama-operator [--config FILE] [--namespace NS] [--metrics-addr ADDR:PORT]
+
+  --config FILE         operator configuration (YAML; usually a mounted ConfigMap), re-read when it changes
+  --namespace NS        serve LlamaDeployments of this namespace only (default: all namespaces)
+  --metrics-addr ADDR   where /metrics, /healthz and /readyz are served (default 0.0.0.0:8080)
+
+The Kubernetes connection comes from the in-cluster service account or KUBECONFIG.";
+
+struct Args {
+    config: Option<PathBuf>,
+    scope: Scope,
+    metrics_addr: SocketAddr,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        config: None,
+        scope: Scope::Cluster,
+        metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--config" => args.config = Some(PathBuf::from(value()?)),
+            "--namespace" => args.scope = Scope::Namespace(value()?),
+            "--metrics-addr" => {
+                let v = value()?;
+                args.metrics_addr = v
+                    .parse()
+                    .map_err(|e| format!("--metrics-addr {v:?}: {e}"))?;
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(problem) if problem.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(problem) => {
+            eprintln!("llama-operator: {problem}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match &args.config {
+        Some(path) => match OperatorConfig::load(path) {
+            Ok(config) => config,
+            Err(err) => {
+                eprintln!("llama-operator: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        None => OperatorConfig::default(),
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("llama-operator: cannot connect to Kubernetes: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    let instance =
+        std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+    let ctx = Arc::new(Context::new(client, config, metrics.clone(), instance));
+
+    let listener = match tokio::net::TcpListener::bind(args.metrics_addr).await {
+        Ok(l) => l,
+        Err(err) => {
+            eprintln!(
+                "llama-operator: cannot listen on {}: {err}",
+                args.metrics_addr
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn(serve_metrics(listener, metrics));
+
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    if let Some(path) = args.config.clone() {
+        tokio::spawn(watch_config(path, ctx.clone(), reload_tx));
+    }
+    let reloads = tokio_stream_from(reload_rx);
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let sigterm = async {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+        }
+    };
+    tracing::info!(scope = ?args.scope, "llama-operator starting");
+    controller::run(ctx, args.scope, reloads, async move {
+        tokio::select! { () = shutdown => {}, () = sigterm => {} }
+    })
+    .await;
+    tracing::info!("llama-operator stopped");
+    ExitCode::SUCCESS
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+/// Re-reads the configuration file every few seconds (a mounted ConfigMap changes in place);
+/// a valid change takes effect and re-reconciles everything, an invalid one is logged and ignored.
+async fn watch_config(path: PathBuf, ctx: Arc<Context>, reload: tokio::sync::mpsc::Sender<()>) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = std::fs::read(&path).ok();
+        if now == last {
+            continue;
+        }
+        last = now;
+        match OperatorConfig::load(&path) {
+            Ok(config) => {
+                tracing::info!(path = %path.display(), "configuration reloaded");
+                ctx.set_config(config);
+                let _ = reload.try_send(());
+            }
+            Err(err) => tracing::error!(%err, "configuration change ignored"),
+        }
+    }
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { metrics.encode() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }));
+    if let Err(err) = axum::serve(listener, app).await {
+        tracing::error!(%err, "metrics server stopped");
+    }
+}

@@ -12,10 +12,12 @@
 
 pub mod control_plane;
 pub mod kubeconfig;
+pub mod operator;
 pub mod pki;
 pub mod processes;
 
 pub use control_plane::ControlPlane;
+pub use operator::OperatorProcess;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};

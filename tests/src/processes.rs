@@ -92,6 +92,11 @@ fn terminate(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
+    if grace.is_zero() {
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
     send_signal(child.id(), libc::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {

@@ -1,0 +1,188 @@
+//! The LlamaDeployment controller: watches, context, error policy.
+
+pub mod conditions;
+mod dereference;
+pub mod observe;
+mod reconcile;
+
+pub use reconcile::{FIELD_MANAGER, FINALIZER};
+
+use crate::api::LlamaDeployment;
+use crate::build::{DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL};
+use crate::config::OperatorConfig;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Shared state of all reconciles.
+pub struct Context {
+    pub client: Client,
+    config: RwLock<Arc<OperatorConfig>>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        config: OperatorConfig,
+        metrics: Arc<Metrics>,
+        instance: String,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "llama-operator".into(),
+            instance: Some(instance),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config: RwLock::new(Arc::new(config)),
+            metrics,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<OperatorConfig> {
+        match self.config.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the configuration (on reload).
+    pub fn set_config(&self, config: OperatorConfig) {
+        match self.config.write() {
+            Ok(mut guard) => *guard = Arc::new(config),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(config),
+        }
+    }
+}
+
+/// Which namespaces the controller serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every namespace (the default).
+    #[default]
+    Cluster,
+    /// One namespace only.
+    Namespace(String),
+}
+
+impl Scope {
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match self {
+            Scope::Cluster => Api::all(client.clone()),
+            Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` completes. Every item of `reconcile_all` (a
+/// configuration reload) re-reconciles every deployment.
+pub async fn run(
+    ctx: Arc<Context>,
+    scope: Scope,
+    reconcile_all: impl futures::Stream<Item = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=llama-operator");
+    let node_selector = match &scope {
+        Scope::Cluster => DEPLOYMENT_NAME_LABEL.to_owned(),
+        Scope::Namespace(ns) => {
+            format!("{DEPLOYMENT_NAME_LABEL},{DEPLOYMENT_NAMESPACE_LABEL}={ns}")
+        }
+    };
+    let controller = Controller::new(
+        scope.api::<LlamaDeployment>(&client),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    let by_labels = |labels: &std::collections::BTreeMap<String, String>, ns: Option<String>| {
+        let name = labels.get(DEPLOYMENT_NAME_LABEL)?;
+        let ns = ns.or_else(|| labels.get(DEPLOYMENT_NAMESPACE_LABEL).cloned())?;
+        Some(ObjectRef::<LlamaDeployment>::new(name).within(&ns))
+    };
+    let secret_store = store.clone();
+    let pvc_store = store.clone();
+    controller
+        .owns(scope.api::<Deployment>(&client), managed.clone())
+        .watches(scope.api::<Pod>(&client), managed, move |pod| {
+            by_labels(pod.labels(), pod.namespace())
+        })
+        .watches(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().labels(&node_selector),
+            move |node| by_labels(node.labels(), None),
+        )
+        .watches(
+            scope.api::<Secret>(&client),
+            watcher::Config::default(),
+            move |secret| {
+                referring(&secret_store, secret.namespace(), |ld| {
+                    let auth = ld.spec.auth.secret_ref.as_ref().map(|r| r.name.as_str());
+                    let token = ld
+                        .spec
+                        .source
+                        .hugging_face
+                        .as_ref()
+                        .and_then(|h| h.token_secret_ref.as_ref())
+                        .map(|r| r.name.as_str());
+                    auth == Some(&secret.name_any()) || token == Some(&secret.name_any())
+                })
+            },
+        )
+        .watches(
+            scope.api::<PersistentVolumeClaim>(&client),
+            watcher::Config::default(),
+            move |pvc| {
+                referring(&pvc_store, pvc.namespace(), |ld| {
+                    ld.spec.source.pvc.as_ref().map(|p| p.claim_name.as_str())
+                        == Some(&pvc.name_any())
+                })
+            },
+        )
+        .reconcile_all_on(reconcile_all)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+/// The deployments of `namespace` for which `refers` holds.
+fn referring(
+    store: &Store<LlamaDeployment>,
+    namespace: Option<String>,
+    refers: impl Fn(&LlamaDeployment) -> bool,
+) -> Vec<ObjectRef<LlamaDeployment>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|ld| ld.namespace() == namespace && refers(ld))
+        .map(|ld| ObjectRef::from_obj(&*ld))
+        .collect()
+}
+
+/// Transient failures are retried with a short delay; spec problems never reach here.
+fn error_policy(ld: Arc<LlamaDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(error.label());
+    tracing::warn!(namespace = %ld.namespace().unwrap_or_default(), name = %ld.name_any(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,362 @@
+//! One reconcile: dereference → validate → build → apply → prune → observe → status.
+
+use super::Context;
+use super::dereference;
+use super::observe::{Observed, Transition, status_for, status_for_invalid};
+use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider};
+use crate::build::{
+    self, DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, POOL_LABEL, endpoint_url, kwok_node,
+    kwok_node_name, pool_id, selector_string,
+};
+use crate::error::Error;
+use crate::validate::validate;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, Event as Finalize, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The one field manager for everything the operator applies.
+pub const FIELD_MANAGER: &str = "llama-operator";
+/// Finalizer that releases node pools (cluster-scoped, out of garbage collection's reach).
+pub const FINALIZER: &str = "llama-operator.io/node-pool";
+
+#[tracing::instrument(skip_all, fields(namespace = %ld.namespace().unwrap_or_default(), name = %ld.name_any()))]
+pub async fn reconcile(ld: Arc<LlamaDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.start();
+    let ns = ld
+        .namespace()
+        .ok_or_else(|| Error::Other("LlamaDeployment without namespace".into()))?;
+    let api: Api<LlamaDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, ld, |event| async {
+        match event {
+            Finalize::Apply(ld) => apply(&ld, &ctx, &ns).await,
+            Finalize::Cleanup(ld) => cleanup(&ld, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| match err {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let config = ctx.config();
+    let name = ld.name_any();
+
+    // Dereference and validate: a spec the user must fix is reported, not retried.
+    let refs = dereference::references(client, ld, ns).await?;
+    let plan = match validate(ld, &config.catalog(), &refs) {
+        Ok(plan) => plan,
+        Err(spec_error) => {
+            tracing::info!(reason = spec_error.reason(), "spec needs a fix");
+            let (status, transitions) = status_for_invalid(ld, &spec_error, Timestamp::now());
+            write_status(ctx, ld, ns, status, transitions).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let pool = pool_id(ns, &name, &plan);
+
+    // Build (pure) and apply, in dependency order: nodes before the pods that need them.
+    if ld.spec.auth.secret_ref.is_none() {
+        let keys = dereference::generated_keys(client, ns, &name).await?;
+        apply_object(client, ns, &build::generated_keys_secret(ld, &keys)?).await?;
+    }
+    let config_map = build::server_config_map(ld, &plan)?;
+    let config_hash = hash_of(&config_map.data);
+    apply_object(client, ns, &config_map).await?;
+    if plan.provider == NodePoolProvider::Kwok {
+        let nodes: Api<Node> = Api::all(client.clone());
+        for index in 0..plan.instances {
+            apply_with(&nodes, &kwok_node(ld, &plan, &pool, index)?).await?;
+        }
+    }
+    let deployment = build::server_deployment(ld, &plan, &config, &pool, &config_hash)?;
+    let applied = apply_object(client, ns, &deployment).await?;
+    apply_object(client, ns, &build::server_service(ld)?).await?;
+    apply_object(client, ns, &build::server_pdb(ld)?).await?;
+
+    // Prune what is no longer wanted.
+    if ld.spec.auth.secret_ref.is_some() {
+        delete_if_exists::<Secret>(client, ns, &build::generated_secret_name(&name)).await?;
+    }
+    let rolled_out = rollout_complete(&applied);
+    let nodes = pool_nodes(client, ns, &name).await?;
+    let wanted: BTreeSet<String> = if plan.provider == NodePoolProvider::Kwok {
+        (0..plan.instances)
+            .map(|i| kwok_node_name(&pool, i))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    for node in &nodes {
+        let node_name = node.name_any();
+        let same_pool = node.labels().get(POOL_LABEL) == Some(&pool);
+        // Old pools go once the servers have moved; surplus nodes of this pool at once.
+        if !wanted.contains(&node_name) && (same_pool || rolled_out) {
+            tracing::info!(node = %node_name, "releasing node");
+            delete_cluster_scoped::<Node>(client, &node_name).await?;
+        }
+    }
+
+    // Observe and report.
+    let observed = observe(client, ns, &name, &applied, &nodes, &wanted).await?;
+    let (status, transitions) = status_for(
+        ld,
+        &plan,
+        &observed,
+        endpoint_url(&name, ns),
+        selector_string(&name),
+        Timestamp::now(),
+    );
+    let ready = status.phase == Some(crate::api::Phase::Ready);
+    write_status(ctx, ld, ns, status, transitions).await?;
+    Ok(Action::requeue(if ready {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(30)
+    }))
+}
+
+/// Releases the node pool; garbage collection removes the namespaced children.
+async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
+    let ns = ld.namespace().unwrap_or_default();
+    for node in pool_nodes(&ctx.client, &ns, &ld.name_any()).await? {
+        delete_cluster_scoped::<Node>(&ctx.client, &node.name_any()).await?;
+    }
+    publish(
+        ctx,
+        ld,
+        EventType::Normal,
+        "NodePoolReleased",
+        "Deleting",
+        "node pool released".into(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn pool_nodes(client: &kube::Client, ns: &str, name: &str) -> Result<Vec<Node>, kube::Error> {
+    let selector = format!("{DEPLOYMENT_NAMESPACE_LABEL}={ns},{DEPLOYMENT_NAME_LABEL}={name}");
+    Ok(Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items)
+}
+
+fn rollout_complete(deployment: &Deployment) -> bool {
+    let want = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let Some(status) = &deployment.status else {
+        return false;
+    };
+    status.observed_generation == deployment.metadata.generation
+        && status.updated_replicas.unwrap_or(0) == want
+        && status.ready_replicas.unwrap_or(0) == want
+        && status.replicas.unwrap_or(0) == want
+}
+
+async fn observe(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    deployment: &Deployment,
+    nodes: &[Node],
+    wanted: &BTreeSet<String>,
+) -> Result<Observed, kube::Error> {
+    let status = deployment.status.clone().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods = pods
+        .list(&ListParams::default().labels(&selector_string(name)))
+        .await?
+        .items;
+    let unschedulable = pods.iter().find_map(|pod| {
+        let conds = pod.status.as_ref()?.conditions.as_ref()?;
+        let c = conds
+            .iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+        c.message.clone().or(c.reason.clone())
+    });
+    let downloading = pods.iter().any(|pod| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .is_some_and(|inits| {
+                inits
+                    .iter()
+                    .any(|i| i.state.as_ref().is_some_and(|st| st.running.is_some()))
+            })
+    });
+    let nodes_ready = nodes
+        .iter()
+        .filter(|n| wanted.contains(&n.name_any()))
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count() as i32;
+    let current_generation = status.observed_generation == deployment.metadata.generation;
+    Ok(Observed {
+        nodes_ready,
+        replicas: status.replicas.unwrap_or(0),
+        ready_replicas: status.ready_replicas.unwrap_or(0),
+        updated_replicas: if current_generation {
+            status.updated_replicas.unwrap_or(0)
+        } else {
+            0
+        },
+        unschedulable,
+        downloading,
+    })
+}
+
+async fn write_status(
+    ctx: &Context,
+    ld: &LlamaDeployment,
+    ns: &str,
+    status: LlamaDeploymentStatus,
+    transitions: Vec<Transition>,
+) -> Result<(), Error> {
+    if ld.status.as_ref() != Some(&status) {
+        let api: Api<LlamaDeployment> = Api::namespaced(ctx.client.clone(), ns);
+        let patch = serde_json::json!({
+            "apiVersion": "llama-operator.io/v1alpha1",
+            "kind": "LlamaDeployment",
+            "status": status,
+        });
+        api.patch_status(
+            &ld.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    for t in transitions {
+        let quiet = [
+            "Provisioning",
+            "Loading",
+            "WaitingForNodes",
+            "Progressing",
+            "Downloading",
+        ];
+        let type_ = if t.status || quiet.contains(&t.reason.as_str()) {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        let note = format!(
+            "{} is {}: {}",
+            t.type_,
+            if t.status { "True" } else { "False" },
+            t.message
+        );
+        publish(ctx, ld, type_, &t.reason, "Reconcile", note).await;
+    }
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    ld: &LlamaDeployment,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &ld.object_ref(&())).await {
+        tracing::warn!(%err, "cannot publish event");
+    }
+}
+
+/// Server-side apply of a built namespaced object under the operator's field manager.
+async fn apply_object<K>(client: &kube::Client, ns: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    apply_with(&Api::namespaced(client.clone(), ns), object).await
+}
+
+async fn apply_with<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let name = object
+        .meta()
+        .name
+        .clone()
+        .ok_or_else(|| Error::Other("built object without a name".into()))?;
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await?)
+}
+
+async fn delete_if_exists<K>(client: &kube::Client, ns: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_cluster_scoped<K>(client: &kube::Client, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::all(client.clone());
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn hash_of<T: Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    Sha256::digest(bytes)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

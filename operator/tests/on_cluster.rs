@@ -1,0 +1,384 @@
+//! The operator on the real control plane with kwok GPU nodes: apply → nodes → pods → Ready,
+//! instance-type change, delete, bad specs, and a crash in the middle of a reconcile.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use llama_operator::api::LlamaDeployment;
+use std::path::Path;
+use std::time::Duration;
+use testenv::{FIELD_MANAGER, OperatorProcess, TestEnv, wait_for};
+
+const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
+
+async fn setup(name: &str) -> anyhow::Result<(TestEnv, OperatorProcess)> {
+    let env = TestEnv::new(name).await?;
+    env.install_crds().await?;
+    let operator = OperatorProcess::start(&env, Path::new(OPERATOR), &[])?;
+    Ok((env, operator))
+}
+
+fn manifest(name: &str, body: &str) -> serde_json::Value {
+    let yaml = format!(
+        "apiVersion: llama-operator.io/v1alpha1\nkind: LlamaDeployment\nmetadata: {{name: {name}}}\nspec:\n{body}"
+    );
+    serde_yaml::from_str(&yaml).expect("test manifest")
+}
+
+async fn apply(env: &TestEnv, name: &str, body: &str) -> anyhow::Result<()> {
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&manifest(name, body)),
+    )
+    .await?;
+    Ok(())
+}
+
+fn condition(ld: &LlamaDeployment, type_: &str) -> Option<(String, String, String)> {
+    let c = ld
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn wait_ready(
+    env: &TestEnv,
+    op: &OperatorProcess,
+    name: &str,
+    secs: u64,
+) -> anyhow::Result<LlamaDeployment> {
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let result = wait_for(Duration::from_secs(secs), || async {
+        let ld = api.get(name).await.ok()?;
+        (condition(&ld, "Ready")?.0 == "True").then_some(ld)
+    })
+    .await;
+    match result {
+        Ok(ld) => Ok(ld),
+        Err(e) => {
+            let now = api.get(name).await.ok().and_then(|l| l.status);
+            anyhow::bail!(
+                "{name} not Ready: {e}; status: {now:?}\noperator log:\n{}",
+                op.log_text()
+            )
+        }
+    }
+}
+
+async fn nodes_of(env: &TestEnv, name: &str) -> anyhow::Result<Vec<Node>> {
+    let sel = format!(
+        "llama-operator.io/deployment-namespace={},llama-operator.io/deployment={name}",
+        env.namespace
+    );
+    Ok(Api::<Node>::all(env.client.clone())
+        .list(&ListParams::default().labels(&sel))
+        .await?
+        .items)
+}
+
+async fn pods_of(env: &TestEnv, name: &str) -> anyhow::Result<Vec<Pod>> {
+    let sel = format!("llama-operator.io/deployment={name}");
+    Ok(Api::<Pod>::namespaced(env.client.clone(), &env.namespace)
+        .list(&ListParams::default().labels(&sel))
+        .await?
+        .items)
+}
+
+const TWO_A100X2: &str = "  model: Meta-Llama-3.1-8B-Instruct\n  source: {type: demo}\n  compute: {instanceType: Standard_NC48ads_A100_v4, instanceCount: 2}\n  nodePool: {provider: kwok}\n";
+
+#[tokio::test]
+async fn apply_becomes_ready_on_its_own_gpu_nodes_and_delete_leaves_nothing() -> anyhow::Result<()>
+{
+    let (env, op) = setup("lifecycle").await?;
+    apply(&env, "chat", TWO_A100X2).await?;
+    let ld = wait_ready(&env, &op, "chat", 90).await?;
+
+    let status = ld.status.clone().unwrap_or_default();
+    assert_eq!(
+        status.endpoint.as_deref(),
+        Some(format!("http://chat.{}.svc", env.namespace).as_str())
+    );
+    let inst = status.instances.clone().unwrap_or_default();
+    assert_eq!((inst.desired, inst.ready), (2, 2));
+    assert_eq!(status.observed_generation, ld.metadata.generation);
+    assert_eq!(
+        condition(&ld, "NodePoolReady").map(|c| c.0),
+        Some("True".into())
+    );
+    assert_eq!(
+        condition(&ld, "ModelLoaded").map(|c| c.0),
+        Some("True".into())
+    );
+
+    // Two nodes with the instance type's capacity, and the servers run on them and only them.
+    let nodes = nodes_of(&env, "chat").await?;
+    assert_eq!(nodes.len(), 2);
+    let mut node_names = Vec::new();
+    for node in &nodes {
+        let cap = node
+            .status
+            .as_ref()
+            .and_then(|s| s.capacity.clone())
+            .unwrap_or_default();
+        assert_eq!(cap.get("cpu").map(|q| q.0.as_str()), Some("48"));
+        assert_eq!(cap.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("2"));
+        assert_eq!(cap.get("memory").map(|q| q.0.as_str()), Some("440Gi"));
+        node_names.push(node.metadata.name.clone().unwrap_or_default());
+    }
+    let pods = pods_of(&env, "chat").await?;
+    assert_eq!(pods.len(), 2);
+    let mut used: Vec<String> = pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    used.sort();
+    node_names.sort();
+    assert_eq!(used, node_names, "one server per pool node");
+
+    // The endpoint's objects exist, the keys are two 32-character strings.
+    let ns = &env.namespace;
+    let secret = Api::<Secret>::namespaced(env.client.clone(), ns)
+        .get("chat-keys")
+        .await?;
+    let data = secret.data.unwrap_or_default();
+    assert_eq!(data.get("primaryKey").map(|k| k.0.len()), Some(32));
+    assert_ne!(data.get("primaryKey"), data.get("secondaryKey"));
+    Api::<Service>::namespaced(env.client.clone(), ns)
+        .get("chat")
+        .await?;
+    Api::<ConfigMap>::namespaced(env.client.clone(), ns)
+        .get("chat-server")
+        .await?;
+    Api::<PodDisruptionBudget>::namespaced(env.client.clone(), ns)
+        .get("chat")
+        .await?;
+
+    // Events tell the story.
+    let events = env.run_kubectl(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=chat",
+            "-o",
+            "custom-columns=R:.reason",
+        ],
+        None,
+    )?;
+    assert!(events.stdout.contains("Ready"), "{}", events.stdout);
+
+    // Delete: nodes released by the finalizer, everything else garbage-collected.
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), ns);
+    api.delete("chat", &DeleteParams::default()).await?;
+    wait_for(Duration::from_secs(60), || async {
+        let gone = api.get_opt("chat").await.ok()?.is_none();
+        let nodes = nodes_of(&env, "chat").await.ok()?.is_empty();
+        let deployments = Api::<Deployment>::namespaced(env.client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty();
+        let secrets = Api::<Secret>::namespaced(env.client.clone(), ns)
+            .get_opt("chat-keys")
+            .await
+            .ok()?
+            .is_none();
+        let services = Api::<Service>::namespaced(env.client.clone(), ns)
+            .get_opt("chat")
+            .await
+            .ok()?
+            .is_none();
+        let cms = Api::<ConfigMap>::namespaced(env.client.clone(), ns)
+            .get_opt("chat-server")
+            .await
+            .ok()?
+            .is_none();
+        let pdbs = Api::<PodDisruptionBudget>::namespaced(env.client.clone(), ns)
+            .get_opt("chat")
+            .await
+            .ok()?
+            .is_none();
+        (gone && nodes && deployments && secrets && services && cms && pdbs).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("children left after delete: {e}\n{}", op.log_text()))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn changing_instance_type_moves_pods_to_a_new_pool_and_releases_the_old() -> anyhow::Result<()>
+{
+    let (env, op) = setup("instance-type").await?;
+    apply(&env, "mover", TWO_A100X2).await?;
+    wait_ready(&env, &op, "mover", 90).await?;
+    let old: Vec<String> = nodes_of(&env, "mover")
+        .await?
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+
+    apply(
+        &env,
+        "mover",
+        &TWO_A100X2.replace("Standard_NC48ads_A100_v4", "Standard_NC40ads_H100_v5"),
+    )
+    .await?;
+    wait_for(Duration::from_secs(120), || async {
+        let nodes = nodes_of(&env, "mover").await.ok()?;
+        let all_new = nodes.len() == 2
+            && nodes.iter().all(|n| {
+                n.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("node.kubernetes.io/instance-type"))
+                    .map(String::as_str)
+                    == Some("Standard_NC40ads_H100_v5")
+            });
+        let pods = pods_of(&env, "mover").await.ok()?;
+        let on_new = pods.len() == 2
+            && pods.iter().all(|p| {
+                let n = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
+                nodes
+                    .iter()
+                    .any(|node| node.metadata.name.as_deref() == Some(n.as_str()))
+            });
+        (all_new && on_new).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("pool did not move: {e}\n{}", op.log_text()))?;
+    let ld = wait_ready(&env, &op, "mover", 60).await?;
+    assert_eq!(
+        condition(&ld, "NodePoolReady")
+            .map(|c| c.2)
+            .unwrap_or_default(),
+        "2 node(s) of Standard_NC40ads_H100_v5 available"
+    );
+    let nodes = Api::<Node>::all(env.client.clone());
+    for name in old {
+        assert!(
+            nodes.get_opt(&name).await?.is_none(),
+            "old pool node {name} still exists"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_specs_get_a_condition_and_create_nothing() -> anyhow::Result<()> {
+    let (env, op) = setup("bad-specs").await?;
+    let cases = [
+        (
+            "unknown-type",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: demo}\n  compute: {instanceType: Standard_Nope}\n  nodePool: {provider: kwok}\n",
+            "InstanceTypeUnknown",
+            "spec.compute.instanceType",
+        ),
+        (
+            "too-big",
+            "  model: Meta-Llama-3.1-70B-Instruct\n  source: {type: demo}\n  compute: {instanceType: Standard_NC24ads_A100_v4}\n  nodePool: {provider: kwok}\n",
+            "ModelDoesNotFit",
+            "Standard_NC96ads_A100_v4",
+        ),
+        (
+            "no-secret",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: demo}\n  auth: {secretRef: {name: missing-keys}}\n  nodePool: {provider: kwok}\n",
+            "SecretNotFound",
+            "spec.auth.secretRef.name",
+        ),
+        (
+            "no-pvc",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: pvc, pvc: {claimName: weights}}\n  nodePool: {provider: kwok}\n",
+            "PersistentVolumeClaimNotFound",
+            "spec.source.pvc.claimName",
+        ),
+    ];
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    for (name, body, reason, words) in cases {
+        apply(&env, name, body).await?;
+        let (status, got_reason, message) = wait_for(Duration::from_secs(30), || async {
+            condition(&api.get(name).await.ok()?, "Ready").filter(|c| c.1 != "Provisioning")
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{name}: no condition: {e}\n{}", op.log_text()))?;
+        assert_eq!(
+            (status.as_str(), got_reason.as_str()),
+            ("False", reason),
+            "{name}: {message}"
+        );
+        assert!(message.contains(words), "{name}: {message}");
+    }
+    // Nothing was created for any of them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.namespace)
+        .list(&ListParams::default())
+        .await?;
+    assert!(deployments.items.is_empty(), "deployments were created");
+    for (name, ..) in cases {
+        assert!(
+            nodes_of(&env, name).await?.is_empty(),
+            "{name}: nodes were created"
+        );
+    }
+    // No retry loop: the invalid objects are not rewritten while nothing changes.
+    let before: Vec<_> = futures::future::join_all(cases.iter().map(|(n, ..)| api.get(n))).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after: Vec<_> = futures::future::join_all(cases.iter().map(|(n, ..)| api.get(n))).await;
+    for (b, a) in before.iter().zip(&after) {
+        let (b, a) = (
+            b.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
+            a.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        assert_eq!(
+            b.metadata.resource_version, a.metadata.resource_version,
+            "status rewritten in a loop"
+        );
+    }
+
+    // Fixing a reference is noticed without touching the LlamaDeployment.
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "missing-keys"},
+        "stringData": {"primaryKey": "a".repeat(32), "secondaryKey": "b".repeat(32)}
+    }))?;
+    Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
+        .create(&Default::default(), &secret)
+        .await?;
+    wait_ready(&env, &op, "no-secret", 90).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_killed_mid_reconcile_converges_without_duplicates() -> anyhow::Result<()> {
+    let (env, op) = setup("crash").await?;
+    apply(
+        &env,
+        "crashy",
+        &TWO_A100X2.replace("instanceCount: 2", "instanceCount: 3"),
+    )
+    .await?;
+    // Kill it as soon as it has started creating children.
+    wait_for(Duration::from_secs(30), || async {
+        (!nodes_of(&env, "crashy").await.ok()?.is_empty()).then_some(())
+    })
+    .await?;
+    op.kill();
+    let op = OperatorProcess::start(&env, Path::new(OPERATOR), &[])?;
+    wait_ready(&env, &op, "crashy", 90).await?;
+    assert_eq!(nodes_of(&env, "crashy").await?.len(), 3);
+    let deployments = Api::<Deployment>::namespaced(env.client.clone(), &env.namespace)
+        .list(&ListParams::default())
+        .await?;
+    assert_eq!(deployments.items.len(), 1);
+    assert_eq!(pods_of(&env, "crashy").await?.len(), 3);
+    Ok(())
+}

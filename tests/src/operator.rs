@@ -1,0 +1,61 @@
+//! Runs the real `llama-operator` binary against the test control plane.
+
+use crate::TestEnv;
+use crate::processes;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A running operator process; stopped (SIGTERM) when dropped.
+pub struct OperatorProcess {
+    pid: u32,
+    pub log: std::path::PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts `binary` serving only the test's namespace, with `extra` arguments.
+    pub fn start(env: &TestEnv, binary: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let log = env
+            .plane
+            .dir
+            .join(format!("operator-{}-{}.log", env.namespace, unique()));
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(binary);
+        cmd.args([
+            "--namespace",
+            &env.namespace,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .env("KUBECONFIG", &env.plane.kubeconfig)
+        .env("RUST_LOG", "info,kube=warn,llama_operator=debug")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+        let pid = processes::spawn("llama-operator", cmd)?;
+        Ok(Self { pid, log })
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(self) {
+        processes::stop(self.pid, Duration::ZERO);
+    }
+
+    /// The operator's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        processes::stop(self.pid, Duration::from_secs(5));
+    }
+}
+
+fn unique() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
