@@ -9,6 +9,7 @@ pub mod config;
 pub mod controller;
 pub mod crdgen;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod validate;
 

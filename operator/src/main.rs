@@ -3,6 +3,7 @@
 use futures::StreamExt;
 use llama_operator::config::OperatorConfig;
 use llama_operator::controller::{self, Context, Scope};
+use llama_operator::leader::{LeaderElector, LeaseSettings};
 use llama_operator::metrics::Metrics;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,10 +13,14 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: llama-operator [--config FILE] [--namespace NS] [--metrics-addr ADDR:PORT]
+                      [--leader-elect --lease-namespace NS [--lease-name NAME]]
 
   --config FILE         operator configuration (YAML; usually a mounted ConfigMap), re-read when it changes
   --namespace NS        serve LlamaDeployments of this namespace only (default: all namespaces)
   --metrics-addr ADDR   where /metrics, /healthz and /readyz are served (default 0.0.0.0:8080)
+  --leader-elect        reconcile only while holding a Lease, so that replicas never reconcile at once
+  --lease-namespace NS  namespace of the Lease (default: POD_NAMESPACE, else --namespace, else default)
+  --lease-name NAME     name of the Lease (default llama-operator-leader)
 
 The Kubernetes connection comes from the in-cluster service account or KUBECONFIG.";
 
@@ -23,6 +28,9 @@ struct Args {
     config: Option<PathBuf>,
     scope: Scope,
     metrics_addr: SocketAddr,
+    leader_elect: bool,
+    lease_namespace: Option<String>,
+    lease_name: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -30,6 +38,9 @@ fn parse_args() -> Result<Args, String> {
         config: None,
         scope: Scope::Cluster,
         metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        leader_elect: false,
+        lease_namespace: None,
+        lease_name: "llama-operator-leader".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -37,6 +48,9 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--config" => args.config = Some(PathBuf::from(value()?)),
             "--namespace" => args.scope = Scope::Namespace(value()?),
+            "--leader-elect" => args.leader_elect = true,
+            "--lease-namespace" => args.lease_namespace = Some(value()?),
+            "--lease-name" => args.lease_name = value()?,
             "--metrics-addr" => {
                 let v = value()?;
                 args.metrics_addr = v
@@ -88,7 +102,12 @@ async fn main() -> ExitCode {
     let metrics = Arc::new(Metrics::default());
     let instance =
         std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
-    let ctx = Arc::new(Context::new(client, config, metrics.clone(), instance));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config,
+        metrics.clone(),
+        instance.clone(),
+    ));
 
     let listener = match tokio::net::TcpListener::bind(args.metrics_addr).await {
         Ok(l) => l,
@@ -117,13 +136,51 @@ async fn main() -> ExitCode {
             term.recv().await;
         }
     };
-    tracing::info!(scope = ?args.scope, "llama-operator starting");
-    controller::run(ctx, args.scope, reloads, async move {
+    let stop = async move {
         tokio::select! { () = shutdown => {}, () = sigterm => {} }
-    })
-    .await;
-    tracing::info!("llama-operator stopped");
-    ExitCode::SUCCESS
+    };
+    tracing::info!(scope = ?args.scope, "llama-operator starting");
+    if !args.leader_elect {
+        controller::run(ctx, args.scope, reloads, stop).await;
+        tracing::info!("llama-operator stopped");
+        return ExitCode::SUCCESS;
+    }
+    let lease_namespace = args
+        .lease_namespace
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or(match &args.scope {
+            Scope::Namespace(ns) => Some(ns.clone()),
+            Scope::Cluster => None,
+        })
+        .unwrap_or_else(|| "default".into());
+    let elector = LeaderElector::new(
+        client,
+        LeaseSettings {
+            namespace: lease_namespace,
+            name: args.lease_name,
+            identity: instance,
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(2),
+        },
+    );
+    tokio::select! {
+        () = stop => {
+            tracing::info!("llama-operator stopped");
+            ExitCode::SUCCESS
+        }
+        () = async {
+            elector.acquire().await;
+            tokio::select! {
+                () = controller::run(ctx, args.scope, reloads, std::future::pending()) => {}
+                () = elector.hold() => {}
+            }
+        } => {
+            // Leadership lost: exit so that nothing reconciles without the lease; the Deployment
+            // restarts the process, which then waits for the lease again.
+            tracing::error!("leadership lost; exiting");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> {

@@ -382,3 +382,59 @@ async fn operator_killed_mid_reconcile_converges_without_duplicates() -> anyhow:
     assert_eq!(pods_of(&env, "crashy").await?.len(), 3);
     Ok(())
 }
+
+#[tokio::test]
+async fn existing_nodes_without_room_are_reported_not_retried() -> anyhow::Result<()> {
+    let (env, op) = setup("existing").await?;
+    // One existing GPU node of the right type (simulated by kwok, but not created by us).
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": format!("{}-existing-gpu", env.namespace),
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {"node.kubernetes.io/instance-type": "Standard_NC24ads_A100_v4", "pool": env.namespace.clone()}
+        },
+        "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]},
+        "status": {"capacity": {"cpu": "24", "memory": "220Gi", "nvidia.com/gpu": "1", "pods": "110"},
+                   "allocatable": {"cpu": "24", "memory": "220Gi", "nvidia.com/gpu": "1", "pods": "110"}}
+    }))?;
+    let nodes = Api::<Node>::all(env.client.clone());
+    nodes.create(&Default::default(), &node).await?;
+    let body = format!(
+        "  model: Meta-Llama-3.2-1B-Instruct\n  source: {{type: demo}}\n  compute: {{instanceType: Standard_NC24ads_A100_v4, instanceCount: 2}}\n  nodePool: {{provider: existing, nodeSelector: {{pool: {}}}}}\n",
+        env.namespace
+    );
+    apply(&env, "tight", &body).await?;
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let (_, reason, message) = wait_for(Duration::from_secs(60), || async {
+        condition(&api.get("tight").await.ok()?, "Ready").filter(|c| c.1 == "InsufficientCapacity")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no InsufficientCapacity: {e}\n{}", op.log_text()))?;
+    assert_eq!(reason, "InsufficientCapacity");
+    assert!(
+        message.contains("Standard_NC24ads_A100_v4") && message.contains("nvidia.com/gpu"),
+        "{message}"
+    );
+    let ld = api.get("tight").await?;
+    assert_eq!(
+        ld.status
+            .and_then(|s| s.instances)
+            .map(|i| (i.desired, i.ready)),
+        Some((2, 1))
+    );
+    // The operator created no nodes of its own, and leaves the existing one alone on delete.
+    assert!(nodes_of(&env, "tight").await?.is_empty());
+    api.delete("tight", &DeleteParams::default()).await?;
+    wait_for(Duration::from_secs(30), || async {
+        api.get_opt("tight").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    assert!(
+        nodes
+            .get_opt(&format!("{}-existing-gpu", env.namespace))
+            .await?
+            .is_some()
+    );
+    Ok(())
+}

@@ -34,6 +34,7 @@ pub const FINALIZER: &str = "llama-operator.io/node-pool";
 #[tracing::instrument(skip_all, fields(namespace = %ld.namespace().unwrap_or_default(), name = %ld.name_any()))]
 pub async fn reconcile(ld: Arc<LlamaDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.start();
+    tracing::debug!("reconciling");
     let ns = ld
         .namespace()
         .ok_or_else(|| Error::Other("LlamaDeployment without namespace".into()))?;
