@@ -10,6 +10,8 @@ step() { echo "==> $* ($((SECONDS - t0)) s)"; }
 step "control-plane binaries (etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok)"
 LLAMA_CONTROL_PLANE_BIN=$(scripts/build-control-plane.sh)
 export LLAMA_CONTROL_PLANE_BIN
+LLAMA_KARPENTER_CRDS=$(scripts/fetch-karpenter-crds.sh)
+export LLAMA_KARPENTER_CRDS
 
 step "formatting"
 cargo fmt --all -- --check

@@ -48,6 +48,8 @@ pub enum SpecError {
         "spec.source.pvc.claimName: PersistentVolumeClaim {name:?} does not exist in namespace {namespace}; create it or fix the name"
     )]
     PvcNotFound { name: String, namespace: String },
+    #[error("{message}")]
+    ProviderUnavailable { message: String },
 }
 
 impl SpecError {
@@ -61,6 +63,7 @@ impl SpecError {
             SpecError::SecretNotFound { .. } => "SecretNotFound",
             SpecError::SecretKeysInvalid { .. } => "SecretInvalid",
             SpecError::PvcNotFound { .. } => "PersistentVolumeClaimNotFound",
+            SpecError::ProviderUnavailable { .. } => "NodePoolProviderUnavailable",
         }
     }
 }

@@ -133,10 +133,37 @@ pub async fn client_for(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Cl
 
 /// Applies every CRD under `crds/` and waits until each is Established. Returns their names.
 pub async fn install_crds(client: &kube::Client) -> anyhow::Result<Vec<String>> {
+    install_crds_from(client, &control_plane::workspace_root().join("crds")).await
+}
+
+/// Karpenter's published CRDs (NodePool, NodeClaim, KWOKNodeClass), fetched by
+/// `scripts/fetch-karpenter-crds.sh` (or found at `LLAMA_KARPENTER_CRDS`).
+pub fn karpenter_crds_dir() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("LLAMA_KARPENTER_CRDS") {
+        return Ok(dir.into());
+    }
+    let script = control_plane::workspace_root().join("scripts/fetch-karpenter-crds.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .context("run fetch-karpenter-crds.sh")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+}
+
+/// Applies every CRD in `dir` and waits until each is Established. Returns their names.
+pub async fn install_crds_from(
+    client: &kube::Client,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let dir = control_plane::workspace_root().join("crds");
     let mut names = Vec::new();
-    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("read {}", dir.display()))?
         .filter_map(Result::ok)
         .map(|e| e.path())

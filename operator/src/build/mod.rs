@@ -2,6 +2,7 @@
 
 mod config_map;
 mod deployment;
+mod karpenter_node_pool;
 mod labels;
 mod node;
 mod pdb;
@@ -10,11 +11,14 @@ mod service;
 
 pub use config_map::server_config_map;
 pub use deployment::server_deployment;
+pub use karpenter_node_pool::{
+    karpenter_node_pool, karpenter_node_pool_name, karpenter_node_pool_resource,
+};
 pub use labels::{
     DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, POOL_LABEL, POOL_TAINT, pod_labels, pool_id,
     selector_labels, selector_string,
 };
-pub use node::{kwok_node, kwok_node_name};
+pub use node::{KWOK_PROVISIONER_LABEL, kwok_node, kwok_node_name};
 pub use pdb::server_pdb;
 pub use secret::{KeyPair, generated_keys_secret, generated_secret_name};
 pub use service::{endpoint_url, server_service};

@@ -9,6 +9,9 @@ use crate::validate::Plan;
 use k8s_openapi::api::core::v1::Node;
 use serde_json::json;
 
+/// Label on nodes the operator itself created for a kwok pool (and so may delete).
+pub const KWOK_PROVISIONER_LABEL: &str = "llama-operator.io/provisioner";
+
 /// Name of instance `index` of a pool.
 pub fn kwok_node_name(pool: &str, index: i32) -> String {
     format!("llama-{pool}-{index}")
@@ -40,6 +43,7 @@ pub fn kwok_node(
         ("kubernetes.io/arch", "amd64".into()),
         ("kubernetes.io/hostname", kwok_node_name(pool, index)),
         ("type", "kwok".into()),
+        (KWOK_PROVISIONER_LABEL, "kwok".into()),
     ] {
         labels.insert(k.to_owned(), json!(v));
     }
@@ -94,6 +98,7 @@ labels:
   kubernetes.io/arch: amd64
   kubernetes.io/hostname: llama-chat-0123456789-1
   type: kwok
+  llama-operator.io/provisioner: kwok
   team: a
 annotations: {kwok.x-k8s.io/node: fake}
 "#,

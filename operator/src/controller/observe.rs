@@ -63,11 +63,15 @@ pub fn status_for(
                 "no existing node with instance type {it} and spec.nodePool.nodeSelector has room: {why}"
             ),
         ),
-        (_, NodePoolProvider::Kwok) if observed.nodes_ready < desired => (
-            false,
-            "Provisioning",
-            format!("{}/{desired} nodes of {it} ready", observed.nodes_ready),
-        ),
+        (_, NodePoolProvider::Kwok | NodePoolProvider::Karpenter)
+            if observed.nodes_ready < desired =>
+        {
+            (
+                false,
+                "Provisioning",
+                format!("{}/{desired} nodes of {it} ready", observed.nodes_ready),
+            )
+        }
         (Some(why), _) => (
             false,
             "Unschedulable",

@@ -5,15 +5,15 @@ use super::dereference;
 use super::observe::{Observed, Transition, status_for, status_for_invalid};
 use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider};
 use crate::build::{
-    self, DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, POOL_LABEL, endpoint_url, kwok_node,
-    kwok_node_name, pool_id, selector_string,
+    self, DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, KWOK_PROVISIONER_LABEL, POOL_LABEL,
+    endpoint_url, kwok_node, kwok_node_name, pool_id, selector_string,
 };
 use crate::error::Error;
-use crate::validate::validate;
+use crate::validate::{SpecError, validate};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalize, finalizer};
@@ -78,11 +78,39 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     let config_map = build::server_config_map(ld, &plan)?;
     let config_hash = hash_of(&config_map.data);
     apply_object(client, ns, &config_map).await?;
-    if plan.provider == NodePoolProvider::Kwok {
-        let nodes: Api<Node> = Api::all(client.clone());
-        for index in 0..plan.instances {
-            apply_with(&nodes, &kwok_node(ld, &plan, &pool, index)?).await?;
+    let node_pools: Api<DynamicObject> =
+        Api::all_with(client.clone(), &build::karpenter_node_pool_resource());
+    match plan.provider {
+        NodePoolProvider::Kwok => {
+            let nodes: Api<Node> = Api::all(client.clone());
+            for index in 0..plan.instances {
+                apply_with(&nodes, &kwok_node(ld, &plan, &pool, index)?).await?;
+            }
         }
+        NodePoolProvider::Karpenter => {
+            let np = build::karpenter_node_pool(ld, &plan, &pool, &config.karpenter)?;
+            let name = build::karpenter_node_pool_name(&pool);
+            match node_pools
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&np),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    let err = SpecError::ProviderUnavailable {
+                        message: "spec.nodePool.provider is karpenter, but the karpenter.sh/v1 NodePool API is not installed in this cluster; install Karpenter or choose another provider".into(),
+                    };
+                    let (status, transitions) = status_for_invalid(ld, &err, Timestamp::now());
+                    write_status(ctx, ld, ns, status, transitions).await?;
+                    return Ok(Action::requeue(Duration::from_secs(300)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        NodePoolProvider::Existing => {}
     }
     let deployment = build::server_deployment(ld, &plan, &config, &pool, &config_hash)?;
     let applied = apply_object(client, ns, &deployment).await?;
@@ -102,7 +130,10 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     } else {
         BTreeSet::new()
     };
-    for node in &nodes {
+    for node in nodes
+        .iter()
+        .filter(|n| n.labels().contains_key(KWOK_PROVISIONER_LABEL))
+    {
         let node_name = node.name_any();
         let same_pool = node.labels().get(POOL_LABEL) == Some(&pool);
         // Old pools go once the servers have moved; surplus nodes of this pool at once.
@@ -112,8 +143,18 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
         }
     }
 
+    if rolled_out || plan.provider != NodePoolProvider::Karpenter {
+        for np in owned_node_pools(&node_pools, ns, &name).await? {
+            let keep = plan.provider == NodePoolProvider::Karpenter
+                && np.labels().get(POOL_LABEL) == Some(&pool);
+            if !keep {
+                delete_dynamic(&node_pools, &np.name_any()).await?;
+            }
+        }
+    }
+
     // Observe and report.
-    let observed = observe(client, ns, &name, &applied, &nodes, &wanted).await?;
+    let observed = observe(client, ns, &name, &applied, &nodes, &wanted, &pool).await?;
     let (status, transitions) = status_for(
         ld,
         &plan,
@@ -134,8 +175,17 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
 /// Releases the node pool; garbage collection removes the namespaced children.
 async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
     let ns = ld.namespace().unwrap_or_default();
-    for node in pool_nodes(&ctx.client, &ns, &ld.name_any()).await? {
-        delete_cluster_scoped::<Node>(&ctx.client, &node.name_any()).await?;
+    let name = ld.name_any();
+    for node in pool_nodes(&ctx.client, &ns, &name).await? {
+        if node.labels().contains_key(KWOK_PROVISIONER_LABEL) {
+            delete_cluster_scoped::<Node>(&ctx.client, &node.name_any()).await?;
+        }
+    }
+    // Karpenter removes the nodes of a deleted NodePool itself.
+    let node_pools: Api<DynamicObject> =
+        Api::all_with(ctx.client.clone(), &build::karpenter_node_pool_resource());
+    for np in owned_node_pools(&node_pools, &ns, &name).await? {
+        delete_dynamic(&node_pools, &np.name_any()).await?;
     }
     publish(
         ctx,
@@ -155,6 +205,28 @@ async fn pool_nodes(client: &kube::Client, ns: &str, name: &str) -> Result<Vec<N
         .list(&ListParams::default().labels(&selector))
         .await?
         .items)
+}
+
+/// The NodePools of a deployment; none when Karpenter is not installed.
+async fn owned_node_pools(
+    api: &Api<DynamicObject>,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<DynamicObject>, Error> {
+    let selector = format!("{DEPLOYMENT_NAMESPACE_LABEL}={ns},{DEPLOYMENT_NAME_LABEL}={name}");
+    match api.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_dynamic(api: &Api<DynamicObject>, name: &str) -> Result<(), Error> {
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn rollout_complete(deployment: &Deployment) -> bool {
@@ -179,6 +251,7 @@ async fn observe(
     deployment: &Deployment,
     nodes: &[Node],
     wanted: &BTreeSet<String>,
+    pool: &str,
 ) -> Result<Observed, kube::Error> {
     let status = deployment.status.clone().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -205,7 +278,10 @@ async fn observe(
     });
     let nodes_ready = nodes
         .iter()
-        .filter(|n| wanted.contains(&n.name_any()))
+        .filter(|n| {
+            wanted.contains(&n.name_any())
+                || (wanted.is_empty() && n.labels().get(POOL_LABEL) == Some(&pool.to_owned()))
+        })
         .filter(|n| {
             n.status
                 .as_ref()
