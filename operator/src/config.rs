@@ -27,6 +27,13 @@ pub struct OperatorConfig {
     pub drain_seconds: i64,
     /// For the Karpenter provider: the node class every NodePool references.
     pub karpenter: KarpenterConfig,
+    /// Hours before `expiresAt` at which a shared-quota deployment gets a warning Event.
+    pub expiry_warning_hours: Vec<f64>,
+    /// How often core-hours and cost are checkpointed into status, in seconds.
+    pub accrual_seconds: u64,
+    /// Shifts the operator's clock forward by this many seconds: for rehearsals and tests of
+    /// expiry and accrual. Keep 0 in production.
+    pub clock_offset_seconds: i64,
 }
 
 /// Karpenter settings.
@@ -65,6 +72,9 @@ impl Default for OperatorConfig {
             shared_quota_hours: 168.0,
             drain_seconds: 300,
             karpenter: KarpenterConfig::default(),
+            expiry_warning_hours: vec![24.0, 1.0],
+            accrual_seconds: 60,
+            clock_offset_seconds: 0,
         }
     }
 }
@@ -143,6 +153,15 @@ impl OperatorConfig {
             }
         }
         Ok(config)
+    }
+
+    /// The operator's notion of now (the wall clock plus `clockOffsetSeconds`).
+    pub fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
+            self.clock_offset_seconds,
+        ))
+        .unwrap_or(now)
     }
 
     /// The effective catalogs: built-in entries, replaced or extended by the configuration's.

@@ -11,6 +11,7 @@ pub mod crdgen;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod quota;
 pub mod validate;
 
 pub use error::Error;

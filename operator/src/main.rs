@@ -92,14 +92,14 @@ async fn main() -> ExitCode {
         },
         None => OperatorConfig::default(),
     };
-    let client = match kube::Client::try_default().await {
+    let metrics = Arc::new(Metrics::default());
+    let client = match counting_client(metrics.clone()).await {
         Ok(client) => client,
         Err(err) => {
             eprintln!("llama-operator: cannot connect to Kubernetes: {err}");
             return ExitCode::FAILURE;
         }
     };
-    let metrics = Arc::new(Metrics::default());
     let instance =
         std::env::var("POD_NAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
     let ctx = Arc::new(Context::new(
@@ -181,6 +181,20 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A client from the in-cluster or KUBECONFIG configuration that counts its API requests.
+async fn counting_client(metrics: Arc<Metrics>) -> Result<kube::Client, kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    let counter = tower::util::MapRequestLayer::new(move |request| {
+        metrics.api_requests.inc();
+        request
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&counter)
+        .build())
 }
 
 fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> {

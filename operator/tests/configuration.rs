@@ -9,10 +9,14 @@ use testenv::{FIELD_MANAGER, OperatorProcess, TestEnv, wait_for};
 const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
 
 #[tokio::test]
-async fn a_new_instance_type_in_the_configuration_takes_effect_without_restart() -> anyhow::Result<()> {
+async fn a_new_instance_type_in_the_configuration_takes_effect_without_restart()
+-> anyhow::Result<()> {
     let env = TestEnv::new("config-reload").await?;
     env.install_crds().await?;
-    let config = env.plane.dir.join(format!("{}-operator.yaml", env.namespace));
+    let config = env
+        .plane
+        .dir
+        .join(format!("{}-operator.yaml", env.namespace));
     std::fs::write(&config, "surgeFactor: 1.2\n")?;
     let config_arg = config.to_string_lossy().into_owned();
     let op = OperatorProcess::start(&env, Path::new(OPERATOR), &["--config", &config_arg])?;
@@ -21,9 +25,18 @@ async fn a_new_instance_type_in_the_configuration_takes_effect_without_restart()
     let body: serde_json::Value = serde_yaml::from_str(
         "apiVersion: llama-operator.io/v1alpha1\nkind: LlamaDeployment\nmetadata: {name: l40s}\nspec:\n  model: Meta-Llama-3.2-3B-Instruct\n  source: {type: demo}\n  compute: {instanceType: Custom_L40S}\n  nodePool: {provider: kwok}\n",
     )?;
-    api.patch("l40s", &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&body)).await?;
+    api.patch(
+        "l40s",
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&body),
+    )
+    .await?;
     let reason = |ld: LlamaDeployment| {
-        ld.status?.conditions.into_iter().find(|c| c.type_ == "Ready").map(|c| (c.status, c.reason))
+        ld.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.status, c.reason))
     };
     wait_for(Duration::from_secs(30), || async {
         reason(api.get("l40s").await.ok()?).filter(|r| r.1 == "InstanceTypeUnknown")
@@ -34,7 +47,9 @@ async fn a_new_instance_type_in_the_configuration_takes_effect_without_restart()
     // A broken edit is ignored (and logged); the previous configuration stays in force.
     std::fs::write(&config, "surgeFactor: [oops\n")?;
     wait_for(Duration::from_secs(20), || async {
-        op.log_text().contains("configuration change ignored").then_some(())
+        op.log_text()
+            .contains("configuration change ignored")
+            .then_some(())
     })
     .await?;
 

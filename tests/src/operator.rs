@@ -37,6 +37,11 @@ impl OperatorProcess {
         Ok(Self { pid, log })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Kills the process at once (SIGKILL), as a crash would.
     pub fn kill(self) {
         processes::stop(self.pid, Duration::ZERO);

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 /// The limits of a ComputeQuota. A deployment needs ceil(surge factor × instances) × cores of its
 /// instance type's family; the surge factor (1.2 by default, as on Azure) is set in the operator
 /// configuration. All ComputeQuotas of a namespace add up.
+#[allow(clippy::duplicated_attributes)] // printcolumn repeats `type_ = "number"` by design
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "llama-operator.io",
@@ -21,6 +22,8 @@ use serde::{Deserialize, Serialize};
     doc = "Dedicated quota for the LlamaDeployments of one namespace, like a cloud subscription's quota: vCPU-core limits per instance family and optionally a GPU total. Status shows the cores used and available per family and which deployments hold them.",
     status = "ComputeQuotaStatus",
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".spec.gpus"),
+    printcolumn(name = "Core-hours", type_ = "number", json_path = ".status.coreHours"),
+    printcolumn(name = "Cost", type_ = "number", json_path = ".status.estimatedCost"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -74,6 +77,27 @@ pub struct ComputeQuotaStatus {
     /// GPUs held by deployments on dedicated quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus_used: Option<i64>,
+
+    /// vCPU core-hours of all LlamaDeployments of the namespace, deleted ones included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core_hours: Option<f64>,
+
+    /// Estimated cost of all LlamaDeployments of the namespace, deleted ones included, in
+    /// `currency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost: Option<f64>,
+
+    /// Currency of `estimatedCost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+
+    /// The part of `coreHours` from deployments that were deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_core_hours: Option<f64>,
+
+    /// The part of `estimatedCost` from deployments that were deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_cost: Option<f64>,
 }
 
 /// Usage of one instance family.
@@ -101,4 +125,7 @@ pub struct QuotaHolder {
     pub name: String,
     /// Cores it holds.
     pub cores: i64,
+    /// `dedicated` or `shared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::api::QuotaSource>,
 }

@@ -59,6 +59,24 @@ pub struct LlamaDeploymentStatus {
     /// Currency of `estimatedCost`, from the instance-type catalog (e.g. USD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
+
+    /// The time up to which `coreHours` and `estimatedCost` are accrued (the last checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_accrued_until: Option<Time>,
+
+    /// The instance family whose quota the deployment holds (e.g. StandardNCADSA100v4Family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_family: Option<String>,
+
+    /// vCPU cores of `instanceFamily` the deployment holds: ceil(surge factor × instances) ×
+    /// cores per instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_cores: Option<i64>,
+
+    /// The last expiry warning given for a shared-quota deployment, as hours before `expiresAt`
+    /// (e.g. 24, then 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_warning_hours: Option<f64>,
 }
 
 /// A one-word summary of a LlamaDeployment's state.

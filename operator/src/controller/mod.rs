@@ -7,7 +7,7 @@ mod reconcile;
 
 pub use reconcile::{FIELD_MANAGER, FINALIZER};
 
-use crate::api::LlamaDeployment;
+use crate::api::{ComputeQuota, LlamaDeployment};
 use crate::build::{DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL};
 use crate::config::OperatorConfig;
 use crate::error::Error;
@@ -30,6 +30,11 @@ pub struct Context {
     config: RwLock<Arc<OperatorConfig>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    pub quota: crate::quota::QuotaKeeper,
+    /// Deployments to reconcile again (waiting for quota another one released).
+    pub retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<LlamaDeployment>>,
+    retrigger_rx:
+        std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<LlamaDeployment>>>>,
 }
 
 impl Context {
@@ -43,8 +48,12 @@ impl Context {
             controller: "llama-operator".into(),
             instance: Some(instance),
         };
+        let (retrigger, rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             recorder: Recorder::new(client.clone(), reporter),
+            quota: Default::default(),
+            retrigger,
+            retrigger_rx: std::sync::Mutex::new(Some(rx)),
             client,
             config: RwLock::new(Arc::new(config)),
             metrics,
@@ -116,6 +125,12 @@ pub async fn run(
         let ns = ns.or_else(|| labels.get(DEPLOYMENT_NAMESPACE_LABEL).cloned())?;
         Some(ObjectRef::<LlamaDeployment>::new(name).within(&ns))
     };
+    let mut retriggers = ctx.retrigger_rx.lock().ok().and_then(|mut rx| rx.take());
+    let retrigger_stream = futures::stream::poll_fn(move |cx| match retriggers.as_mut() {
+        Some(rx) => rx.poll_recv(cx),
+        None => std::task::Poll::Ready(None),
+    });
+    let quota_store = store.clone();
     let secret_store = store.clone();
     let pvc_store = store.clone();
     controller
@@ -155,6 +170,15 @@ pub async fn run(
                 })
             },
         )
+        .watches(
+            scope.api::<ComputeQuota>(&client),
+            watcher::Config::default(),
+            move |quota| {
+                // Only deployments waiting on quota care about a quota change.
+                referring(&quota_store, quota.namespace(), waiting_on_quota)
+            },
+        )
+        .reconcile_on(retrigger_stream)
         .reconcile_all_on(reconcile_all)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx)
@@ -164,6 +188,16 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Whether a deployment waits for quota (not admitted, or capped).
+pub fn waiting_on_quota(ld: &LlamaDeployment) -> bool {
+    ld.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            (c.type_ == crate::quota::QUOTA_EXCEEDED || c.type_ == crate::quota::SCALE_LIMITED)
+                && c.status == "True"
+        })
+    })
 }
 
 /// The deployments of `namespace` for which `refers` holds.

@@ -19,6 +19,8 @@ pub struct Observed {
     pub unschedulable: Option<String>,
     /// A server pod is still downloading the weights.
     pub downloading: bool,
+    /// Start times of the running server pods.
+    pub running_since: Vec<Timestamp>,
 }
 
 /// A condition that changed, for an Event.

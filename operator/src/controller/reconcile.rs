@@ -1,17 +1,20 @@
 //! One reconcile: dereference → validate → build → apply → prune → observe → status.
 
 use super::Context;
+use super::conditions;
 use super::dereference;
 use super::observe::{Observed, Transition, status_for, status_for_invalid};
-use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider};
+use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, QuotaSource};
 use crate::build::{
     self, DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, KWOK_PROVISIONER_LABEL, POOL_LABEL,
     endpoint_url, kwok_node, kwok_node_name, pool_id, selector_string,
 };
 use crate::error::Error;
+use crate::quota::cost::{Accrued, accrue};
 use crate::validate::{SpecError, validate};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -53,6 +56,7 @@ pub async fn reconcile(ld: Arc<LlamaDeployment>, ctx: Arc<Context>) -> Result<Ac
 }
 
 async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    let original_ld = ld.clone();
     let client = &ctx.client;
     let config = ctx.config();
     let name = ld.name_any();
@@ -68,6 +72,95 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
             return Ok(Action::await_change());
         }
     };
+    let now = config.now();
+
+    // Shared-quota deployments expire: warn ahead, delete at expiresAt.
+    let mut expiry_warning = ld.status.as_ref().and_then(|s| s.expiry_warning_hours);
+    let mut next_event: Option<Duration> = None;
+    if let Some(status) = &ld.status
+        && status.quota_source == Some(QuotaSource::Shared)
+        && let Some(Time(expires)) = status.expires_at
+    {
+        if now >= expires {
+            tracing::info!("shared-quota deployment expired; deleting");
+            publish(
+                ctx,
+                ld,
+                EventType::Warning,
+                "Expired",
+                "Delete",
+                format!(
+                    "deleted: it ran on shared quota, which ends {} hours after creation",
+                    config.shared_quota_hours
+                ),
+            )
+            .await;
+            let api: Api<LlamaDeployment> = Api::namespaced(client.clone(), ns);
+            api.delete(&name, &DeleteParams::default()).await?;
+            return Ok(Action::await_change());
+        }
+        let left = expires.duration_since(now).as_secs_f64();
+        let mut thresholds = config.expiry_warning_hours.clone();
+        thresholds.sort_by(|a, b| b.total_cmp(a));
+        if let Some(due) = thresholds.iter().copied().rfind(|h| left <= h * 3600.0)
+            && expiry_warning.is_none_or(|last| due < last)
+        {
+            publish(ctx, ld, EventType::Warning, "ExpiringSoon", "Expire",
+                format!("this deployment runs on shared quota and will be deleted at {expires} (in {:.1} hours)", left / 3600.0)).await;
+            expiry_warning = Some(due);
+        }
+        let until_next = thresholds
+            .iter()
+            .map(|h| left - h * 3600.0)
+            .filter(|s| *s > 0.0)
+            .fold(left, f64::min);
+        next_event = Some(Duration::from_secs_f64(until_next.max(0.5)));
+    }
+
+    // Quota: admitted (maybe capped) or waiting; nothing is built without it.
+    let admission = ctx.quota.admit(client, ld, &plan, &config, now).await?;
+    for (type_, event_reason) in [
+        (crate::quota::QUOTA_EXCEEDED, true),
+        (crate::quota::SCALE_LIMITED, true),
+    ] {
+        let before = ld
+            .status
+            .as_ref()
+            .and_then(|s| conditions::get(&s.conditions, type_))
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        let after = conditions::get(&admission.status.conditions, type_)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
+        if let Some((st, reason, message)) = after
+            && before.as_ref().map(|b| (&b.0, &b.1)) != Some((&st, &reason))
+            && event_reason
+        {
+            let kind = if st == "True" {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(
+                ctx,
+                ld,
+                kind,
+                if st == "True" { type_ } else { &reason },
+                "Admit",
+                message,
+            )
+            .await;
+        }
+    }
+    let mut plan = plan;
+    match admission.decision {
+        crate::quota::ledger::Decision::Exceeded { .. } => return Ok(Action::await_change()),
+        crate::quota::ledger::Decision::Admitted { instances, .. } => plan.instances = instances,
+    }
+    let mut view = ld.clone();
+    view.status = Some(admission.status);
+    view.status
+        .get_or_insert_with(Default::default)
+        .expiry_warning_hours = expiry_warning;
+    let ld = &view;
     let pool = pool_id(ns, &name, &plan);
 
     // Build (pure) and apply, in dependency order: nodes before the pods that need them.
@@ -155,7 +248,7 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
 
     // Observe and report.
     let observed = observe(client, ns, &name, &applied, &nodes, &wanted, &pool).await?;
-    let (status, transitions) = status_for(
+    let (mut status, transitions) = status_for(
         ld,
         &plan,
         &observed,
@@ -163,13 +256,27 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
         selector_string(&name),
         Timestamp::now(),
     );
+    accrue_into(ctx, ld, &plan, &observed.running_since, now, &mut status);
     let ready = status.phase == Some(crate::api::Phase::Ready);
-    write_status(ctx, ld, ns, status, transitions).await?;
-    Ok(Action::requeue(if ready {
+    let cost_changed = original_ld.status.as_ref().and_then(|s| s.core_hours) != status.core_hours;
+    write_status(ctx, &original_ld, ns, status, transitions).await?;
+    if cost_changed {
+        ctx.quota
+            .refresh(client, ns, None, &plan.instance.currency)
+            .await?;
+    }
+    let mut wait = if ready {
         Duration::from_secs(300)
     } else {
         Duration::from_secs(30)
-    }))
+    };
+    if !observed.running_since.is_empty() {
+        wait = wait.min(Duration::from_secs(config.accrual_seconds.max(1)));
+    }
+    if let Some(next) = next_event {
+        wait = wait.min(next);
+    }
+    Ok(Action::requeue(wait))
 }
 
 /// Releases the node pool; garbage collection removes the namespaced children.
@@ -196,6 +303,55 @@ async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
         "node pool released".into(),
     )
     .await;
+
+    // Final accrual; the totals stay in the namespace's summary.
+    let config = ctx.config();
+    let catalog = config.catalog();
+    let now = config.now();
+    let mut status = ld.status.clone().unwrap_or_default();
+    let model = catalog.models.get(&ld.spec.model).cloned();
+    let instance_type_name = ld
+        .spec
+        .compute
+        .instance_type
+        .clone()
+        .or_else(|| model.as_ref().map(|m| m.default_instance_type.clone()))
+        .unwrap_or_default();
+    if let (Some(model), Some(instance)) = (
+        model,
+        catalog.instance_types.get(&instance_type_name).cloned(),
+    ) {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let listed = pods
+            .list(&ListParams::default().labels(&selector_string(&name)))
+            .await?;
+        let running = running_since(&listed.items);
+        let plan = crate::validate::Plan {
+            model,
+            instance: instance.clone(),
+            instances: 0,
+            provider: ld.spec.node_pool.provider,
+        };
+        accrue_into(ctx, ld, &plan, &running, now, &mut status);
+        let retired = (
+            status.core_hours.unwrap_or(0.0),
+            status.estimated_cost.unwrap_or(0.0),
+        );
+        ctx.quota
+            .refresh(&ctx.client, &ns, Some(retired), &instance.currency)
+            .await?;
+    }
+    ctx.metrics
+        .forget_deployment(&ns, &name, &instance_type_name);
+    // Quota was released: deployments waiting for it try again.
+    let all = Api::<LlamaDeployment>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?;
+    for other in all.items.iter().filter(|o| super::waiting_on_quota(o)) {
+        let _ = ctx
+            .retrigger
+            .send(kube::runtime::reflector::ObjectRef::from_obj(other));
+    }
     Ok(Action::await_change())
 }
 
@@ -205,6 +361,53 @@ async fn pool_nodes(client: &kube::Client, ns: &str, name: &str) -> Result<Vec<N
         .list(&ListParams::default().labels(&selector))
         .await?
         .items)
+}
+
+/// Start times of the server pods that run (they accrue core-hours).
+fn running_since(pods: &[Pod]) -> Vec<Timestamp> {
+    pods.iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .filter_map(|p| p.status.as_ref()?.start_time.as_ref().map(|t| t.0))
+        .collect()
+}
+
+/// Checkpoints core-hours and cost into `status` and the Prometheus counters.
+fn accrue_into(
+    ctx: &Context,
+    ld: &LlamaDeployment,
+    plan: &crate::validate::Plan,
+    running: &[Timestamp],
+    now: Timestamp,
+    status: &mut LlamaDeploymentStatus,
+) {
+    let previous = Accrued {
+        core_hours: status.core_hours.unwrap_or(0.0),
+        cost: status.estimated_cost.unwrap_or(0.0),
+        until: status.cost_accrued_until.as_ref().map(|t| t.0),
+    };
+    let next = accrue(
+        &previous,
+        running,
+        plan.instance.cores,
+        plan.instance.hourly_price,
+        now,
+    );
+    if next.until.is_none() {
+        return;
+    }
+    ctx.metrics.record_cost(
+        &ld.namespace().unwrap_or_default(),
+        &ld.name_any(),
+        &plan.instance.name,
+        previous.core_hours,
+        previous.cost,
+        next.core_hours,
+        next.cost,
+    );
+    status.core_hours = Some(next.core_hours);
+    status.estimated_cost = Some(next.cost);
+    status.currency = Some(plan.instance.currency.clone());
+    status.cost_accrued_until = next.until.map(Time);
 }
 
 /// The NodePools of a deployment; none when Karpenter is not installed.
@@ -291,6 +494,7 @@ async fn observe(
         .count() as i32;
     let current_generation = status.observed_generation == deployment.metadata.generation;
     Ok(Observed {
+        running_since: running_since(&pods),
         nodes_ready,
         replicas: status.replicas.unwrap_or(0),
         ready_replicas: status.ready_replicas.unwrap_or(0),
