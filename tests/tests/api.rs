@@ -42,7 +42,12 @@ async fn crds_install_and_become_established() -> anyhow::Result<()> {
         ]
     );
     // Short names and the category resolve through discovery.
-    for args in [["get", "llama"], ["get", "ld"], ["get", "cq"]] {
+    for args in [
+        ["get", "llama"],
+        ["get", "ld"],
+        ["get", "cq"],
+        ["get", "llama-operator"],
+    ] {
         let out = env.run_kubectl(&args, None)?;
         assert!(out.success, "kubectl {args:?}: {}", out.stderr);
     }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
     plural = "computequotas",
     singular = "computequota",
     shortname = "cq",
-    category = "llama",
+    category = "llama-operator",
     namespaced,
     doc = "Dedicated quota for the LlamaDeployments of one namespace, like a cloud subscription's quota: vCPU-core limits per instance family and optionally a GPU total. Status shows the cores used and available per family and which deployments hold them.",
     status = "ComputeQuotaStatus",

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
     singular = "llamadeployment",
     shortname = "llama",
     shortname = "ld",
-    category = "llama",
+    category = "llama-operator",
     namespaced,
     doc = "A Meta Llama model served on dedicated GPU instances behind a key-protected endpoint that speaks the Azure AI Model Inference API, like an Azure AI Foundry managed-compute deployment. The operator provisions a GPU node pool of spec.compute.instanceType, runs llama-server on it, accounts its vCPU cores against the namespace's ComputeQuota (or the shared pool, see spec.quota) and reports the endpoint, core-hours and estimated cost in status.",
     status = "LlamaDeploymentStatus",
