@@ -5,10 +5,12 @@
 #![deny(unsafe_code)]
 
 pub mod args;
+pub mod chat_template;
 pub mod engine;
 pub mod generate_model;
 pub mod rng;
 pub mod routes;
+pub mod tokenizer;
 
 use axum::Router;
 

@@ -42,10 +42,11 @@ impl LlamaTokenizer {
             path: config_path.clone(),
             source,
         })?;
-        let config: Value = serde_json::from_str(&text).map_err(|err| EngineError::InvalidJson {
-            path: config_path.clone(),
-            reason: err.to_string(),
-        })?;
+        let config: Value =
+            serde_json::from_str(&text).map_err(|err| EngineError::InvalidJson {
+                path: config_path.clone(),
+                reason: err.to_string(),
+            })?;
         let token_field = |field: &str| -> Option<String> {
             match config.get(field)? {
                 Value::String(token) => Some(token.clone()),
@@ -165,7 +166,9 @@ pub struct TextStream<'a> {
 
 impl std::fmt::Debug for TextStream<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextStream").field("ids", &self.ids).finish_non_exhaustive()
+        f.debug_struct("TextStream")
+            .field("ids", &self.ids)
+            .finish_non_exhaustive()
     }
 }
 
@@ -173,7 +176,9 @@ impl TextStream<'_> {
     /// Adds one token and returns the new complete text, possibly empty.
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let seen = self.tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let seen = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], true)?;
         let all = self.tokenizer.decode(&self.ids[self.prefix..], true)?;
         // An incomplete UTF-8 sequence decodes to U+FFFD at the end: wait for more tokens.
         if all.len() <= seen.len() || all.ends_with('\u{FFFD}') {
