@@ -8,8 +8,11 @@ pub mod args;
 pub mod chat_template;
 pub mod engine;
 pub mod generate_model;
+pub mod generation;
 pub mod rng;
 pub mod routes;
+pub mod sampling;
+pub mod stop_strings;
 pub mod tokenizer;
 
 use axum::Router;

@@ -1,0 +1,197 @@
+//! Text generation: prompt tokens in, completion out, for one sequence or a batch that runs
+//! in lockstep (sequences leave the batch as they finish).
+
+use candle_core::Tensor;
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::{KvCache, LlamaModel, LogitsFor, SequenceStep};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stop_strings::StopStrings;
+use crate::tokenizer::{LlamaTokenizer, TextStream};
+
+/// One completion to produce.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt token ids (already templated and encoded).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate; `None` means until the context window is full.
+    pub max_tokens: Option<usize>,
+    /// Strings that end the completion; never part of the returned text.
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+}
+
+/// Why a completion ended, in the API's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// A finished completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    /// Every sampled token, including a final stop token.
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    /// `token_ids.len()`.
+    pub completion_tokens: usize,
+    pub finish_reason: FinishReason,
+}
+
+/// Generates one completion.
+pub fn generate(
+    model: &LlamaModel,
+    tokenizer: &LlamaTokenizer,
+    request: GenerationRequest,
+) -> Result<Completion> {
+    let mut completions = generate_batch(model, tokenizer, vec![request])?;
+    completions
+        .pop()
+        .ok_or_else(|| EngineError::InvalidInput("no completion produced".into()))
+}
+
+/// Generates the completions of several requests together: each step runs one forward pass
+/// over every unfinished sequence, each with its own positions and cache.
+pub fn generate_batch(
+    model: &LlamaModel,
+    tokenizer: &LlamaTokenizer,
+    requests: Vec<GenerationRequest>,
+) -> Result<Vec<Completion>> {
+    let mut sequences = requests
+        .into_iter()
+        .map(|request| Sequence::new(model, tokenizer, request))
+        .collect::<Result<Vec<_>>>()?;
+    loop {
+        let mut running: Vec<&mut Sequence<'_>> = sequences
+            .iter_mut()
+            .filter(|s| s.finish.is_none())
+            .collect();
+        if running.is_empty() {
+            break;
+        }
+        let inputs: Vec<Vec<u32>> = running
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.input))
+            .collect();
+        let mut steps: Vec<SequenceStep<'_>> = running
+            .iter_mut()
+            .zip(&inputs)
+            .map(|(s, tokens)| SequenceStep {
+                tokens,
+                cache: &mut s.cache,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        let logits = model.forward(&mut steps)?;
+        drop(steps);
+        for (sequence, logits) in running.into_iter().zip(logits) {
+            sequence.advance(&logits, model.context_length())?;
+        }
+    }
+    Ok(sequences
+        .into_iter()
+        .map(Sequence::into_completion)
+        .collect())
+}
+
+/// The state of one sequence while it generates.
+struct Sequence<'t> {
+    tokenizer: &'t LlamaTokenizer,
+    cache: KvCache,
+    sampler: Sampler,
+    stream: TextStream<'t>,
+    stops: StopStrings,
+    /// Tokens to feed at the next step: the prompt, then the last sampled token.
+    input: Vec<u32>,
+    prompt_tokens: usize,
+    max_tokens: usize,
+    generated: Vec<u32>,
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+impl<'t> Sequence<'t> {
+    fn new(
+        model: &LlamaModel,
+        tokenizer: &'t LlamaTokenizer,
+        request: GenerationRequest,
+    ) -> Result<Self> {
+        if request.prompt.is_empty() {
+            return Err(EngineError::InvalidInput("the prompt has no tokens".into()));
+        }
+        let context = model.context_length();
+        // At least one token must fit after the prompt.
+        if request.prompt.len() >= context {
+            return Err(EngineError::PromptTooLong {
+                tokens: request.prompt.len(),
+                context,
+            });
+        }
+        let room = context - request.prompt.len();
+        let max_tokens = request.max_tokens.map_or(room, |m| m.min(room));
+        let finish = (max_tokens == 0).then_some(FinishReason::Length);
+        Ok(Self {
+            tokenizer,
+            cache: model.new_cache(),
+            sampler: Sampler::new(request.sampling)?,
+            stream: tokenizer.decode_stream(),
+            stops: StopStrings::new(&request.stop),
+            prompt_tokens: request.prompt.len(),
+            input: request.prompt,
+            max_tokens,
+            generated: Vec::new(),
+            text: String::new(),
+            finish,
+        })
+    }
+
+    /// Samples from this step's logits and decides whether the sequence is done.
+    fn advance(&mut self, logits: &Tensor, context: usize) -> Result<()> {
+        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let token = self.sampler.sample(&logits)?;
+        self.generated.push(token);
+        if self.tokenizer.is_stop(token) {
+            self.finish = Some(FinishReason::Stop);
+        } else {
+            let piece = self.stream.push(token)?;
+            let check = self.stops.push(&piece);
+            self.text.push_str(&check.emit);
+            if check.stopped {
+                self.finish = Some(FinishReason::Stop);
+            } else if self.generated.len() >= self.max_tokens
+                || self.prompt_tokens + self.generated.len() >= context
+            {
+                self.finish = Some(FinishReason::Length);
+            }
+        }
+        self.input = vec![token];
+        Ok(())
+    }
+
+    fn into_completion(mut self) -> Completion {
+        // Text held back as a possible stop-string start is real output when no stop string
+        // completed (after a stop string the matcher holds nothing).
+        let rest = self.stops.finish();
+        self.text.push_str(&rest);
+        Completion {
+            text: self.text,
+            completion_tokens: self.generated.len(),
+            token_ids: self.generated,
+            prompt_tokens: self.prompt_tokens,
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+        }
+    }
+}
