@@ -99,15 +99,14 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(template_error)?;
-        let mut context = serde_json::json!({
+        // `tools` is always defined (null without tools), as in `apply_chat_template`.
+        let context = serde_json::json!({
             "messages": messages,
+            "tools": tools,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "add_generation_prompt": add_generation_prompt,
         });
-        if let (Some(tools), Some(map)) = (tools, context.as_object_mut()) {
-            map.insert("tools".into(), tools.clone());
-        }
         template
             .render(Value::from(Serde(context)))
             .map_err(template_error)

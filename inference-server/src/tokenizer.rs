@@ -8,7 +8,8 @@ use tokenizers::Tokenizer;
 
 use crate::engine::error::{EngineError, Result};
 
-/// Tokens that end a Llama 3 turn or document; generation stops when it samples one.
+/// Tokens that end a Llama 3 turn or document; generation stops when it samples one. The
+/// `eos_token_id`s of the model directory's `config.json`/`generation_config.json` are added.
 pub const STOP_TOKENS: [&str; 3] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"];
 
 /// A model's tokenizer with what the engine needs to know about its special tokens.
@@ -62,6 +63,9 @@ impl LlamaTokenizer {
             .chain(std::iter::once(&eos_token.as_str()))
             .filter_map(|token| inner.token_to_id(token))
             .collect();
+        // The model's own end-of-sequence ids count too: some tokenizer files name id 128008
+        // `<|reserved_special_token_4|>` although Llama 3.1 models emit it as `<|eom_id|>`.
+        stop_ids.extend(model_eos_ids(dir)?);
         stop_ids.sort_unstable();
         stop_ids.dedup();
         if stop_ids.is_empty() {
@@ -138,6 +142,30 @@ impl LlamaTokenizer {
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
+}
+
+/// `eos_token_id` of `generation_config.json` and `config.json`, where the directory has them.
+fn model_eos_ids(dir: &Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        let path = dir.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let config: Value =
+            serde_json::from_str(&text).map_err(|err| EngineError::InvalidJson {
+                path: path.clone(),
+                reason: err.to_string(),
+            })?;
+        match config.get("eos_token_id") {
+            Some(Value::Number(id)) => ids.extend(id.as_u64().map(|id| id as u32)),
+            Some(Value::Array(list)) => {
+                ids.extend(list.iter().filter_map(Value::as_u64).map(|id| id as u32))
+            }
+            _ => {}
+        }
+    }
+    Ok(ids)
 }
 
 /// `chat_template` is a string, or a list of `{name, template}` of which "default" is used.

@@ -52,7 +52,10 @@ fn greedy_alone(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<u32> {
                 logits: LogitsFor::Last,
             }])
             .expect("forward");
-        let row: Vec<f32> = logits[0].flatten_all().and_then(|t| t.to_vec1()).expect("logits");
+        let row: Vec<f32> = logits[0]
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("logits");
         let token = argmax(&row);
         out.push(token);
         input = vec![token];
@@ -118,7 +121,10 @@ fn prompt_logits_match_transformers_within_tolerance() {
                 let want = pair[1].as_f64().expect("logit") as f32;
                 assert!((last[id] - want).abs() <= TOLERANCE, "top-10 token {id}");
             }
-            eprintln!("{} / {}: worst logit difference {worst:e}", loaded.name, prompt["name"]);
+            eprintln!(
+                "{} / {}: worst logit difference {worst:e}",
+                loaded.name, prompt["name"]
+            );
         }
     }
 }
@@ -137,10 +143,14 @@ fn greedy_continuations_match_transformers() {
 #[test]
 fn batched_sequences_of_different_lengths_match_running_alone() {
     for loaded in load_all() {
-        let prompts: Vec<Vec<u32>> =
-            prompts(&loaded.golden).iter().map(|p| ids(&p["input_ids"])).collect();
-        let expected: Vec<Vec<u32>> =
-            crate::prompts(&loaded.golden).iter().map(|p| ids(&p["greedy"])).collect();
+        let prompts: Vec<Vec<u32>> = prompts(&loaded.golden)
+            .iter()
+            .map(|p| ids(&p["input_ids"]))
+            .collect();
+        let expected: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+            .iter()
+            .map(|p| ids(&p["greedy"]))
+            .collect();
         let steps = expected[0].len();
         let mut caches: Vec<_> = prompts.iter().map(|_| loaded.model.new_cache()).collect();
         let mut inputs = prompts.clone();
@@ -172,8 +182,14 @@ fn sequences_can_join_a_running_batch() {
     // The second sequence's prompt is prefilled in the same forward pass as a decode step of
     // the first, ten steps in: both must still produce their reference continuations.
     let loaded = load_all().remove(1);
-    let prompts: Vec<Vec<u32>> = crate::prompts(&loaded.golden).iter().map(|p| ids(&p["input_ids"])).collect();
-    let expected: Vec<Vec<u32>> = crate::prompts(&loaded.golden).iter().map(|p| ids(&p["greedy"])).collect();
+    let prompts: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect();
+    let expected: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+        .iter()
+        .map(|p| ids(&p["greedy"]))
+        .collect();
     let (first, second) = (0, 2);
     let mut caches = [loaded.model.new_cache(), loaded.model.new_cache()];
     let mut inputs = [prompts[first].clone(), prompts[second].clone()];

@@ -184,9 +184,19 @@ def record(model, tokenizer, prompt):
     return entry
 
 
+def sort_keys_deep(value):
+    """The Rust side reads JSON with serde_json, whose objects iterate in key order (the
+    workspace does not enable `preserve_order`), so the reference gets the same order."""
+    if isinstance(value, dict):
+        return {k: sort_keys_deep(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [sort_keys_deep(v) for v in value]
+    return value
+
+
 def feature_renders(tokenizer):
     renders = []
-    for case in FEATURE_CASES:
+    for case in map(sort_keys_deep, FEATURE_CASES):
         text = tokenizer.apply_chat_template(
             case["messages"], tools=case["tools"], chat_template=FEATURE_TEMPLATE,
             tokenize=False, add_generation_prompt=case["add_generation_prompt"])

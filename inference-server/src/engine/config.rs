@@ -138,7 +138,7 @@ impl LlamaConfig {
                 return Err(invalid(field, "must be greater than 0"));
             }
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(invalid(
                 "hidden_size",
                 format!(
@@ -147,13 +147,13 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(invalid(
                 "head_dim",
                 format!("{} is not a positive even number", self.head_dim()),
             ));
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -163,10 +163,10 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if !finite_positive(self.rms_norm_eps) {
             return Err(invalid("rms_norm_eps", "must be greater than 0"));
         }
-        if !(self.rope_theta > 0.0) {
+        if !finite_positive(self.rope_theta) {
             return Err(invalid("rope_theta", "must be greater than 0"));
         }
         if self.hidden_act != "silu" {
@@ -196,10 +196,12 @@ impl RopeScaling {
                 format!("{:?} is not supported (only llama3)", self.rope_type),
             ));
         }
-        if !(self.factor > 0.0) {
+        if !finite_positive(self.factor) {
             return Err(invalid("rope_scaling.factor", "must be greater than 0"));
         }
-        if !(self.low_freq_factor > 0.0) || !(self.high_freq_factor > self.low_freq_factor) {
+        if !finite_positive(self.low_freq_factor)
+            || !finite_positive(self.high_freq_factor - self.low_freq_factor)
+        {
             return Err(invalid(
                 "rope_scaling.high_freq_factor",
                 "must be greater than low_freq_factor, which must be greater than 0",
@@ -213,6 +215,11 @@ impl RopeScaling {
         }
         Ok(())
     }
+}
+
+/// True for finite numbers greater than 0 (false for NaN).
+fn finite_positive(value: f64) -> bool {
+    value.is_finite() && value > 0.0
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> EngineError {

@@ -40,7 +40,9 @@ pub fn tokenizer_dir() -> PathBuf {
 /// A freshly generated tiny model (once per test process and shape/seed).
 pub fn tiny_model(shape: ModelShape, seed: u64) -> PathBuf {
     static MODELS: Mutex<Option<HashMap<(String, u64), PathBuf>>> = Mutex::new(None);
-    let mut models = MODELS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut models = MODELS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let models = models.get_or_insert_with(HashMap::new);
     let key = (format!("{shape:?}"), seed);
     if let Some(dir) = models.get(&key) {
@@ -64,7 +66,9 @@ pub fn tiny_model(shape: ModelShape, seed: u64) -> PathBuf {
 
 /// A golden file from tests/goldens/.
 pub fn golden(name: &str) -> serde_json::Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/goldens").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/goldens")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("golden is JSON")
 }
