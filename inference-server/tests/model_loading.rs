@@ -235,3 +235,84 @@ fn chat_template_features_render_like_transformers() {
         .expect_err("raises");
     assert!(err.to_string().contains("too many messages"), "{err}");
 }
+
+#[test]
+fn bf16_compute_and_bf16_files_stay_close_to_f32() {
+    use llama_server::generate_model::{GenerateModel, WeightDtype};
+    let f32_dir = tiny_model(ModelShape::Tiny, 42);
+    let tokens = [128_000u32, 791, 6864, 315, 9822, 374];
+    let reference = logits_of(&load(&f32_dir).expect("loads"), &tokens);
+
+    let bf16_compute = LlamaModel::load(&f32_dir, DType::BF16, &Device::Cpu).expect("loads");
+    assert_eq!(bf16_compute.dtype(), DType::BF16);
+    let bf16_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("scratch-{}", std::process::id()))
+        .join("bf16-file");
+    GenerateModel {
+        shape: ModelShape::Tiny,
+        seed: 42,
+        out: bf16_dir.clone(),
+        tokenizer_dir: common::tokenizer_dir(),
+        dtype: WeightDtype::Bf16,
+    }
+    .run()
+    .expect("generates");
+    let bf16_file = load(&bf16_dir).expect("bf16 file loads as f32");
+    for model in [&bf16_compute, &bf16_file] {
+        let logits = logits_of(model, &tokens);
+        let worst = logits
+            .iter()
+            .flatten()
+            .zip(reference.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst.is_finite() && worst < 0.05,
+            "worst difference {worst}"
+        );
+        assert!(worst > 0.0, "bf16 rounding must show somewhere");
+    }
+}
+
+#[test]
+fn generate_model_binary_writes_a_model_and_fails_cleanly() {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("scratch-{}", std::process::id()))
+        .join("cli");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
+        .args(["generate-model", "--shape", "tiny", "--seed", "3", "--out"])
+        .arg(&out)
+        .arg("--tokenizer-dir")
+        .arg(common::tokenizer_dir())
+        .output()
+        .expect("runs");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let model = load(&out).expect("loads");
+    assert!(model.config().tie_word_embeddings);
+
+    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
+        .args(["generate-model", "--shape", "tiny", "--seed", "3", "--out"])
+        .arg(out.join("other"))
+        .args(["--tokenizer-dir", "/nonexistent/tokenizer"])
+        .output()
+        .expect("runs");
+    assert_eq!(failed.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("/nonexistent/tokenizer/tokenizer.json") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

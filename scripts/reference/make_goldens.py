@@ -14,8 +14,10 @@ renderer can be compared with it.
 
 The Rust tests only read these files; they never need torch.
 
-Usage (scripts/reference/setup-venv.sh makes the venv):
-    scripts/reference/make_goldens.py [--llama-server target/debug/llama-server]
+Usage:
+    cargo build -p llama-server
+    "$(scripts/reference/setup-venv.sh)" scripts/reference/make_goldens.py \
+        [--llama-server target/debug/llama-server] [--tokenizer-dir DIR]
 """
 
 import argparse
