@@ -72,29 +72,15 @@ pub fn generate_batch(
 ) -> Result<Vec<Completion>> {
     let mut sequences = requests
         .into_iter()
-        .map(|request| Sequence::new(model, tokenizer, request))
+        .map(|request| ActiveSequence::new(model, tokenizer, request))
         .collect::<Result<Vec<_>>>()?;
     loop {
-        let mut running: Vec<&mut Sequence<'_>> = sequences
-            .iter_mut()
-            .filter(|s| s.finish.is_none())
-            .collect();
+        let mut running: Vec<&mut ActiveSequence<'_>> =
+            sequences.iter_mut().filter(|s| !s.is_finished()).collect();
         if running.is_empty() {
             break;
         }
-        let inputs: Vec<Vec<u32>> = running
-            .iter_mut()
-            .map(|s| std::mem::take(&mut s.input))
-            .collect();
-        let mut steps: Vec<SequenceStep<'_>> = running
-            .iter_mut()
-            .zip(&inputs)
-            .map(|(s, tokens)| SequenceStep {
-                tokens,
-                cache: &mut s.cache,
-                logits: LogitsFor::Last,
-            })
-            .collect();
+        let mut steps: Vec<SequenceStep<'_>> = running.iter_mut().map(|s| s.step()).collect();
         let logits = model.forward(&mut steps)?;
         drop(steps);
         for (sequence, logits) in running.into_iter().zip(logits) {
@@ -103,12 +89,14 @@ pub fn generate_batch(
     }
     Ok(sequences
         .into_iter()
-        .map(Sequence::into_completion)
+        .map(ActiveSequence::into_completion)
         .collect())
 }
 
-/// The state of one sequence while it generates.
-struct Sequence<'t> {
+/// One sequence while it generates: what a scheduler drives step by step. Each step it hands
+/// [`ActiveSequence::step`] to a batched [`LlamaModel::forward`] (next to any other sequences)
+/// and gives the resulting logits back to [`ActiveSequence::advance`].
+pub struct ActiveSequence<'t> {
     tokenizer: &'t LlamaTokenizer,
     cache: KvCache,
     sampler: Sampler,
@@ -123,8 +111,19 @@ struct Sequence<'t> {
     finish: Option<FinishReason>,
 }
 
-impl<'t> Sequence<'t> {
-    fn new(
+impl std::fmt::Debug for ActiveSequence<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveSequence")
+            .field("prompt_tokens", &self.prompt_tokens)
+            .field("generated", &self.generated.len())
+            .field("finish", &self.finish)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'t> ActiveSequence<'t> {
+    /// Validates the request and prepares an empty cache; nothing runs yet.
+    pub fn new(
         model: &LlamaModel,
         tokenizer: &'t LlamaTokenizer,
         request: GenerationRequest,
@@ -158,17 +157,33 @@ impl<'t> Sequence<'t> {
         })
     }
 
-    /// Samples from this step's logits and decides whether the sequence is done.
-    fn advance(&mut self, logits: &Tensor, context: usize) -> Result<()> {
+    /// This sequence's part of the next forward step: the prompt first, then its last token.
+    pub fn step(&mut self) -> SequenceStep<'_> {
+        SequenceStep {
+            tokens: &self.input,
+            cache: &mut self.cache,
+            logits: LogitsFor::Last,
+        }
+    }
+
+    /// Whether the sequence has finished and should leave the batch.
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Samples from this step's logits (`[1, vocab]`), decides whether the sequence is done and
+    /// returns the text that became final with this token (possibly empty; streamable).
+    pub fn advance(&mut self, logits: &Tensor, context: usize) -> Result<String> {
         let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let token = self.sampler.sample(&logits)?;
         self.generated.push(token);
+        let mut emitted = String::new();
         if self.tokenizer.is_stop(token) {
             self.finish = Some(FinishReason::Stop);
         } else {
             let piece = self.stream.push(token)?;
             let check = self.stops.push(&piece);
-            self.text.push_str(&check.emit);
+            emitted = check.emit;
             if check.stopped {
                 self.finish = Some(FinishReason::Stop);
             } else if self.generated.len() >= self.max_tokens
@@ -177,15 +192,18 @@ impl<'t> Sequence<'t> {
                 self.finish = Some(FinishReason::Length);
             }
         }
+        if self.finish.is_some() {
+            // Text held back as a possible stop-string start is real output when no stop
+            // string completed (after a stop string the matcher holds nothing).
+            emitted.push_str(&self.stops.finish());
+        }
+        self.text.push_str(&emitted);
         self.input = vec![token];
-        Ok(())
+        Ok(emitted)
     }
 
-    fn into_completion(mut self) -> Completion {
-        // Text held back as a possible stop-string start is real output when no stop string
-        // completed (after a stop string the matcher holds nothing).
-        let rest = self.stops.finish();
-        self.text.push_str(&rest);
+    /// The finished completion (a sequence stopped early reports `length`).
+    pub fn into_completion(self) -> Completion {
         Completion {
             text: self.text,
             completion_tokens: self.generated.len(),

@@ -227,3 +227,35 @@ fn stop_tokens_are_the_llama3_ones() {
     assert!(!tokenizer.is_stop(tokenizer.token_id("<|begin_of_text|>").expect("bos")));
     assert_eq!(tokenizer.vocab_size(), 128_256);
 }
+
+#[test]
+fn streamed_deltas_add_up_to_the_completion_text() {
+    use llama_server::generation::ActiveSequence;
+    let (model, tokenizer, golden) = setup();
+    let prompt = ids(&golden["prompts"][1]["input_ids"]);
+    let full = generate(
+        &model,
+        &tokenizer,
+        request(prompt.clone(), 16, SamplingParams::greedy()),
+    )
+    .expect("generates");
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 6, "{:?}", full.text);
+    let mut with_stop = request(prompt, 16, SamplingParams::greedy());
+    // The last characters: a stop string that may never complete, held back then flushed.
+    with_stop.stop = vec![chars[chars.len() - 2..].iter().collect::<String>() + "\u{1}"];
+    let mut sequence = ActiveSequence::new(&model, &tokenizer, with_stop).expect("valid");
+    let mut deltas = Vec::new();
+    while !sequence.is_finished() {
+        let logits = model.forward(&mut [sequence.step()]).expect("forward");
+        deltas.push(
+            sequence
+                .advance(&logits[0], model.context_length())
+                .expect("advance"),
+        );
+    }
+    let completion = sequence.into_completion();
+    assert_eq!(deltas.concat(), completion.text);
+    assert_eq!(completion.text, full.text);
+    assert_eq!(deltas.len(), completion.completion_tokens);
+}

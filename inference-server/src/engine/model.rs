@@ -186,6 +186,8 @@ impl LlamaModel {
             positions.extend((start..start + step.tokens.len()).map(|p| p as u32));
         }
         let total = ids.len();
+        let _span =
+            tracing::debug_span!("forward", sequences = batch.len(), tokens = total).entered();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype)?;
