@@ -292,7 +292,7 @@ impl LlamaModel {
             let q = q.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
             let k = k.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
             let v = v.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
-            let (k, v) = step.cache.append(index, k, v)?;
+            let (k, v) = step.cache.append(index, &k, &v)?;
             outputs.push(self.attend(&q, &k, &v, past)?);
             offset += len;
         }
