@@ -124,26 +124,47 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, (f64::from(l - max) / temperature).exp()))
             .collect();
         let total: f64 = probs.iter().map(|(_, p)| p).sum();
-        // Most likely first; ties by id so the order never depends on the sort algorithm.
-        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let threshold = f64::from(self.params.top_p) * total;
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for (_, p) in &probs {
-            mass += p;
-            kept += 1;
-            if mass >= threshold {
-                break;
-            }
-        }
+        let nucleus: &[(u32, f64)] = if self.params.top_p >= 1.0 {
+            &probs
+        } else {
+            let threshold = f64::from(self.params.top_p) * total;
+            nucleus(&mut probs, threshold)
+        };
+        let mass: f64 = nucleus.iter().map(|(_, p)| p).sum();
         let mut target = self.rng.next_f64() * mass;
-        for (token, p) in &probs[..kept] {
+        for (token, p) in nucleus {
             target -= p;
             if target < 0.0 {
                 return *token;
             }
         }
-        probs[kept - 1].0
+        nucleus.last().map_or(0, |(token, _)| *token)
+    }
+}
+
+/// The most likely entries of `probs` whose mass first reaches `threshold`, most likely first
+/// (ties by id, so the result never depends on the selection algorithm). Selects a growing
+/// top-k instead of sorting the whole vocabulary.
+fn nucleus(probs: &mut [(u32, f64)], threshold: f64) -> &[(u32, f64)] {
+    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let n = probs.len();
+    let mut k = n.min(64);
+    loop {
+        if k < n {
+            probs.select_nth_unstable_by(k - 1, order);
+        }
+        probs[..k].sort_unstable_by(order);
+        let mut mass = 0.0;
+        for (i, (_, p)) in probs[..k].iter().enumerate() {
+            mass += p;
+            if mass >= threshold {
+                return &probs[..=i];
+            }
+        }
+        if k == n {
+            return probs;
+        }
+        k = (k * 4).min(n);
     }
 }
 
@@ -216,6 +237,33 @@ mod tests {
         let share = tokens.iter().filter(|&&t| t == 0).count() as f64 / 500.0;
         // Renormalised within the nucleus: 0.64 / 0.88 ≈ 0.73.
         assert!((share - 0.73).abs() < 0.07, "share of token 0: {share}");
+    }
+
+    #[test]
+    fn nucleus_selection_equals_a_full_sort_prefix() {
+        let mut rng = SplitMix64::new(9);
+        for n in [1usize, 10, 64, 65, 1000, 5000] {
+            // Coarse values so that ties occur.
+            let probs: Vec<(u32, f64)> = (0..n)
+                .map(|i| (i as u32, (rng.next_f64() * 50.0).floor().exp()))
+                .collect();
+            let total: f64 = probs.iter().map(|(_, p)| p).sum();
+            let mut sorted = probs.clone();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            for top_p in [0.01, 0.5, 0.9, 0.999999] {
+                let mut work = probs.clone();
+                let got = nucleus(&mut work, top_p * total).to_vec();
+                let mut mass = 0.0;
+                let want_len = sorted
+                    .iter()
+                    .position(|(_, p)| {
+                        mass += p;
+                        mass >= top_p * total
+                    })
+                    .map_or(n, |i| i + 1);
+                assert_eq!(got, sorted[..want_len].to_vec(), "n {n} top_p {top_p}");
+            }
+        }
     }
 
     #[test]

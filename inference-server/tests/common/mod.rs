@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -37,30 +37,42 @@ pub fn tokenizer_dir() -> PathBuf {
     .clone()
 }
 
-/// A freshly generated tiny model (once per test process and shape/seed).
+/// The source of the generator: a cached model is reused only while it is unchanged.
+const GENERATOR_SOURCE: [&str; 3] = [
+    include_str!("../../src/generate_model.rs"),
+    include_str!("../../src/rng.rs"),
+    include_str!("../../src/engine/config.rs"),
+];
+
+/// A generated tiny model, cached under the target directory and keyed by shape, seed, the
+/// generator's source and the tokenizer directory, so test runs share it without going stale.
 pub fn tiny_model(shape: ModelShape, seed: u64) -> PathBuf {
-    static MODELS: Mutex<Option<HashMap<(String, u64), PathBuf>>> = Mutex::new(None);
-    let mut models = MODELS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let models = models.get_or_insert_with(HashMap::new);
-    let key = (format!("{shape:?}"), seed);
-    if let Some(dir) = models.get(&key) {
-        return dir.clone();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let tokenizer = tokenizer_dir();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (GENERATOR_SOURCE, format!("{shape:?}"), seed, &tokenizer).hash(&mut hasher);
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("models");
+    let out = root.join(format!("{shape:?}-{seed}-{:016x}", hasher.finish()));
+    if out.join("model.safetensors").is_file() {
+        return out;
     }
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("models-{}", std::process::id()))
-        .join(format!("{shape:?}-{seed}"));
+    // Write beside, then rename: a crashed run never leaves a half model under `out`.
+    let partial = root.join(format!("partial-{}-{shape:?}-{seed}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
     GenerateModel {
         shape,
         seed,
-        out: out.clone(),
-        tokenizer_dir: tokenizer_dir(),
+        out: partial.clone(),
+        tokenizer_dir: tokenizer,
         dtype: WeightDtype::F32,
     }
     .run()
     .expect("generate tiny model");
-    models.insert(key, out.clone());
+    if std::fs::rename(&partial, &out).is_err() {
+        // Another test process won the race; its copy is identical.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
     out
 }
 
