@@ -13,26 +13,45 @@ use llama_server::tokenizer::LlamaTokenizer;
 
 use common::tiny_model;
 
+/// A directory under the target's temporary folder, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("scratch")
+            .join(format!("{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A scratch copy of the tiny model: links to its files, `config.json` copied so it can be edited.
-fn scratch(name: &str) -> PathBuf {
+fn scratch(name: &str) -> Scratch {
     let source = tiny_model(ModelShape::Tiny, 42);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("scratch-{}", std::process::id()))
-        .join(name);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = Scratch::new(name);
     for file in [
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
-        "config.json",
     ] {
-        let _ = std::fs::remove_file(dir.join(file));
-        if file == "config.json" {
-            std::fs::copy(source.join(file), dir.join(file)).expect("copy config");
-        } else {
-            std::os::unix::fs::symlink(source.join(file), dir.join(file)).expect("link");
-        }
+        std::os::unix::fs::symlink(source.join(file), dir.join(file)).expect("link");
     }
+    std::fs::copy(source.join("config.json"), dir.join("config.json")).expect("copy config");
     dir
 }
 
@@ -245,13 +264,11 @@ fn bf16_compute_and_bf16_files_stay_close_to_f32() {
 
     let bf16_compute = LlamaModel::load(&f32_dir, DType::BF16, &Device::Cpu).expect("loads");
     assert_eq!(bf16_compute.dtype(), DType::BF16);
-    let bf16_dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("scratch-{}", std::process::id()))
-        .join("bf16-file");
+    let bf16_dir = Scratch::new("bf16-file");
     GenerateModel {
         shape: ModelShape::Tiny,
         seed: 42,
-        out: bf16_dir.clone(),
+        out: bf16_dir.to_path_buf(),
         tokenizer_dir: common::tokenizer_dir(),
         dtype: WeightDtype::Bf16,
     }
@@ -276,12 +293,10 @@ fn bf16_compute_and_bf16_files_stay_close_to_f32() {
 
 #[test]
 fn generate_model_binary_writes_a_model_and_fails_cleanly() {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("scratch-{}", std::process::id()))
-        .join("cli");
+    let out = Scratch::new("cli");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
         .args(["generate-model", "--shape", "tiny", "--seed", "3", "--out"])
-        .arg(&out)
+        .arg(&*out)
         .arg("--tokenizer-dir")
         .arg(common::tokenizer_dir())
         .output()
