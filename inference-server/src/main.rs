@@ -1,52 +1,75 @@
 //! The `llama-server` binary.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
+
+use clap::Parser;
+use llama_server::args::{Cli, Command, GenerateModelArgs, ServeArgs};
+use llama_server::generate_model::GenerateModel;
 use tracing_subscriber::EnvFilter;
 
-const USAGE: &str = "usage: llama-server [--listen ADDR:PORT]   (default 0.0.0.0:8080)";
-
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let mut listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8080));
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--listen", Some(value)) => match value.parse() {
-                Ok(addr) => listen = addr,
-                Err(err) => {
-                    eprintln!("llama-server: --listen {value:?} is not ADDR:PORT ({err})\n{USAGE}");
-                    return ExitCode::from(2);
-                }
-            },
-            _ => {
-                eprintln!("llama-server: unexpected argument {arg:?}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
+    match Cli::parse().into_command() {
+        Command::Serve(args) => serve(args),
+        Command::GenerateModel(args) => generate_model(args),
     }
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            eprintln!("llama-server: cannot listen on {listen}: {err}");
-            return ExitCode::FAILURE;
+}
+
+fn generate_model(args: GenerateModelArgs) -> ExitCode {
+    let job = GenerateModel {
+        shape: args.shape,
+        seed: args.seed,
+        out: args.out,
+        tokenizer_dir: args.tokenizer_dir,
+        dtype: args.dtype,
+    };
+    match job.run() {
+        Ok(()) => {
+            println!("{}", job.out.display());
+            ExitCode::SUCCESS
         }
-    };
-    tracing::info!(%listen, "llama-server listening");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match axum::serve(listener, llama_server::app())
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("llama-server: {err}");
+            eprintln!("llama-server generate-model: {err}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("llama-server: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listen = args.listen;
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!("llama-server: cannot listen on {listen}: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(%listen, "llama-server listening");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        match axum::serve(listener, llama_server::app())
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("llama-server: {err}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

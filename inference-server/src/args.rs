@@ -1,0 +1,134 @@
+//! Command-line arguments of the `llama-server` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::generate_model::{ModelShape, WeightDtype};
+
+/// Serves a Meta Llama model over the Azure AI Model Inference API.
+#[derive(Debug, Parser)]
+#[command(name = "llama-server", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve`, accepted without the subcommand name.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// What the binary does.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP (the default).
+    Serve(ServeArgs),
+    /// Write a random-weight model in the Hugging Face layout, for tests and benchmarks.
+    GenerateModel(GenerateModelArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateModelArgs {
+    /// Which architecture shape to generate.
+    #[arg(long, value_enum)]
+    pub shape: ModelShape,
+    /// Seed of the random weights; the same seed writes the same model.
+    #[arg(long)]
+    pub seed: u64,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Directory with tokenizer.json and tokenizer_config.json, as printed by
+    /// scripts/setup-tokenizer.sh.
+    #[arg(long)]
+    pub tokenizer_dir: PathBuf,
+    /// Dtype the weights are stored in.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: WeightDtype,
+}
+
+impl Cli {
+    /// The command to run, `serve` when none was named.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("llama-server").chain(args.iter().copied()))
+            .map(Cli::into_command)
+    }
+
+    #[test]
+    fn bare_listen_means_serve() {
+        let Ok(Command::Serve(serve)) = parse(&["--listen", "127.0.0.1:9000"]) else {
+            panic!("expected serve");
+        };
+        assert_eq!(serve.listen, "127.0.0.1:9000".parse().expect("addr"));
+        assert!(matches!(parse(&[]), Ok(Command::Serve(_))));
+    }
+
+    #[test]
+    fn generate_model_reads_shape_seed_and_dirs() {
+        let Ok(Command::GenerateModel(args)) = parse(&[
+            "generate-model",
+            "--shape",
+            "tiny-untied",
+            "--seed",
+            "7",
+            "--out",
+            "/tmp/m",
+            "--tokenizer-dir",
+            "/tmp/t",
+        ]) else {
+            panic!("expected generate-model");
+        };
+        assert_eq!(args.shape, ModelShape::TinyUntied);
+        assert_eq!(args.seed, 7);
+        assert_eq!(args.dtype, WeightDtype::F32);
+        assert!(
+            parse(&[
+                "generate-model",
+                "--shape",
+                "llama-3.1-8b",
+                "--seed",
+                "1",
+                "--out",
+                "o",
+                "--tokenizer-dir",
+                "t"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn bad_values_are_errors_not_panics() {
+        assert!(parse(&["--listen", "nope"]).is_err());
+        assert!(
+            parse(&[
+                "generate-model",
+                "--shape",
+                "huge",
+                "--seed",
+                "1",
+                "--out",
+                "o",
+                "--tokenizer-dir",
+                "t"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! The inference engine: model configuration, weights, the Llama forward pass and its caches.
+
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod rope;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{EngineError, Result};
+pub use kv_cache::KvCache;
+pub use model::{LlamaModel, LogitsFor, SequenceStep};

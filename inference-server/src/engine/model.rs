@@ -1,0 +1,335 @@
+//! The Llama 3.x transformer: grouped-query attention, RMSNorm, SwiGLU, RoPE with Llama 3
+//! scaling, tied or untied embeddings.
+//!
+//! One forward call runs a batch of sequences. Their new tokens are packed into one row
+//! dimension for the position-independent work (projections, MLP); attention then runs per
+//! sequence against that sequence's own [`KvCache`], at that sequence's own positions.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+
+use super::config::LlamaConfig;
+use super::error::{EngineError, Result};
+use super::kv_cache::KvCache;
+use super::rope::Rope;
+use super::weights::WeightFiles;
+
+/// Which rows of logits a sequence wants back from a forward step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last new token (decoding).
+    Last,
+    /// Every new token (scoring a prompt, tests).
+    All,
+}
+
+/// One sequence's part of a batched forward step.
+#[derive(Debug)]
+pub struct SequenceStep<'a> {
+    /// Tokens to append to the sequence (the whole prompt at first, then one per step).
+    pub tokens: &'a [u32],
+    /// The sequence's cache; its length is the position of `tokens[0]`.
+    pub cache: &'a mut KvCache,
+    pub logits: LogitsFor,
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// A loaded Llama model, ready to run on its device.
+pub struct LlamaModel {
+    config: LlamaConfig,
+    dtype: DType,
+    device: Device,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl std::fmt::Debug for LlamaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaModel")
+            .field("config", &self.config)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlamaModel {
+    /// Loads `config.json` and the safetensors weights (single or sharded) of a Hugging Face
+    /// model directory, memory-mapped, converted to `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let weights = WeightFiles::open(dir)?;
+        Self::from_weights(config, &weights, dtype, device)
+    }
+
+    /// Builds the model from an already validated configuration and opened weights.
+    pub fn from_weights(
+        config: LlamaConfig,
+        weights: &WeightFiles,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let hidden = config.hidden_size;
+        let head_dim = config.head_dim();
+        let q_out = config.num_attention_heads * head_dim;
+        let kv_out = config.kv_heads() * head_dim;
+        let inter = config.intermediate_size;
+        let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear::new(load(name, &[out, inp])?, None))
+        };
+
+        let embed_tokens = load("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: load(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj.weight"), q_out, hidden)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj.weight"), kv_out, hidden)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj.weight"), kv_out, hidden)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj.weight"), hidden, q_out)?,
+                },
+                post_attention_layernorm: load(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[hidden],
+                )?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj.weight"), inter, hidden)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj.weight"), inter, hidden)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj.weight"), hidden, inter)?,
+                },
+            });
+        }
+        let norm = load("model.norm.weight", &[hidden])?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            linear("lm_head.weight", config.vocab_size, hidden)?
+        };
+        let rope = Rope::new(&config, device)?;
+        Ok(Self {
+            config,
+            dtype,
+            device: device.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype computations run in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The context window in tokens.
+    pub fn context_length(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// A fresh, empty cache for one sequence of this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Runs one step for a batch of sequences and appends their tokens to their caches.
+    ///
+    /// Returns, per sequence in order, f32 logits of shape `[rows, vocab_size]` where `rows` is 1
+    /// for [`LogitsFor::Last`] and the number of new tokens for [`LogitsFor::All`]. Nothing is
+    /// appended to any cache when the inputs are rejected.
+    pub fn forward(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Tensor>> {
+        self.check_batch(batch)?;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for step in batch.iter() {
+            ids.extend_from_slice(step.tokens);
+            let start = step.cache.len();
+            positions.extend((start..start + step.tokens.len()).map(|p| p as u32));
+        }
+        let total = ids.len();
+        let _span =
+            tracing::debug_span!("forward", sequences = batch.len(), tokens = total).entered();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let (cos, sin) = self.rope.cos_sin(&positions, self.dtype)?;
+        let eps = self.config.rms_norm_eps as f32;
+
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
+            let attn = self.attention(index, &layer.self_attn, &h, &cos, &sin, batch)?;
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+            let mlp = &layer.mlp;
+            let gated =
+                (candle_nn::ops::silu(&mlp.gate_proj.forward(&h)?)? * mlp.up_proj.forward(&h)?)?;
+            x = (x + mlp.down_proj.forward(&gated)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+
+        let mut logits = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for step in batch.iter() {
+            let len = step.tokens.len();
+            let rows = match step.logits {
+                LogitsFor::Last => x.narrow(0, offset + len - 1, 1)?,
+                LogitsFor::All => x.narrow(0, offset, len)?,
+            };
+            logits.push(self.lm_head.forward(&rows)?.to_dtype(DType::F32)?);
+            offset += len;
+        }
+        Ok(logits)
+    }
+
+    /// Rejects a batch before any cache is touched.
+    fn check_batch(&self, batch: &[SequenceStep<'_>]) -> Result<()> {
+        if batch.is_empty() {
+            return Err(EngineError::InvalidInput("empty batch".into()));
+        }
+        for (index, step) in batch.iter().enumerate() {
+            if step.tokens.is_empty() {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {index} has no tokens"
+                )));
+            }
+            if step.cache.num_layers() != self.layers.len() {
+                return Err(EngineError::InvalidInput(format!(
+                    "sequence {index} has a cache for {} layers, the model has {}",
+                    step.cache.num_layers(),
+                    self.layers.len()
+                )));
+            }
+            if let Some(&bad) = step
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(EngineError::InvalidInput(format!(
+                    "token id {bad} is outside the vocabulary of {} tokens",
+                    self.config.vocab_size
+                )));
+            }
+            let needed = step.cache.len() + step.tokens.len();
+            if needed > self.context_length() {
+                return Err(EngineError::PromptTooLong {
+                    tokens: needed,
+                    context: self.context_length(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Self-attention of layer `index` for the packed rows `h` (`[tokens, hidden]`).
+    fn attention(
+        &self,
+        index: usize,
+        attn: &Attention,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        batch: &mut [SequenceStep<'_>],
+    ) -> Result<Tensor> {
+        let total = h.dim(0)?;
+        let heads = self.config.num_attention_heads;
+        let kv_heads = self.config.kv_heads();
+        let head_dim = self.config.head_dim();
+        let q = attn.q_proj.forward(h)?.reshape((total, heads, head_dim))?;
+        let k = attn
+            .k_proj
+            .forward(h)?
+            .reshape((total, kv_heads, head_dim))?;
+        let v = attn
+            .v_proj
+            .forward(h)?
+            .reshape((total, kv_heads, head_dim))?;
+        let q = Rope::apply(&q, cos, sin)?;
+        let k = Rope::apply(&k, cos, sin)?;
+
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for step in batch.iter_mut() {
+            let len = step.tokens.len();
+            let past = step.cache.len();
+            let q = q.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
+            let k = k.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
+            let v = v.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
+            let (k, v) = step.cache.append(index, &k, &v)?;
+            outputs.push(self.attend(&q, &k, &v, past)?);
+            offset += len;
+        }
+        let out = Tensor::cat(&outputs, 0)?;
+        Ok(attn.o_proj.forward(&out)?)
+    }
+
+    /// Causal grouped-query attention of one sequence: `q` is `[heads, new, head_dim]`, `k` and
+    /// `v` are `[kv_heads, past + new, head_dim]`. Returns `[new, heads * head_dim]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+        let (heads, new, head_dim) = q.dims3()?;
+        let kv_heads = k.dim(0)?;
+        let total = k.dim(1)?;
+        let group = heads / kv_heads;
+        // Query heads h = kv * group + r share key/value head kv (Hugging Face's repeat_kv).
+        let q = q.reshape((kv_heads, group * new, head_dim))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = if new > 1 {
+            let mask: Vec<f32> = (0..new)
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (new, total), &self.device)?;
+            scores
+                .reshape((kv_heads, group, new, total))?
+                .broadcast_add(&mask)?
+                .reshape((kv_heads, group * new, total))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(v)?; // [kv_heads, group * new, head_dim]
+        Ok(out
+            .reshape((heads, new, head_dim))?
+            .transpose(0, 1)?
+            .reshape((new, heads * head_dim))?)
+    }
+}

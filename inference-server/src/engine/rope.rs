@@ -1,0 +1,162 @@
+//! Rotary position embeddings with the Llama 3 frequency scaling.
+//!
+//! Each token carries its own position, so sequences of different lengths can share one
+//! forward pass: cos/sin are computed for exactly the positions in the batch.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::LlamaConfig;
+use super::error::Result;
+
+/// The inverse frequencies of one attention head, after Llama 3 scaling.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// Shape `[1, head_dim / 2]`, f32.
+    inv_freq: Tensor,
+}
+
+/// Inverse frequencies `theta^(-2i/d)` for `i < d/2`, scaled as Hugging Face's
+/// `_compute_llama3_parameters` does: long wavelengths are divided by `factor`, short ones kept,
+/// and the band between is interpolated smoothly. Computed in f32 like the reference.
+pub fn inverse_frequencies(config: &LlamaConfig) -> Vec<f32> {
+    let dim = config.head_dim();
+    let base = config.rope_theta as f32;
+    let plain = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / dim as f32));
+    let Some(scaling) = &config.rope_scaling else {
+        return plain.collect();
+    };
+    let factor = scaling.factor as f32;
+    let low = scaling.low_freq_factor as f32;
+    let high = scaling.high_freq_factor as f32;
+    let old_context = scaling.original_max_position_embeddings as f32;
+    let low_freq_wavelen = old_context / low;
+    let high_freq_wavelen = old_context / high;
+    plain
+        .map(|freq| {
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_freq_wavelen {
+                freq
+            } else if wavelen > low_freq_wavelen {
+                freq / factor
+            } else {
+                let smooth = (old_context / wavelen - low) / (high - low);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            }
+        })
+        .collect()
+}
+
+impl Rope {
+    /// Prepares the frequencies for `config` on `device`.
+    pub fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
+        let freqs = inverse_frequencies(config);
+        let half = freqs.len();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(freqs, (1, half), device)?,
+        })
+    }
+
+    /// cos and sin for `positions`, each of shape `[positions.len(), 1, head_dim / 2]` in `dtype`.
+    pub fn cos_sin(&self, positions: &[u32], dtype: DType) -> Result<(Tensor, Tensor)> {
+        let device = self.inv_freq.device();
+        let positions: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
+        let count = positions.len();
+        let positions = Tensor::from_vec(positions, (count, 1), device)?;
+        let angles = positions.broadcast_mul(&self.inv_freq)?.unsqueeze(1)?;
+        Ok((
+            angles.cos()?.to_dtype(dtype)?,
+            angles.sin()?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Rotates `x` of shape `[tokens, heads, head_dim]` by the angles of its tokens, pairing
+    /// dimension `i` with `i + head_dim/2` (the Hugging Face "rotate half" layout).
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let half = x.dim(2)? / 2;
+        let x1 = x.narrow(2, 0, half)?;
+        let x2 = x.narrow(2, half, half)?;
+        let rotated_1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+        let rotated_2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+        Ok(Tensor::cat(&[rotated_1, rotated_2], 2)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::config::RopeScaling;
+
+    fn config(scaling: Option<RopeScaling>) -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 10, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": scaling,
+        }))
+        .expect("config")
+    }
+
+    fn llama31_scaling() -> RopeScaling {
+        RopeScaling {
+            rope_type: "llama3".into(),
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        }
+    }
+
+    #[test]
+    fn scaling_keeps_high_frequencies_divides_low_and_blends_between() {
+        let plain = inverse_frequencies(&config(None));
+        let scaled = inverse_frequencies(&config(Some(llama31_scaling())));
+        assert_eq!(plain.len(), 8);
+        for (i, (p, s)) in plain.iter().zip(&scaled).enumerate() {
+            let wavelen = 2.0 * std::f32::consts::PI / p;
+            if wavelen < 2048.0 {
+                assert_eq!(p, s, "index {i} is high-frequency and kept");
+            } else if wavelen > 8192.0 {
+                assert!(
+                    (p / 8.0 - s).abs() <= 1e-12,
+                    "index {i} is divided by the factor"
+                );
+            } else {
+                assert!(
+                    *s < *p && *s > p / 8.0,
+                    "index {i} is blended: {s} between {} and {p}",
+                    p / 8.0
+                );
+            }
+        }
+        // head_dim 16, theta 5e5: the three regimes all occur.
+        assert!(plain.iter().zip(&scaled).any(|(p, s)| p == s));
+        assert!(
+            plain
+                .iter()
+                .zip(&scaled)
+                .any(|(p, s)| (p / 8.0 - s).abs() <= 1e-12)
+        );
+    }
+
+    #[test]
+    fn rotation_at_position_zero_is_identity_and_preserves_norm() -> Result<()> {
+        let device = Device::Cpu;
+        let rope = Rope::new(&config(Some(llama31_scaling())), &device)?;
+        let x = Tensor::arange(0f32, 2.0 * 4.0 * 16.0, &device)?.reshape((2, 4, 16))?;
+        let (cos, sin) = rope.cos_sin(&[0, 37], DType::F32)?;
+        let y = Rope::apply(&x, &cos, &sin)?;
+        let x0: Vec<f32> = x.get(0)?.flatten_all()?.to_vec1()?;
+        let y0: Vec<f32> = y.get(0)?.flatten_all()?.to_vec1()?;
+        assert_eq!(x0, y0);
+        let norm = |t: &Tensor| -> Result<f32> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?) };
+        let (nx, ny) = (norm(&x.get(1)?)?, norm(&y.get(1)?)?);
+        assert!((nx - ny).abs() / nx < 1e-5, "{nx} vs {ny}");
+        assert_ne!(
+            x.get(1)?.flatten_all()?.to_vec1::<f32>()?,
+            y.get(1)?.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! The Llama 3 tokenizer: `tokenizer.json` (Hugging Face `tokenizers`) plus the special tokens
+//! and chat template of `tokenizer_config.json`.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::engine::error::{EngineError, Result};
+
+/// Tokens that end a Llama 3 turn or document; generation stops when it samples one. The
+/// `eos_token_id`s of the model directory's `config.json`/`generation_config.json` are added.
+pub const STOP_TOKENS: [&str; 3] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"];
+
+/// A model's tokenizer with what the engine needs to know about its special tokens.
+pub struct LlamaTokenizer {
+    inner: Tokenizer,
+    bos_token: String,
+    eos_token: String,
+    stop_ids: Vec<u32>,
+    chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for LlamaTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaTokenizer")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("stop_ids", &self.stop_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlamaTokenizer {
+    /// Loads `tokenizer.json` and `tokenizer_config.json` from a model directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&tokenizer_path).map_err(|err| {
+            EngineError::Tokenizer(format!("cannot load {}: {err}", tokenizer_path.display()))
+        })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| EngineError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config: Value =
+            serde_json::from_str(&text).map_err(|err| EngineError::InvalidJson {
+                path: config_path.clone(),
+                reason: err.to_string(),
+            })?;
+        let token_field = |field: &str| -> Option<String> {
+            match config.get(field)? {
+                Value::String(token) => Some(token.clone()),
+                // Older configs store an AddedToken object.
+                Value::Object(token) => token.get("content")?.as_str().map(str::to_owned),
+                _ => None,
+            }
+        };
+        let bos_token = token_field("bos_token").unwrap_or_else(|| "<|begin_of_text|>".into());
+        let eos_token = token_field("eos_token").unwrap_or_else(|| "<|eot_id|>".into());
+        let mut stop_ids: Vec<u32> = STOP_TOKENS
+            .iter()
+            .chain(std::iter::once(&eos_token.as_str()))
+            .filter_map(|token| inner.token_to_id(token))
+            .collect();
+        // The model's own end-of-sequence ids count too: some tokenizer files name id 128008
+        // `<|reserved_special_token_4|>` although Llama 3.1 models emit it as `<|eom_id|>`.
+        stop_ids.extend(model_eos_ids(dir)?);
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        if stop_ids.is_empty() {
+            return Err(EngineError::Tokenizer(format!(
+                "{} defines none of the stop tokens {STOP_TOKENS:?}",
+                tokenizer_path.display()
+            )));
+        }
+        Ok(Self {
+            inner,
+            bos_token,
+            eos_token,
+            stop_ids,
+            chat_template: chat_template_of(&config),
+        })
+    }
+
+    /// Token ids of `text`. Chat prompts are rendered with their special tokens already in the
+    /// text, so they are encoded with `add_special_tokens = false` (as `apply_chat_template` does).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|err| EngineError::Tokenizer(format!("cannot encode text: {err}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|err| EngineError::Tokenizer(format!("cannot decode tokens: {err}")))
+    }
+
+    /// A streaming decoder that yields text only once it forms whole characters.
+    pub fn decode_stream(&self) -> TextStream<'_> {
+        TextStream {
+            tokenizer: self,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+
+    /// Whether sampling `id` ends the completion.
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+
+    /// The ids of the stop tokens.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// The id of a token string, if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size including added (special) tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
+    /// The Jinja chat template of `tokenizer_config.json`, if it has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+}
+
+/// `eos_token_id` of `generation_config.json` and `config.json`, where the directory has them.
+fn model_eos_ids(dir: &Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        let path = dir.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let config: Value =
+            serde_json::from_str(&text).map_err(|err| EngineError::InvalidJson {
+                path: path.clone(),
+                reason: err.to_string(),
+            })?;
+        match config.get("eos_token_id") {
+            Some(Value::Number(id)) => ids.extend(id.as_u64().map(|id| id as u32)),
+            Some(Value::Array(list)) => {
+                ids.extend(list.iter().filter_map(Value::as_u64).map(|id| id as u32))
+            }
+            _ => {}
+        }
+    }
+    Ok(ids)
+}
+
+/// `chat_template` is a string, or a list of `{name, template}` of which "default" is used.
+fn chat_template_of(config: &Value) -> Option<String> {
+    match config.get("chat_template")? {
+        Value::String(template) => Some(template.clone()),
+        Value::Array(named) => named
+            .iter()
+            .find(|entry| entry.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|entry| entry.get("template")?.as_str().map(str::to_owned)),
+        _ => None,
+    }
+}
+
+/// Incremental detokenization: emits only text that is complete (a multi-byte character split
+/// over tokens is held back until whole). Special tokens are skipped. Decodes a short window
+/// of recent tokens per step, not the whole completion.
+pub struct TextStream<'a> {
+    tokenizer: &'a LlamaTokenizer,
+    ids: Vec<u32>,
+    /// Start of the window whose text was already handed out in part.
+    prefix: usize,
+    /// End of the text already handed out.
+    read: usize,
+}
+
+impl std::fmt::Debug for TextStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextStream")
+            .field("ids", &self.ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TextStream<'_> {
+    /// Adds one token and returns the new complete text, possibly empty.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let seen = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], true)?;
+        let all = self.tokenizer.decode(&self.ids[self.prefix..], true)?;
+        // An incomplete UTF-8 sequence decodes to U+FFFD at the end: wait for more tokens.
+        if all.len() <= seen.len() || all.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let Some(new) = all.get(seen.len()..) else {
+            return Ok(String::new());
+        };
+        let new = new.to_owned();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(new)
+    }
+}

@@ -1,0 +1,220 @@
+//! The engine against Hugging Face transformers: goldens made by
+//! scripts/reference/make_goldens.py from the same generated tiny models.
+
+mod common;
+
+use candle_core::{DType, Device};
+use llama_server::chat_template::ChatTemplate;
+use llama_server::engine::{LlamaModel, LogitsFor, SequenceStep};
+use llama_server::sampling::argmax;
+use llama_server::tokenizer::LlamaTokenizer;
+
+use common::{GOLDEN_MODELS, golden, ids, tiny_model};
+
+const TOLERANCE: f32 = 1e-3;
+
+struct Loaded {
+    name: &'static str,
+    model: LlamaModel,
+    tokenizer: LlamaTokenizer,
+    golden: serde_json::Value,
+}
+
+fn load_all() -> Vec<Loaded> {
+    GOLDEN_MODELS
+        .iter()
+        .map(|&(shape, name, seed)| {
+            let dir = tiny_model(shape, seed);
+            Loaded {
+                name,
+                model: LlamaModel::load(&dir, DType::F32, &Device::Cpu).expect("model loads"),
+                tokenizer: LlamaTokenizer::from_dir(&dir).expect("tokenizer loads"),
+                golden: golden(&format!("{name}-seed{seed}.json")),
+            }
+        })
+        .collect()
+}
+
+fn prompts(golden: &serde_json::Value) -> &Vec<serde_json::Value> {
+    golden["prompts"].as_array().expect("prompts")
+}
+
+/// Greedy continuation of `prompt` alone, without stop tokens.
+fn greedy_alone(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut cache = model.new_cache();
+    let mut input = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let logits = model
+            .forward(&mut [SequenceStep {
+                tokens: &input,
+                cache: &mut cache,
+                logits: LogitsFor::Last,
+            }])
+            .expect("forward");
+        let row: Vec<f32> = logits[0]
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("logits");
+        let token = argmax(&row);
+        out.push(token);
+        input = vec![token];
+    }
+    out
+}
+
+#[test]
+fn tokenization_and_chat_rendering_match_transformers() {
+    for loaded in load_all() {
+        let template = ChatTemplate::from_tokenizer(&loaded.tokenizer).expect("has template");
+        for prompt in prompts(&loaded.golden) {
+            let expected = ids(&prompt["input_ids"]);
+            let actual = if let Some(messages) = prompt.get("messages") {
+                let rendered = template.render_json(messages, None, true).expect("renders");
+                assert_eq!(rendered, prompt["rendered"].as_str().expect("rendered"));
+                loaded.tokenizer.encode(&rendered, false).expect("encodes")
+            } else {
+                let text = prompt["text"].as_str().expect("text");
+                loaded.tokenizer.encode(text, true).expect("encodes")
+            };
+            assert_eq!(actual, expected, "{} / {}", loaded.name, prompt["name"]);
+        }
+    }
+}
+
+#[test]
+fn prompt_logits_match_transformers_within_tolerance() {
+    for loaded in load_all() {
+        let logit_ids = ids(&loaded.golden["logit_ids"]);
+        for prompt in prompts(&loaded.golden) {
+            let input = ids(&prompt["input_ids"]);
+            let mut cache = loaded.model.new_cache();
+            let logits = loaded
+                .model
+                .forward(&mut [SequenceStep {
+                    tokens: &input,
+                    cache: &mut cache,
+                    logits: LogitsFor::All,
+                }])
+                .expect("forward");
+            let rows: Vec<Vec<f32>> = logits[0].to_vec2().expect("logits");
+            assert_eq!(rows.len(), input.len());
+            let expected = prompt["logits_at_ids"].as_array().expect("logits");
+            let mut worst = 0f32;
+            for (position, (row, want)) in rows.iter().zip(expected).enumerate() {
+                for (&id, want) in logit_ids.iter().zip(want.as_array().expect("row")) {
+                    let want = want.as_f64().expect("number") as f32;
+                    let diff = (row[id as usize] - want).abs();
+                    worst = worst.max(diff);
+                    assert!(
+                        diff <= TOLERANCE,
+                        "{} / {} position {position} token {id}: {} vs reference {want}",
+                        loaded.name,
+                        prompt["name"],
+                        row[id as usize]
+                    );
+                }
+            }
+            let last = rows.last().expect("a row");
+            for pair in prompt["last_top10"].as_array().expect("top10") {
+                let id = pair[0].as_u64().expect("id") as usize;
+                let want = pair[1].as_f64().expect("logit") as f32;
+                assert!((last[id] - want).abs() <= TOLERANCE, "top-10 token {id}");
+            }
+            eprintln!(
+                "{} / {}: worst logit difference {worst:e}",
+                loaded.name, prompt["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    for loaded in load_all() {
+        for prompt in prompts(&loaded.golden) {
+            let expected = ids(&prompt["greedy"]);
+            let actual = greedy_alone(&loaded.model, &ids(&prompt["input_ids"]), expected.len());
+            assert_eq!(actual, expected, "{} / {}", loaded.name, prompt["name"]);
+        }
+    }
+}
+
+#[test]
+fn batched_sequences_of_different_lengths_match_running_alone() {
+    for loaded in load_all() {
+        let prompts: Vec<Vec<u32>> = prompts(&loaded.golden)
+            .iter()
+            .map(|p| ids(&p["input_ids"]))
+            .collect();
+        let expected: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+            .iter()
+            .map(|p| ids(&p["greedy"]))
+            .collect();
+        let steps = expected[0].len();
+        let mut caches: Vec<_> = prompts.iter().map(|_| loaded.model.new_cache()).collect();
+        let mut inputs = prompts.clone();
+        let mut outputs = vec![Vec::new(); prompts.len()];
+        for _ in 0..steps {
+            let mut batch: Vec<SequenceStep<'_>> = inputs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(tokens, cache)| SequenceStep {
+                    tokens,
+                    cache,
+                    logits: LogitsFor::Last,
+                })
+                .collect();
+            let logits = loaded.model.forward(&mut batch).expect("forward");
+            for (i, row) in logits.iter().enumerate() {
+                let row: Vec<f32> = row.flatten_all().and_then(|t| t.to_vec1()).expect("row");
+                let token = argmax(&row);
+                outputs[i].push(token);
+                inputs[i] = vec![token];
+            }
+        }
+        assert_eq!(outputs, expected, "{}", loaded.name);
+    }
+}
+
+#[test]
+fn sequences_can_join_a_running_batch() {
+    // The second sequence's prompt is prefilled in the same forward pass as a decode step of
+    // the first, ten steps in: both must still produce their reference continuations.
+    let loaded = load_all().remove(1);
+    let prompts: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect();
+    let expected: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+        .iter()
+        .map(|p| ids(&p["greedy"]))
+        .collect();
+    let (first, second) = (0, 2);
+    let mut caches = [loaded.model.new_cache(), loaded.model.new_cache()];
+    let mut inputs = [prompts[first].clone(), prompts[second].clone()];
+    let mut outputs: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    for step in 0..40 {
+        let active: Vec<usize> = if step < 10 { vec![0] } else { vec![0, 1] };
+        let [cache_a, cache_b] = &mut caches;
+        let mut batch = Vec::new();
+        for (&i, cache) in active.iter().zip([cache_a, cache_b]) {
+            batch.push(SequenceStep {
+                tokens: &inputs[i],
+                cache,
+                logits: LogitsFor::Last,
+            });
+        }
+        let logits = loaded.model.forward(&mut batch).expect("forward");
+        let tokens: Vec<u32> = logits
+            .iter()
+            .map(|row| argmax(&row.flatten_all().and_then(|t| t.to_vec1()).expect("row")))
+            .collect();
+        for (&i, token) in active.iter().zip(tokens) {
+            outputs[i].push(token);
+            inputs[i] = vec![token];
+        }
+    }
+    assert_eq!(outputs[0], expected[first][..40]);
+    assert_eq!(outputs[1], expected[second][..30]);
+}
