@@ -375,9 +375,45 @@ async fn core_hours_accrue_survive_restarts_and_deletion() -> anyhow::Result<()>
     let out = env.run_kubectl(&["get", "llama", "billed"], None)?;
     assert!(out.stdout.contains("CORE-HOURS"), "{}", out.stdout);
 
-    // Another restart: totals only grow.
+    // Another restart: totals only grow, and the Prometheus counters start from them.
     op.kill();
-    let op = start(env, &s.config)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let c = s.config.to_string_lossy().into_owned();
+    let op = OperatorProcess::start(
+        env,
+        Path::new(OPERATOR),
+        &["--config", &c, "--metrics-addr", &addr],
+    )?;
+    let metrics = wait_for(Duration::from_secs(30), || async {
+        let text = scrape(&addr).ok()?;
+        text.contains("llama_deployment_core_hours_total{")
+            .then_some(text)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no cost metrics: {e}\n{}", op.log_text()))?;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("llama_deployment_core_hours_total{") && l.contains("name=\"billed\"")
+        })
+        .unwrap_or_default();
+    assert!(
+        line.contains("instance_type=\"Standard_NC24ads_A100_v4\""),
+        "{line}"
+    );
+    let value: f64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    assert!((value - 120.0).abs() <= 1.5, "counter {value}: {line}");
+    assert!(
+        metrics.contains("llama_deployment_cost_total{"),
+        "{metrics}"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let again = api
         .get("billed")
@@ -409,4 +445,13 @@ async fn core_hours_accrue_survive_restarts_and_deletion() -> anyhow::Result<()>
     assert!(summary.core_hours.unwrap_or_default() >= retired);
     drop(op);
     Ok(())
+}
+
+fn scrape(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
 }

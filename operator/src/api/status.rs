@@ -73,6 +73,11 @@ pub struct LlamaDeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_cores: Option<i64>,
 
+    /// GPUs the deployment holds (ceil(surge factor × instances) × GPUs per instance), counted
+    /// against the namespace's optional ComputeQuota `spec.gpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_gpus: Option<i64>,
+
     /// The last expiry warning given for a shared-quota deployment, as hours before `expiresAt`
     /// (e.g. 24, then 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]

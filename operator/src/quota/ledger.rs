@@ -16,6 +16,8 @@ pub struct Holding {
     pub name: String,
     pub family: String,
     pub cores: i64,
+    /// GPUs held (counted against the namespace's optional GPU total).
+    pub gpus: i64,
     pub source: QuotaSource,
 }
 
@@ -24,6 +26,7 @@ pub struct Holding {
 pub struct Request {
     pub family: String,
     pub cores_per_instance: i64,
+    pub gpus_per_instance: i64,
     pub instances: i32,
     pub surge_factor: f64,
     pub use_shared_quota: bool,
@@ -39,6 +42,10 @@ pub struct Ledger {
     pub dedicated_limits: Option<BTreeMap<String, i64>>,
     /// Dedicated holdings of the other deployments of the namespace.
     pub dedicated_used: BTreeMap<String, i64>,
+    /// The namespace's optional limit on GPUs held on dedicated quota.
+    pub dedicated_gpu_limit: Option<i64>,
+    /// GPUs the other deployments of the namespace hold on dedicated quota.
+    pub dedicated_gpus_used: i64,
     /// The shared pool per family.
     pub shared_pool: BTreeMap<String, i64>,
     /// Shared holdings of every other deployment of the cluster.
@@ -54,6 +61,7 @@ pub enum Decision {
         source: QuotaSource,
         instances: i32,
         cores: i64,
+        gpus: i64,
         capped: bool,
     },
     /// Not admitted: the numbers for the message.
@@ -62,6 +70,8 @@ pub enum Decision {
         needed: i64,
         dedicated_available: Option<i64>,
         shared_available: Option<i64>,
+        /// Set when the namespace's GPU total is what is short: (needed, available).
+        gpus_short: Option<(i64, i64)>,
     },
 }
 
@@ -92,14 +102,25 @@ impl Ledger {
 
     /// Decides admission and the instance count allowed.
     pub fn decide(&self, req: &Request) -> Decision {
-        let fits = |source: QuotaSource, n: i32| match self.available(source, &req.family) {
+        let gpus_fit = |n: i32| match self.dedicated_gpu_limit {
             None => true,
-            Some(avail) => reserve(n, req.cores_per_instance, req.surge_factor) <= avail,
+            Some(limit) => {
+                reserve(n, req.gpus_per_instance, req.surge_factor)
+                    <= limit - self.dedicated_gpus_used
+            }
+        };
+        let fits = |source: QuotaSource, n: i32| {
+            let cores_fit = match self.available(source, &req.family) {
+                None => true,
+                Some(avail) => reserve(n, req.cores_per_instance, req.surge_factor) <= avail,
+            };
+            cores_fit && (source == QuotaSource::Shared || gpus_fit(n))
         };
         let admitted = |source, n: i32, capped| Decision::Admitted {
             source,
             instances: n,
             cores: reserve(n, req.cores_per_instance, req.surge_factor),
+            gpus: reserve(n, req.gpus_per_instance, req.surge_factor),
             capped,
         };
         if let Some((source, before)) = req.admitted {
@@ -124,11 +145,21 @@ impl Ledger {
             needed: reserve(req.instances, req.cores_per_instance, req.surge_factor),
             dedicated_available: self.available(QuotaSource::Dedicated, &req.family),
             shared_available: self.available(QuotaSource::Shared, &req.family),
+            gpus_short: (!gpus_fit(req.instances)).then(|| {
+                let limit = self.dedicated_gpu_limit.unwrap_or(0);
+                (
+                    reserve(req.instances, req.gpus_per_instance, req.surge_factor),
+                    (limit - self.dedicated_gpus_used).max(0),
+                )
+            }),
         }
     }
 
     /// Adds other deployments' holdings to the ledger.
     pub fn hold(&mut self, holding: &Holding) {
+        if holding.source == QuotaSource::Dedicated {
+            self.dedicated_gpus_used += holding.gpus;
+        }
         let map = match holding.source {
             QuotaSource::Dedicated => &mut self.dedicated_used,
             QuotaSource::Shared => &mut self.shared_used,
@@ -145,6 +176,7 @@ mod tests {
         Request {
             family: "A100".into(),
             cores_per_instance: 24,
+            gpus_per_instance: 1,
             instances,
             surge_factor: 1.2,
             use_shared_quota: shared,
@@ -158,6 +190,8 @@ mod tests {
             dedicated_used: BTreeMap::from([("A100".to_owned(), used)]),
             shared_pool: BTreeMap::from([("A100".to_owned(), pool)]),
             shared_used: BTreeMap::new(),
+            dedicated_gpu_limit: None,
+            dedicated_gpus_used: 0,
         }
     }
 
@@ -195,9 +229,26 @@ mod tests {
                 family: "A100".into(),
                 needed: 72,
                 dedicated_available: Some(48),
-                shared_available: Some(96)
+                shared_available: Some(96),
+                gpus_short: None,
             }
         );
+    }
+
+    #[test]
+    fn the_gpu_total_limits_dedicated_admission() {
+        let mut l = ledger(Some(1000), 0, 0);
+        l.dedicated_gpu_limit = Some(4);
+        l.dedicated_gpus_used = 2;
+        // 2 instances hold ceil(2.4) = 3 GPUs; 2 are left.
+        match l.decide(&req(2, false)) {
+            Decision::Exceeded { gpus_short, .. } => assert_eq!(gpus_short, Some((3, 2))),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            l.decide(&req(1, false)),
+            Decision::Admitted { gpus: 2, .. }
+        ));
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub fn holding_of(ld: &LlamaDeployment) -> Option<Holding> {
         name: ld.name_any(),
         family: s.instance_family.clone()?,
         cores: s.reserved_cores?,
+        gpus: s.reserved_gpus.unwrap_or(0),
         source: s.quota_source?,
     })
 }
@@ -78,6 +79,7 @@ impl QuotaKeeper {
                 source,
                 instances: plan.instances,
                 cores: held,
+                gpus: status.reserved_gpus.unwrap_or(0),
                 capped: false,
             };
             return Ok(Admission {
@@ -114,6 +116,10 @@ impl QuotaKeeper {
                 }
             }
             ledger.dedicated_limits = Some(limits);
+            let gpu_limits: Vec<i64> = quotas.iter().filter_map(|q| q.spec.gpus).collect();
+            if !gpu_limits.is_empty() {
+                ledger.dedicated_gpu_limit = Some(gpu_limits.iter().sum());
+            }
         }
         for h in in_namespace
             .iter()
@@ -142,6 +148,7 @@ impl QuotaKeeper {
         let decision = ledger.decide(&Request {
             family: family.clone(),
             cores_per_instance: cores,
+            gpus_per_instance: i64::from(plan.instance.gpu_count),
             instances: plan.instances,
             surge_factor: config.surge_factor,
             use_shared_quota: ld.spec.quota.use_shared_quota,
@@ -154,8 +161,10 @@ impl QuotaKeeper {
                 source,
                 instances,
                 cores: held,
+                gpus,
                 capped,
             } => {
+                status.reserved_gpus = Some(*gpus);
                 status.quota_source = Some(*source);
                 status.instance_family = Some(family.clone());
                 status.reserved_cores = Some(*held);
@@ -214,8 +223,9 @@ impl QuotaKeeper {
                 needed,
                 dedicated_available,
                 shared_available,
+                gpus_short,
             } => {
-                let message = exceeded_message(
+                let mut message = exceeded_message(
                     family,
                     *needed,
                     *dedicated_available,
@@ -224,6 +234,11 @@ impl QuotaKeeper {
                     config,
                     plan,
                 );
+                if let Some((need, have)) = gpus_short {
+                    message = format!(
+                        "GPU quota exceeded: needs {need} GPUs, {have} available under the namespace's ComputeQuota spec.gpus; {message}"
+                    );
+                }
                 conditions::set(
                     &mut status.conditions,
                     QUOTA_EXCEEDED,
@@ -418,7 +433,13 @@ async fn write_quota_statuses(
             observed_generation: q.metadata.generation,
             conditions: old.conditions.clone(),
             families,
-            gpus_used: old.gpus_used,
+            gpus_used: Some(
+                holders
+                    .iter()
+                    .filter(|h| h.source == QuotaSource::Dedicated)
+                    .map(|h| h.gpus)
+                    .sum(),
+            ),
             core_hours: Some(retired_hours + costs.iter().map(|c| c.0).sum::<f64>()),
             estimated_cost: Some(retired_cost + costs.iter().map(|c| c.1).sum::<f64>()),
             currency: Some(currency.to_owned()),
