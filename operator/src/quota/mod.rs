@@ -92,17 +92,22 @@ impl QuotaKeeper {
         let _guard = self.lock.lock().await;
         let ns = ld.namespace().unwrap_or_default();
         let name = ld.name_any();
-        let lds: Api<LlamaDeployment> = Api::namespaced(client.clone(), &ns);
-        let in_namespace = lds.list(&ListParams::default()).await?.items;
+        let quotas = Api::<ComputeQuota>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items;
+        // Without a ComputeQuota dedicated quota is not enforced: no need to read the others.
+        let in_namespace = if quotas.is_empty() {
+            Vec::new()
+        } else {
+            let lds: Api<LlamaDeployment> = Api::namespaced(client.clone(), &ns);
+            lds.list(&ListParams::default()).await?.items
+        };
         let fresh = in_namespace
             .iter()
             .find(|o| o.name_any() == name)
             .cloned()
             .unwrap_or_else(|| ld.clone());
-        let quotas = Api::<ComputeQuota>::namespaced(client.clone(), &ns)
-            .list(&ListParams::default())
-            .await?
-            .items;
 
         let mut ledger = Ledger {
             shared_pool: config.shared_quota.clone(),
