@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The local demo: brings up a real Kubernetes control plane with simulated GPU nodes, installs
-# the CRDs and applies examples/quickstart.yaml. Ctrl-C stops everything.
+# the CRDs, runs llama-operator, applies examples/quickstart.yaml and waits until it is Ready
+# (a simulated A100 node, the server pod on it, the endpoint). Ctrl-C stops everything;
+# --exit stops right after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$SECONDS
+echo "==> building (first run: the control plane takes ~20 min on 2 cores, then it is cached)"
 LLAMA_CONTROL_PLANE_BIN=$(scripts/build-control-plane.sh)
 export LLAMA_CONTROL_PLANE_BIN
-exec cargo run --quiet --release -p llama-operator-tests --bin dev-cluster -- \
+cargo build --quiet --release -p llama-operator --bin llama-operator -p llama-operator-tests --bin dev-cluster
+echo "==> built ($((SECONDS - t0)) s)"
+exec target/release/dev-cluster --operator target/release/llama-operator \
   --apply examples/quickstart.yaml "$@"

@@ -24,6 +24,9 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+/// Reconciles running at the same time.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// Shared state of all reconciles.
 pub struct Context {
     pub client: Client,
@@ -115,10 +118,13 @@ pub async fn run(
             format!("{DEPLOYMENT_NAME_LABEL},{DEPLOYMENT_NAMESPACE_LABEL}={ns}")
         }
     };
+    // A bounded number of reconciles at once: a burst of applies queues in the controller
+    // instead of flooding the API server with hundreds of concurrent request chains.
     let controller = Controller::new(
         scope.api::<LlamaDeployment>(&client),
         watcher::Config::default(),
-    );
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let store = controller.store();
     let by_labels = |labels: &std::collections::BTreeMap<String, String>, ns: Option<String>| {
         let name = labels.get(DEPLOYMENT_NAME_LABEL)?;

@@ -6,12 +6,13 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-const USAGE: &str = "usage: dev-cluster [--apply FILE]... [--exit]";
+const USAGE: &str = "usage: dev-cluster [--operator BINARY] [--apply FILE]... [--exit]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut manifests = Vec::new();
     let mut exit = false;
+    let mut operator = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -20,6 +21,10 @@ async fn main() -> ExitCode {
                 None => return usage("--apply needs a file"),
             },
             "--exit" => exit = true,
+            "--operator" => match args.next() {
+                Some(path) => operator = Some(std::path::PathBuf::from(path)),
+                None => return usage("--operator needs the llama-operator binary"),
+            },
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -27,7 +32,7 @@ async fn main() -> ExitCode {
             other => return usage(&format!("unexpected argument {other:?}")),
         }
     }
-    match run(&manifests, exit).await {
+    match run(&manifests, exit, operator).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dev-cluster: {err:#}");
@@ -45,7 +50,11 @@ fn step(what: &str, t0: Instant) {
     println!("==> {what} ({:.1} s)", t0.elapsed().as_secs_f64());
 }
 
-async fn run(manifests: &[String], exit: bool) -> anyhow::Result<()> {
+async fn run(
+    manifests: &[String],
+    exit: bool,
+    operator: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
     println!("==> building or locating the control-plane binaries (first run: ~20 min on 2 cores)");
     let plane = tokio::task::spawn_blocking(testenv::ControlPlane::shared)
@@ -61,6 +70,20 @@ async fn run(manifests: &[String], exit: bool) -> anyhow::Result<()> {
         &format!("CRDs installed and Established: {}", crds.join(", ")),
         t0,
     );
+    if let Some(binary) = &operator {
+        let log = plane.dir.join("llama-operator.log");
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = std::process::Command::new(binary);
+        cmd.args(["--metrics-addr", "127.0.0.1:0"])
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        testenv::processes::spawn("llama-operator", cmd)?;
+        step(
+            &format!("llama-operator running (log: {})", log.display()),
+            t0,
+        );
+    }
     for file in manifests {
         let out = plane
             .kubectl()
@@ -93,7 +116,9 @@ async fn run(manifests: &[String], exit: bool) -> anyhow::Result<()> {
         println!("==> --exit given: stopping the control plane");
         return Ok(());
     }
-    println!("Press Ctrl-C to stop the control plane and delete its data.");
+    println!(
+        "Clean up: press Ctrl-C; it stops every process and deletes the control plane's data."
+    );
     tokio::signal::ctrl_c().await?;
     println!("==> stopping");
     Ok(())
