@@ -99,6 +99,24 @@ async fn apply_becomes_ready_on_its_own_gpu_nodes_and_delete_leaves_nothing() ->
     apply(&env, "chat", TWO_A100X2).await?;
     let ld = wait_ready(&env, &op, "chat", 90).await?;
 
+    // Once Ready and running, the operator leaves the object alone (no status-write loop): the
+    // next write is the cost checkpoint, a minute later.
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settled = api.get("chat").await?.metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        api.get("chat").await?.metadata.resource_version,
+        settled,
+        "status rewritten in a loop\n{}",
+        op.log_text()
+    );
+    let reconciles = op.log_text().matches("reconciling").count();
+    assert!(
+        reconciles < 40,
+        "{reconciles} reconciles for one deployment"
+    );
+
     let status = ld.status.clone().unwrap_or_default();
     assert_eq!(
         status.endpoint.as_deref(),

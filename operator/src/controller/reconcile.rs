@@ -256,7 +256,16 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
         selector_string(&name),
         Timestamp::now(),
     );
-    accrue_into(ctx, ld, &plan, &observed.running_since, now, &mut status);
+    let accrual = Duration::from_secs(config.accrual_seconds.max(1));
+    accrue_into(
+        ctx,
+        ld,
+        &plan,
+        &observed.running_since,
+        now,
+        Some(accrual),
+        &mut status,
+    );
     let ready = status.phase == Some(crate::api::Phase::Ready);
     let cost_changed = original_ld.status.as_ref().and_then(|s| s.core_hours) != status.core_hours;
     write_status(ctx, &original_ld, ns, status, transitions).await?;
@@ -332,7 +341,7 @@ async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
             instances: 0,
             provider: ld.spec.node_pool.provider,
         };
-        accrue_into(ctx, ld, &plan, &running, now, &mut status);
+        accrue_into(ctx, ld, &plan, &running, now, None, &mut status);
         let retired = (
             status.core_hours.unwrap_or(0.0),
             status.estimated_cost.unwrap_or(0.0),
@@ -372,12 +381,15 @@ fn running_since(pods: &[Pod]) -> Vec<Timestamp> {
 }
 
 /// Checkpoints core-hours and cost into `status` and the Prometheus counters.
+/// At most one checkpoint per `min_interval` (each one is a status write, and a status write
+/// triggers a reconcile); `None` forces one (at deletion).
 fn accrue_into(
     ctx: &Context,
     ld: &LlamaDeployment,
     plan: &crate::validate::Plan,
     running: &[Timestamp],
     now: Timestamp,
+    min_interval: Option<Duration>,
     status: &mut LlamaDeploymentStatus,
 ) {
     let previous = Accrued {
@@ -385,6 +397,11 @@ fn accrue_into(
         cost: status.estimated_cost.unwrap_or(0.0),
         until: status.cost_accrued_until.as_ref().map(|t| t.0),
     };
+    if let (Some(min), Some(until)) = (min_interval, previous.until)
+        && now.duration_since(until).as_secs_f64() < min.as_secs_f64()
+    {
+        return;
+    }
     let next = accrue(
         &previous,
         running,

@@ -22,6 +22,11 @@ pub fn accrue(
     now: Timestamp,
 ) -> Accrued {
     let mut next = previous.clone();
+    // Nothing runs: nothing accrues, and the checkpoint stays (a later instance counts from its
+    // own start).
+    if running.is_empty() {
+        return next;
+    }
     let mut instance_hours = 0.0;
     for start in running {
         let from = match previous.until {
@@ -63,6 +68,14 @@ mod tests {
         let b = accrue(&a, &[t(0), t(5_400)], 24, 1.0, t(7_200));
         // First instance: 2 h; second: 0.5 h.
         assert!((b.core_hours - 2.5 * 24.0).abs() < 1e-9, "{}", b.core_hours);
+    }
+
+    #[test]
+    fn idle_accrues_nothing_and_keeps_the_checkpoint() {
+        let a = accrue(&Accrued::default(), &[], 24, 1.0, t(3_600));
+        assert_eq!(a, Accrued::default());
+        let b = accrue(&Accrued::default(), &[t(0)], 24, 1.0, t(3_600));
+        assert_eq!(accrue(&b, &[], 24, 1.0, t(7_200)), b);
     }
 
     #[test]
