@@ -98,6 +98,35 @@ async fn run(
         }
         step(&format!("applied {file}"), t0);
     }
+    if operator.is_some() && !manifests.is_empty() {
+        println!("==> waiting for every LlamaDeployment to be Ready (simulated GPU nodes, pods)");
+        let out = plane
+            .kubectl()
+            .args([
+                "wait",
+                "llamadeployments",
+                "--all",
+                "-A",
+                "--for=condition=Ready",
+                "--timeout=120s",
+            ])
+            .output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            anyhow::bail!("not Ready: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        step("Ready", t0);
+        let nodes = plane
+            .kubectl()
+            .args([
+                "get",
+                "nodes",
+                "-L",
+                "node.kubernetes.io/instance-type,nvidia.com/gpu.product",
+            ])
+            .output()?;
+        println!("{}", String::from_utf8_lossy(&nodes.stdout));
+    }
     let out = plane
         .kubectl()
         .args(["get", "llamadeployments", "-A", "-o", "wide"])
