@@ -1,6 +1,6 @@
 //! The ConfigMap with llama-server's configuration for one deployment.
 
-use super::{BuildError, from_json, name_of, owner, pod_labels};
+use super::{BuildError, child_metadata, from_json, name_of};
 use crate::api::{LlamaDeployment, SourceType};
 use crate::validate::Plan;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -15,7 +15,7 @@ pub const KEYS_DIR: &str = "/var/run/llama-server/keys";
 
 /// The server configuration: what to serve and the endpoint's policies.
 pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap, BuildError> {
-    let (name, namespace) = name_of(ld)?;
+    let (name, _) = name_of(ld)?;
     let spec = &ld.spec;
     let model_path = match (&spec.source.type_, &spec.source.pvc) {
         (SourceType::Demo, _) => "demo".to_owned(),
@@ -48,12 +48,7 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {
-                "name": format!("{name}-server"),
-                "namespace": namespace,
-                "labels": pod_labels(ld, &name),
-                "ownerReferences": [owner(ld)?],
-            },
+            "metadata": child_metadata(ld, &format!("{name}-server"))?,
             "data": {"server.yaml": text},
         }),
     )

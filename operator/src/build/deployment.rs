@@ -2,7 +2,7 @@
 
 use super::config_map::{KEYS_DIR, MODEL_DIR, SERVER_CONFIG_PATH};
 use super::{
-    BuildError, POOL_LABEL, POOL_TAINT, from_json, generated_secret_name, name_of, owner,
+    BuildError, POOL_LABEL, POOL_TAINT, child_metadata, from_json, generated_secret_name, name_of,
     pod_labels, selector_labels,
 };
 use crate::api::{LlamaDeployment, NodePoolProvider, SourceType};
@@ -22,7 +22,7 @@ pub fn server_deployment(
     pool: &str,
     config_hash: &str,
 ) -> Result<Deployment, BuildError> {
-    let (name, namespace) = name_of(ld)?;
+    let (name, _) = name_of(ld)?;
     let spec = &ld.spec;
     let it = &plan.instance;
 
@@ -97,12 +97,7 @@ pub fn server_deployment(
         json!({
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": pod_labels(ld, &name),
-                "ownerReferences": [owner(ld)?],
-            },
+            "metadata": child_metadata(ld, &name)?,
             "spec": {
                 "replicas": plan.instances,
                 "selector": {"matchLabels": selector_labels(&name)},

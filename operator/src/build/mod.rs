@@ -45,6 +45,18 @@ pub fn owner(ld: &LlamaDeployment) -> Result<OwnerReference, BuildError> {
         .ok_or(BuildError::MissingMetadata("metadata.uid"))
 }
 
+/// Metadata of a namespaced child: its name, the deployment's namespace and labels, and the
+/// owner reference that garbage-collects it with the deployment.
+fn child_metadata(ld: &LlamaDeployment, child_name: &str) -> Result<serde_json::Value, BuildError> {
+    let (name, namespace) = name_of(ld)?;
+    Ok(serde_json::json!({
+        "name": child_name,
+        "namespace": namespace,
+        "labels": pod_labels(ld, &name),
+        "ownerReferences": [owner(ld)?],
+    }))
+}
+
 fn name_of(ld: &LlamaDeployment) -> Result<(String, String), BuildError> {
     let name = ld
         .metadata

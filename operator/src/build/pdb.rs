@@ -1,23 +1,18 @@
 //! The PodDisruptionBudget: voluntary disruptions (drains, upgrades) take one instance at a time.
 
-use super::{BuildError, from_json, name_of, owner, pod_labels, selector_labels};
+use super::{BuildError, child_metadata, from_json, name_of, selector_labels};
 use crate::api::LlamaDeployment;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use serde_json::json;
 
 pub fn server_pdb(ld: &LlamaDeployment) -> Result<PodDisruptionBudget, BuildError> {
-    let (name, namespace) = name_of(ld)?;
+    let (name, _) = name_of(ld)?;
     from_json(
         "PodDisruptionBudget",
         json!({
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": pod_labels(ld, &name),
-                "ownerReferences": [owner(ld)?],
-            },
+            "metadata": child_metadata(ld, &name)?,
             "spec": {
                 "maxUnavailable": 1,
                 "selector": {"matchLabels": selector_labels(&name)},

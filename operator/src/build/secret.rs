@@ -1,6 +1,6 @@
 //! The Secret holding a deployment's two endpoint keys, when the spec does not reference one.
 
-use super::{BuildError, from_json, name_of, owner, pod_labels};
+use super::{BuildError, child_metadata, from_json, name_of};
 use crate::api::LlamaDeployment;
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::json;
@@ -27,18 +27,13 @@ pub fn generated_secret_name(name: &str) -> String {
 
 /// The generated key Secret, owned by the deployment.
 pub fn generated_keys_secret(ld: &LlamaDeployment, keys: &KeyPair) -> Result<Secret, BuildError> {
-    let (name, namespace) = name_of(ld)?;
+    let (name, _) = name_of(ld)?;
     from_json(
         "Secret",
         json!({
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {
-                "name": generated_secret_name(&name),
-                "namespace": namespace,
-                "labels": pod_labels(ld, &name),
-                "ownerReferences": [owner(ld)?],
-            },
+            "metadata": child_metadata(ld, &generated_secret_name(&name))?,
             "type": "Opaque",
             "stringData": {"primaryKey": keys.primary, "secondaryKey": keys.secondary},
         }),

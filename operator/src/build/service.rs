@@ -1,6 +1,6 @@
 //! The Service in front of a deployment's servers: its endpoint.
 
-use super::{BuildError, from_json, name_of, owner, pod_labels, selector_labels};
+use super::{BuildError, child_metadata, from_json, name_of, selector_labels};
 use crate::api::LlamaDeployment;
 use k8s_openapi::api::core::v1::Service;
 use serde_json::json;
@@ -12,18 +12,13 @@ pub fn endpoint_url(name: &str, namespace: &str) -> String {
 
 /// A ClusterIP Service on port 80 → the servers' `http` port.
 pub fn server_service(ld: &LlamaDeployment) -> Result<Service, BuildError> {
-    let (name, namespace) = name_of(ld)?;
+    let (name, _) = name_of(ld)?;
     from_json(
         "Service",
         json!({
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": pod_labels(ld, &name),
-                "ownerReferences": [owner(ld)?],
-            },
+            "metadata": child_metadata(ld, &name)?,
             "spec": {
                 "type": "ClusterIP",
                 "selector": selector_labels(&name),
