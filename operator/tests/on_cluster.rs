@@ -435,19 +435,20 @@ async fn existing_nodes_without_room_are_reported_not_retried() -> anyhow::Resul
         "{message}"
     );
     // One instance runs on the one node that has room; the other waits, reported.
-    wait_for(Duration::from_secs(30), || async {
+    wait_for(Duration::from_secs(60), || async {
         let counts = api.get("tight").await.ok()?.status?.instances?;
         ((counts.desired, counts.ready) == (2, 1)).then_some(())
     })
     .await
-    .map_err(|e| anyhow::anyhow!("expected 1 of 2 ready: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("expected 1 of 2 ready: {e}\n{}", op.log_text()))?;
     // The operator created no nodes of its own, and leaves the existing one alone on delete.
     assert!(nodes_of(&env, "tight").await?.is_empty());
     api.delete("tight", &DeleteParams::default()).await?;
-    wait_for(Duration::from_secs(30), || async {
+    wait_for(Duration::from_secs(60), || async {
         api.get_opt("tight").await.ok()?.is_none().then_some(())
     })
-    .await?;
+    .await
+    .map_err(|e| anyhow::anyhow!("not deleted: {e}\n{}", op.log_text()))?;
     assert!(
         nodes
             .get_opt(&format!("{}-existing-gpu", env.namespace))
