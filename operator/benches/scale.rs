@@ -77,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
         op.log_text()
     );
 
-    let metrics = scrape(&addr).await?;
+    let metrics = testenv::llama::scrape(&addr)?;
     let runs = metric(&metrics, "llama_operator_reconcile_runs_total");
     let requests = metric(&metrics, "llama_operator_api_requests_total");
     let p50 = quantile(&metrics, 0.50);
@@ -113,15 +113,6 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&out, doc)?;
     println!("written to {}", out.display());
     Ok(())
-}
-
-async fn scrape(addr: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -11,13 +11,7 @@ use testenv::{FIELD_MANAGER, OperatorProcess, TestEnv, wait_for};
 const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
 
 fn reason(ld: &LlamaDeployment, type_: &str) -> Option<(String, String)> {
-    let c = ld
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)?;
-    Some((c.reason.clone(), c.message.clone()))
+    testenv::llama::condition(ld, type_).map(|(_, reason, message)| (reason, message))
 }
 
 #[tokio::test]

@@ -1,33 +1,21 @@
 //! Two operator replicas: exactly one reconciles; killing it hands over within 30 s.
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use llama_operator::api::LlamaDeployment;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use testenv::{FIELD_MANAGER, OperatorProcess, TestEnv, wait_for};
+use testenv::{OperatorProcess, TestEnv, llama, wait_for};
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
 
 async fn apply_and_wait_ready(env: &TestEnv, name: &str, secs: u64) -> anyhow::Result<()> {
+    let spec = "  model: Meta-Llama-3.2-1B-Instruct\n  source: {type: demo}\n  nodePool: {provider: kwok}\n";
+    llama::apply(env, name, spec).await?;
     let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
-    let body: serde_json::Value = serde_yaml::from_str(&format!(
-        "apiVersion: llama-operator.io/v1alpha1\nkind: LlamaDeployment\nmetadata: {{name: {name}}}\nspec: {{model: Meta-Llama-3.2-1B-Instruct, source: {{type: demo}}, nodePool: {{provider: kwok}}}}\n"
-    ))?;
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER),
-        &Patch::Apply(&body),
-    )
-    .await?;
     wait_for(Duration::from_secs(secs), || async {
         let ld = api.get(name).await.ok()?;
-        let ready = ld
-            .status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        ready.then_some(())
+        (llama::condition(&ld, "Ready")?.0 == "True").then_some(())
     })
     .await
 }

@@ -4,11 +4,12 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams};
 use llama_operator::api::LlamaDeployment;
 use std::path::Path;
 use std::time::Duration;
-use testenv::{FIELD_MANAGER, OperatorProcess, TestEnv, wait_for};
+use testenv::llama::{apply, condition, wait_ready};
+use testenv::{OperatorProcess, TestEnv, wait_for};
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
 
@@ -17,58 +18,6 @@ async fn setup(name: &str) -> anyhow::Result<(TestEnv, OperatorProcess)> {
     env.install_crds().await?;
     let operator = OperatorProcess::start(&env, Path::new(OPERATOR), &[])?;
     Ok((env, operator))
-}
-
-fn manifest(name: &str, body: &str) -> serde_json::Value {
-    let yaml = format!(
-        "apiVersion: llama-operator.io/v1alpha1\nkind: LlamaDeployment\nmetadata: {{name: {name}}}\nspec:\n{body}"
-    );
-    serde_yaml::from_str(&yaml).expect("test manifest")
-}
-
-async fn apply(env: &TestEnv, name: &str, body: &str) -> anyhow::Result<()> {
-    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER),
-        &Patch::Apply(&manifest(name, body)),
-    )
-    .await?;
-    Ok(())
-}
-
-fn condition(ld: &LlamaDeployment, type_: &str) -> Option<(String, String, String)> {
-    let c = ld
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-async fn wait_ready(
-    env: &TestEnv,
-    op: &OperatorProcess,
-    name: &str,
-    secs: u64,
-) -> anyhow::Result<LlamaDeployment> {
-    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
-    let result = wait_for(Duration::from_secs(secs), || async {
-        let ld = api.get(name).await.ok()?;
-        (condition(&ld, "Ready")?.0 == "True").then_some(ld)
-    })
-    .await;
-    match result {
-        Ok(ld) => Ok(ld),
-        Err(e) => {
-            let now = api.get(name).await.ok().and_then(|l| l.status);
-            anyhow::bail!(
-                "{name} not Ready: {e}; status: {now:?}\noperator log:\n{}",
-                op.log_text()
-            )
-        }
-    }
 }
 
 async fn nodes_of(env: &TestEnv, name: &str) -> anyhow::Result<Vec<Node>> {

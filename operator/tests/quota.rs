@@ -6,6 +6,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use llama_operator::api::{ComputeQuota, LlamaDeployment, QuotaSource};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use testenv::llama::{condition as cond, scrape};
 use testenv::{FIELD_MANAGER, OperatorProcess, TestEnv, wait_for};
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
@@ -48,27 +49,10 @@ async fn quota(env: &TestEnv, cores: i64) -> anyhow::Result<()> {
 }
 
 async fn deploy(env: &TestEnv, name: &str, count: i32, shared: bool) -> anyhow::Result<()> {
-    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
-    let body: serde_json::Value = serde_yaml::from_str(&format!(
-        "apiVersion: llama-operator.io/v1alpha1\nkind: LlamaDeployment\nmetadata: {{name: {name}}}\nspec:\n  model: Meta-Llama-3.2-1B-Instruct\n  source: {{type: demo}}\n  compute: {{instanceType: Standard_NC24ads_A100_v4, instanceCount: {count}}}\n  quota: {{useSharedQuota: {shared}}}\n  nodePool: {{provider: kwok}}\n"
-    ))?;
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
-}
-
-fn cond(ld: &LlamaDeployment, t: &str) -> Option<(String, String, String)> {
-    let c = ld
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == t)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+    let spec = format!(
+        "  model: Meta-Llama-3.2-1B-Instruct\n  source: {{type: demo}}\n  compute: {{instanceType: Standard_NC24ads_A100_v4, instanceCount: {count}}}\n  quota: {{useSharedQuota: {shared}}}\n  nodePool: {{provider: kwok}}\n"
+    );
+    testenv::llama::apply(env, name, &spec).await
 }
 
 #[tokio::test]
@@ -211,10 +195,7 @@ async fn scaling_beyond_quota_is_capped_with_a_condition() -> anyhow::Result<()>
     quota(env, 100).await?;
     deploy(env, "grow", 1, false).await?;
     let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_for(Duration::from_secs(60), || async {
-        (cond(&api.get("grow").await.ok()?, "Ready")?.0 == "True").then_some(())
-    })
-    .await?;
+    testenv::llama::wait_ready(env, &op, "grow", 60).await?;
     let out = env.run_kubectl(&["scale", "llamadeployment/grow", "--replicas=4"], None)?;
     assert!(out.success, "{}", out.stderr);
     // 100 cores: 3 instances hold ceil(3.6) × 24 = 96; 4 would hold 120.
@@ -344,11 +325,7 @@ async fn core_hours_accrue_survive_restarts_and_deletion() -> anyhow::Result<()>
     quota(env, 1000).await?;
     deploy(env, "billed", 2, false).await?;
     let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
-    wait_for(Duration::from_secs(60), || async {
-        (cond(&api.get("billed").await.ok()?, "Ready")?.0 == "True").then_some(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", op.log_text()))?;
+    testenv::llama::wait_ready(env, &op, "billed", 60).await?;
 
     // Simulate 2.5 hours: move the operator's clock forward, and restart it on the way.
     std::fs::write(&s.config, "accrualSeconds: 1\nclockOffsetSeconds: 9000\n")?;
@@ -445,13 +422,4 @@ async fn core_hours_accrue_survive_restarts_and_deletion() -> anyhow::Result<()>
     assert!(summary.core_hours.unwrap_or_default() >= retired);
     drop(op);
     Ok(())
-}
-
-fn scrape(addr: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
 }

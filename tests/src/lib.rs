@@ -12,6 +12,7 @@
 
 pub mod control_plane;
 pub mod kubeconfig;
+pub mod llama;
 pub mod operator;
 pub mod pki;
 pub mod processes;
