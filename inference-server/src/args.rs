@@ -25,6 +25,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write a random-weight model in the Hugging Face layout, for tests and benchmarks.
     GenerateModel(GenerateModelArgs),
+    /// Download model weights into a directory (the operator's `fetch-model` init container).
+    Fetch(FetchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -32,6 +34,13 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// The server configuration (YAML), as the operator writes it. Without it: the demo
+    /// model, keys from /var/run/llama-server/keys, default limits.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// On SIGTERM, how long in-flight requests and streams may run before the server exits.
+    #[arg(long, default_value_t = 30)]
+    pub drain_seconds: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -52,6 +61,31 @@ pub struct GenerateModelArgs {
     /// Dtype the weights are stored in.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDtype,
+}
+
+/// Options of `fetch`. Exactly one of `--url` and `--hugging-face`. `HF_TOKEN` and
+/// `HF_ENDPOINT` are read from the environment.
+#[derive(Debug, Clone, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["url", "hugging_face"]))]
+pub struct FetchArgs {
+    /// Directory to download into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// http(s) URL of a .gguf file, a .tar / .tar.gz / .tgz archive (unpacked), or any file.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Expected SHA-256 of the `--url` download, 64 hex digits in either case.
+    #[arg(long, conflicts_with = "hugging_face")]
+    pub sha256: Option<String>,
+    /// Hugging Face repository, ORG/NAME.
+    #[arg(long)]
+    pub hugging_face: Option<String>,
+    /// Branch, tag or commit of the `--hugging-face` repository.
+    #[arg(long, default_value = "main", requires = "hugging_face")]
+    pub revision: String,
+    /// Where a failure's message is also written; must exist (the kubelet mounts it).
+    #[arg(long, default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
 }
 
 impl Cli {
@@ -111,6 +145,30 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn fetch_takes_exactly_one_source() {
+        let Ok(Command::Fetch(args)) = parse(&["fetch", "--out", "/models", "--url", "http://h/m.gguf"])
+        else {
+            panic!("expected fetch");
+        };
+        assert_eq!(args.url.as_deref(), Some("http://h/m.gguf"));
+        assert_eq!(args.termination_log, PathBuf::from("/dev/termination-log"));
+        let Ok(Command::Fetch(args)) = parse(&["fetch", "--out", "o", "--hugging-face", "org/m"])
+        else {
+            panic!("expected fetch");
+        };
+        assert_eq!(args.revision, "main");
+        let hf = ["fetch", "--out", "o", "--hugging-face", "org/m"];
+        for bad in [
+            &["fetch", "--out", "o"][..],
+            &[hf.as_slice(), &["--url", "http://h/x"]].concat(),
+            &[hf.as_slice(), &["--sha256", "00"]].concat(),
+            &["fetch", "--out", "o", "--url", "http://h/x", "--revision", "v1"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

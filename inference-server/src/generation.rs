@@ -19,6 +19,31 @@ pub struct GenerationRequest {
     /// Strings that end the completion; never part of the returned text.
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Token ids that end the completion besides the model's stop tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past the model's stop tokens (until `max_tokens` or the context).
+    pub ignore_eos: bool,
+    /// Leave special tokens out of the text (the default).
+    pub skip_special_tokens: bool,
+    /// Report each sampled token's log-probability with this many most likely alternatives;
+    /// `None` reports nothing.
+    pub logprobs: Option<usize>,
+}
+
+impl GenerationRequest {
+    /// A request with the API's defaults for everything but the prompt and length.
+    pub fn new(prompt: Vec<u32>, max_tokens: Option<usize>, sampling: SamplingParams) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            stop: Vec::new(),
+            sampling,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            skip_special_tokens: true,
+            logprobs: None,
+        }
+    }
 }
 
 /// Why a completion ended, in the API's words.
@@ -49,6 +74,27 @@ pub struct Completion {
     /// `token_ids.len()`.
     pub completion_tokens: usize,
     pub finish_reason: FinishReason,
+    /// Sum of the sampled tokens' log-probabilities under the model.
+    pub cumulative_logprob: f64,
+}
+
+/// A sampled token's log-probability and, when asked for, the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one decode step produced for a sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenOutput {
+    pub token: u32,
+    /// Text that became final with this token (possibly empty; streamable).
+    pub text: String,
+    /// Present when the request asked for logprobs.
+    pub logprob: Option<TokenLogprob>,
 }
 
 /// Generates one completion.
@@ -80,11 +126,12 @@ pub fn generate_batch(
         if running.is_empty() {
             break;
         }
-        let mut steps: Vec<SequenceStep<'_>> = running.iter_mut().map(|s| s.step()).collect();
+        let mut steps: Vec<SequenceStep<'_>> =
+            running.iter_mut().map(|s| s.step(usize::MAX)).collect();
         let logits = model.forward(&mut steps)?;
         drop(steps);
         for (sequence, logits) in running.into_iter().zip(logits) {
-            sequence.advance(&logits, model.context_length())?;
+            sequence.advance(&logits)?;
         }
     }
     Ok(sequences
@@ -95,18 +142,26 @@ pub fn generate_batch(
 
 /// One sequence while it generates: what a scheduler drives step by step. Each step it hands
 /// [`ActiveSequence::step`] to a batched [`LlamaModel::forward`] (next to any other sequences)
-/// and gives the resulting logits back to [`ActiveSequence::advance`].
+/// and gives the resulting logits back to [`ActiveSequence::advance`]. The prompt may be fed
+/// in chunks (chunked prefill); sampling starts once all of it is in the cache.
 pub struct ActiveSequence<'t> {
     tokenizer: &'t LlamaTokenizer,
     cache: KvCache,
     sampler: Sampler,
     stream: TextStream<'t>,
     stops: StopStrings,
-    /// Tokens to feed at the next step: the prompt, then the last sampled token.
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    fed: usize,
+    /// Tokens handed to the current step.
     input: Vec<u32>,
-    prompt_tokens: usize,
+    context: usize,
     max_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    ignore_eos: bool,
+    logprobs: Option<usize>,
     generated: Vec<u32>,
+    cumulative_logprob: f64,
     text: String,
     finish: Option<FinishReason>,
 }
@@ -114,7 +169,8 @@ pub struct ActiveSequence<'t> {
 impl std::fmt::Debug for ActiveSequence<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ActiveSequence")
-            .field("prompt_tokens", &self.prompt_tokens)
+            .field("prompt_tokens", &self.prompt.len())
+            .field("fed", &self.fed)
             .field("generated", &self.generated.len())
             .field("finish", &self.finish)
             .finish_non_exhaustive()
@@ -146,19 +202,44 @@ impl<'t> ActiveSequence<'t> {
             tokenizer,
             cache: model.new_cache(),
             sampler: Sampler::new(request.sampling)?,
-            stream: tokenizer.decode_stream(),
+            stream: tokenizer.decode_stream(request.skip_special_tokens),
             stops: StopStrings::new(&request.stop),
-            prompt_tokens: request.prompt.len(),
-            input: request.prompt,
+            prompt: request.prompt,
+            fed: 0,
+            input: Vec::new(),
+            context,
             max_tokens,
+            stop_token_ids: request.stop_token_ids,
+            ignore_eos: request.ignore_eos,
+            logprobs: request.logprobs,
             generated: Vec::new(),
+            cumulative_logprob: 0.0,
             text: String::new(),
             finish,
         })
     }
 
-    /// This sequence's part of the next forward step: the prompt first, then its last token.
-    pub fn step(&mut self) -> SequenceStep<'_> {
+    /// Tokens the next step feeds: the rest of the prompt (at most `chunk`), then one.
+    pub fn next_step_tokens(&self, chunk: usize) -> usize {
+        if self.in_prefill() {
+            (self.prompt.len() - self.fed).min(chunk.max(1))
+        } else {
+            1
+        }
+    }
+
+    /// Whether prompt tokens remain to be fed.
+    pub fn in_prefill(&self) -> bool {
+        self.fed < self.prompt.len()
+    }
+
+    /// This sequence's part of the next forward step: up to `chunk` prompt tokens while the
+    /// prompt is being fed, then its last sampled token.
+    pub fn step(&mut self, chunk: usize) -> SequenceStep<'_> {
+        if self.in_prefill() {
+            let take = self.next_step_tokens(chunk);
+            self.input = self.prompt[self.fed..self.fed + take].to_vec();
+        }
         SequenceStep {
             tokens: &self.input,
             cache: &mut self.cache,
@@ -171,14 +252,40 @@ impl<'t> ActiveSequence<'t> {
         self.finish.is_some()
     }
 
-    /// Samples from this step's logits (`[1, vocab]`), decides whether the sequence is done and
-    /// returns the text that became final with this token (possibly empty; streamable).
-    pub fn advance(&mut self, logits: &Tensor, context: usize) -> Result<String> {
+    /// Tokens in this sequence's cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Prompt tokens plus the most it may generate: what it can ever hold in its cache.
+    pub fn reserved_tokens(&self) -> usize {
+        self.prompt.len() + self.max_tokens
+    }
+
+    /// Sampled tokens so far.
+    pub fn generated_tokens(&self) -> usize {
+        self.generated.len()
+    }
+
+    /// Takes this step's logits (`[1, vocab]`). While the prompt is still being fed, only
+    /// records progress and returns `None`; afterwards samples a token, decides whether the
+    /// sequence is done and returns the token with the text that became final.
+    pub fn advance(&mut self, logits: &Tensor) -> Result<Option<TokenOutput>> {
+        if self.in_prefill() {
+            self.fed += self.input.len();
+            if self.in_prefill() {
+                return Ok(None);
+            }
+        }
         let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let token = self.sampler.sample(&logits)?;
+        let (logprob, top) = log_probability(&logits, token, self.logprobs.unwrap_or(0));
+        self.cumulative_logprob += f64::from(logprob);
         self.generated.push(token);
         let mut emitted = String::new();
-        if self.tokenizer.is_stop(token) {
+        let is_stop = (!self.ignore_eos && self.tokenizer.is_stop(token))
+            || self.stop_token_ids.contains(&token);
+        if is_stop {
             self.finish = Some(FinishReason::Stop);
         } else {
             let piece = self.stream.push(token)?;
@@ -187,7 +294,7 @@ impl<'t> ActiveSequence<'t> {
             if check.stopped {
                 self.finish = Some(FinishReason::Stop);
             } else if self.generated.len() >= self.max_tokens
-                || self.prompt_tokens + self.generated.len() >= context
+                || self.prompt.len() + self.generated.len() >= self.context
             {
                 self.finish = Some(FinishReason::Length);
             }
@@ -199,17 +306,76 @@ impl<'t> ActiveSequence<'t> {
         }
         self.text.push_str(&emitted);
         self.input = vec![token];
-        Ok(emitted)
+        Ok(Some(TokenOutput {
+            token,
+            text: emitted,
+            logprob: self.logprobs.map(|_| TokenLogprob {
+                token,
+                logprob,
+                top,
+            }),
+        }))
     }
 
     /// The finished completion (a sequence stopped early reports `length`).
     pub fn into_completion(self) -> Completion {
+        self.completion()
+    }
+
+    /// The completion so far, as [`Self::into_completion`] would report it.
+    pub fn completion(&self) -> Completion {
         Completion {
-            text: self.text,
+            text: self.text.clone(),
             completion_tokens: self.generated.len(),
-            token_ids: self.generated,
-            prompt_tokens: self.prompt_tokens,
+            token_ids: self.generated.clone(),
+            prompt_tokens: self.prompt.len(),
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            cumulative_logprob: self.cumulative_logprob,
         }
+    }
+}
+
+/// The log-probability of `token` under the model's distribution (`log_softmax(logits)`), and
+/// the `top` most likely tokens with theirs, most likely first (ties by id).
+pub fn log_probability(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_z = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(l) - log_z) as f32;
+    let own = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
+    if top == 0 {
+        return (own, Vec::new());
+    }
+    let mut ranked: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let k = top.min(ranked.len());
+    if k < ranked.len() {
+        ranked.select_nth_unstable_by(k - 1, order);
+    }
+    ranked.truncate(k);
+    ranked.sort_unstable_by(order);
+    (own, ranked.into_iter().map(|(id, l)| (id, lp(l))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_probabilities_normalise_and_rank() {
+        let logits = [1.0_f32, 3.0, 2.0, 3.0];
+        let (own, top) = log_probability(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        assert!((f64::from(own) - (2.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        let total: f64 = logits
+            .iter()
+            .map(|&l| f64::from(log_probability(&logits, 0, 0).0 - 1.0 + l).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
     }
 }

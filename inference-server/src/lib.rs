@@ -5,19 +5,31 @@
 #![deny(unsafe_code)]
 
 pub mod args;
+pub mod auth;
+pub mod azure;
 pub mod chat_template;
+pub mod content_safety;
 pub mod engine;
+pub mod fetch;
 pub mod generate_model;
 pub mod generation;
+pub mod metrics;
+pub mod rate_limit;
 pub mod rng;
 pub mod routes;
 pub mod sampling;
+pub mod scheduler;
+pub mod server;
+pub mod server_config;
+pub mod state;
 pub mod stop_strings;
 pub mod tokenizer;
 
+use std::sync::Arc;
+
 use axum::Router;
 
-/// Builds the HTTP application. Tests call it in-process; `main` serves it.
-pub fn app() -> Router {
-    routes::router()
+/// Builds the HTTP application around shared state. Tests call it in-process; `main` serves it.
+pub fn app(state: Arc<state::AppState>) -> Router {
+    routes::router(state)
 }

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use llama_server::args::{Cli, Command, GenerateModelArgs, ServeArgs};
+use llama_server::args::{Cli, Command, FetchArgs, GenerateModelArgs, ServeArgs};
+use llama_server::fetch;
 use llama_server::generate_model::GenerateModel;
 use tracing_subscriber::EnvFilter;
 
@@ -14,6 +15,41 @@ fn main() -> ExitCode {
     match Cli::parse().into_command() {
         Command::Serve(args) => serve(args),
         Command::GenerateModel(args) => generate_model(args),
+        Command::Fetch(args) => fetch(args),
+    }
+}
+
+/// Downloads the weights; a failure goes to stderr and to the termination-message file, where
+/// Kubernetes (and so the operator) reads it.
+fn fetch(args: FetchArgs) -> ExitCode {
+    let source = match (&args.url, &args.hugging_face) {
+        (Some(url), _) => fetch::Source::url(url, args.sha256.as_deref()),
+        (None, Some(repository)) => fetch::Source::hugging_face(
+            repository,
+            &args.revision,
+            std::env::var("HF_ENDPOINT").ok().as_deref(),
+            std::env::var("HF_TOKEN").ok(),
+        ),
+        (None, None) => Err(fetch::FetchError::InvalidUrl {
+            url: String::new(),
+            reason: "give --url or --hugging-face".to_owned(),
+        }),
+    };
+    let result = source.and_then(|source| {
+        fetch::Fetch {
+            source,
+            out: args.out,
+            retry: fetch::http::RetryPolicy::default(),
+        }
+        .run()
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("llama-server fetch: {err}");
+            fetch::write_termination_message(&args.termination_log, &err.to_string());
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -48,28 +84,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        let listen = args.listen;
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(listener) => listener,
-            Err(err) => {
-                eprintln!("llama-server: cannot listen on {listen}: {err}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(%listen, "llama-server listening");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        match axum::serve(listener, llama_server::app())
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("llama-server: {err}");
-                ExitCode::FAILURE
-            }
+    match runtime.block_on(llama_server::server::serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("llama-server: {err}");
+            tracing::error!(error = %err, "llama-server stopped");
+            ExitCode::FAILURE
         }
-    })
+    }
 }

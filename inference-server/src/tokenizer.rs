@@ -101,9 +101,10 @@ impl LlamaTokenizer {
     }
 
     /// A streaming decoder that yields text only once it forms whole characters.
-    pub fn decode_stream(&self) -> TextStream<'_> {
+    pub fn decode_stream(&self, skip_special_tokens: bool) -> TextStream<'_> {
         TextStream {
             tokenizer: self,
+            skip_special_tokens,
             ids: Vec::new(),
             prefix: 0,
             read: 0,
@@ -181,10 +182,11 @@ fn chat_template_of(config: &Value) -> Option<String> {
 }
 
 /// Incremental detokenization: emits only text that is complete (a multi-byte character split
-/// over tokens is held back until whole). Special tokens are skipped. Decodes a short window
+/// over tokens is held back until whole). Special tokens are skipped unless asked otherwise. Decodes a short window
 /// of recent tokens per step, not the whole completion.
 pub struct TextStream<'a> {
     tokenizer: &'a LlamaTokenizer,
+    skip_special_tokens: bool,
     ids: Vec<u32>,
     /// Start of the window whose text was already handed out in part.
     prefix: usize,
@@ -206,8 +208,10 @@ impl TextStream<'_> {
         self.ids.push(id);
         let seen = self
             .tokenizer
-            .decode(&self.ids[self.prefix..self.read], true)?;
-        let all = self.tokenizer.decode(&self.ids[self.prefix..], true)?;
+            .decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
+        let all = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
         // An incomplete UTF-8 sequence decodes to U+FFFD at the end: wait for more tokens.
         if all.len() <= seen.len() || all.ends_with('\u{FFFD}') {
             return Ok(String::new());

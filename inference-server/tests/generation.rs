@@ -21,12 +21,7 @@ fn setup() -> (LlamaModel, LlamaTokenizer, serde_json::Value) {
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenerationRequest {
-    GenerationRequest {
-        prompt,
-        max_tokens: Some(max_tokens),
-        stop: Vec::new(),
-        sampling,
-    }
+    GenerationRequest::new(prompt, Some(max_tokens), sampling)
 }
 
 /// Temperature sampling over the whole vocabulary. (Nucleus selection over a random model's
@@ -212,7 +207,7 @@ fn streamed_text_equals_the_full_decode() {
     let (_, tokenizer, _) = setup();
     let text = "Grüße 🦙🦙 東京 — ok\n\n  done";
     let tokens = tokenizer.encode(text, false).expect("encodes");
-    let mut stream = tokenizer.decode_stream();
+    let mut stream = tokenizer.decode_stream(true);
     let mut pieces = Vec::new();
     for &token in &tokens {
         pieces.push(stream.push(token).expect("decodes"));
@@ -259,12 +254,9 @@ fn streamed_deltas_add_up_to_the_completion_text() {
     let mut sequence = ActiveSequence::new(&model, &tokenizer, with_stop).expect("valid");
     let mut deltas = Vec::new();
     while !sequence.is_finished() {
-        let logits = model.forward(&mut [sequence.step()]).expect("forward");
-        deltas.push(
-            sequence
-                .advance(&logits[0], model.context_length())
-                .expect("advance"),
-        );
+        let logits = model.forward(&mut [sequence.step(usize::MAX)]).expect("forward");
+        let output = sequence.advance(&logits[0]).expect("advance");
+        deltas.push(output.expect("a token after the whole prompt").text);
     }
     let completion = sequence.into_completion();
     assert_eq!(deltas.concat(), completion.text);

@@ -1,50 +1,32 @@
-//! Liveness: answers as long as the process can serve HTTP.
+//! Liveness (the process serves HTTP) and readiness (the model is loaded and the server is not
+//! draining).
 
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, routing::get};
-use serde_json::{Value, json};
+use serde_json::json;
 
-pub fn router() -> Router {
-    Router::new().route("/health/live", get(live))
+use crate::azure::ApiError;
+use crate::state::AppState;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
 }
 
-async fn live() -> Json<Value> {
-    Json(json!({"status": "live"}))
+async fn live() -> Response {
+    Json(json!({"status": "live"})).into_response()
 }
 
-#[cfg(test)]
-mod tests {
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-
-    #[tokio::test]
-    async fn live_answers_200_with_json() {
-        let response = crate::app()
-            .oneshot(
-                Request::get("/health/live")
-                    .body(Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("response");
-        assert_eq!(response.status(), StatusCode::OK);
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
-        assert_eq!(json["status"], "live");
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_draining() {
+        return ApiError::unavailable("The server is shutting down.", 2).into_response();
     }
-
-    #[tokio::test]
-    async fn unknown_route_is_404() {
-        let response = crate::app()
-            .oneshot(Request::get("/nope").body(Body::empty()).expect("request"))
-            .await
-            .expect("response");
-        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    if state.engine().is_none() {
+        return ApiError::unavailable("The model is loading.", 5).into_response();
     }
+    Json(json!({"status": "ready"})).into_response()
 }

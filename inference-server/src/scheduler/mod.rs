@@ -1,0 +1,162 @@
+//! Continuous batching: one engine thread owns the model and runs every admitted sequence
+//! through one batched forward per step. HTTP handlers talk to it only through an
+//! [`EngineHandle`]: they submit a [`GenerationRequest`] and read [`SequenceEvent`]s back.
+//!
+//! - Admission is bounded: at most `max_queue` requests wait; beyond that `submit` answers
+//!   [`SubmitError::Overloaded`] at once (the HTTP layer's 429).
+//! - A waiting request joins the running batch between two steps when a batch slot and its
+//!   KV-cache reservation (prompt plus `max_tokens`) fit the budget; first come, first served.
+//! - Prompts are fed in chunks of at most `prefill_chunk_tokens` per step, shared by all
+//!   prefilling sequences, so a long prompt never stalls the sequences already decoding.
+//! - Dropping the event receiver (the client went away) cancels the sequence; its cache is
+//!   freed before the next step.
+
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::engine::LlamaModel;
+use crate::generation::{Completion, GenerationRequest, TokenOutput};
+use crate::metrics::EngineGauges;
+use crate::tokenizer::LlamaTokenizer;
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerLimits {
+    pub max_batch_size: usize,
+    pub kv_cache_tokens: usize,
+    pub max_queue: usize,
+    pub prefill_chunk_tokens: usize,
+}
+
+/// What the engine reports about one sequence, in order: tokens, then exactly one of
+/// `Finished` or `Failed`.
+#[derive(Debug)]
+pub enum SequenceEvent {
+    /// The sequence left the queue and its prompt is being processed.
+    Started,
+    Token(TokenOutput),
+    Finished(Completion),
+    Failed(String),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is at capacity: {queued} requests are already waiting")]
+    Overloaded { queued: usize },
+    #[error(
+        "the prompt has {prompt} tokens; this deployment accepts at most {limit} prompt tokens"
+    )]
+    PromptTooLong { prompt: usize, limit: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// One request on its way to the engine thread.
+struct Job {
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<SequenceEvent>,
+    enqueued: Instant,
+}
+
+/// The HTTP side's handle on the engine thread. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: std::sync::mpsc::Sender<Job>,
+    queued: Arc<AtomicUsize>,
+    limits: SchedulerLimits,
+    context: usize,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("limits", &self.limits)
+            .field("context", &self.context)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread, which owns `model` until every handle is dropped.
+    pub fn start(
+        model: LlamaModel,
+        tokenizer: Arc<LlamaTokenizer>,
+        limits: SchedulerLimits,
+        gauges: EngineGauges,
+    ) -> std::io::Result<Self> {
+        let (jobs, inbox) = std::sync::mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let context = model.context_length();
+        let worker = worker::Worker::new(model, tokenizer, limits, Arc::clone(&queued), gauges);
+        std::thread::Builder::new()
+            .name("llama-engine".into())
+            .spawn(move || worker.run(inbox))?;
+        Ok(Self {
+            jobs,
+            queued,
+            limits,
+            context,
+        })
+    }
+
+    /// The model's context window.
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+
+    /// Most prompt tokens a request may have: one token must fit after it, in the context and
+    /// in the KV budget.
+    pub fn max_prompt_tokens(&self) -> usize {
+        self.context.min(self.limits.kv_cache_tokens).saturating_sub(1)
+    }
+
+    /// Requests waiting for a batch slot.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Queues a request. Events arrive on the returned receiver; dropping it cancels.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<SequenceEvent>, SubmitError> {
+        if request.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let limit = self.max_prompt_tokens();
+        if request.prompt.len() > limit {
+            return Err(SubmitError::PromptTooLong {
+                prompt: request.prompt.len(),
+                limit,
+            });
+        }
+        let max_queue = self.limits.max_queue;
+        let claimed = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_queue).then_some(n + 1)
+            });
+        if let Err(queued) = claimed {
+            return Err(SubmitError::Overloaded { queued });
+        }
+        let (events, receiver) = mpsc::unbounded_channel();
+        let job = Job {
+            request,
+            events,
+            enqueued: Instant::now(),
+        };
+        if self.jobs.send(job).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(receiver)
+    }
+}

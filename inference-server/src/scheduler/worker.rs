@@ -1,0 +1,230 @@
+//! The engine thread's loop: take in new requests, admit what fits, run one batched step,
+//! hand out the tokens, retire finished and cancelled sequences.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Job, SchedulerLimits, SequenceEvent};
+use crate::engine::{LlamaModel, SequenceStep};
+use crate::generation::ActiveSequence;
+use crate::metrics::EngineGauges;
+use crate::tokenizer::LlamaTokenizer;
+
+pub(super) struct Worker {
+    model: LlamaModel,
+    tokenizer: Arc<LlamaTokenizer>,
+    limits: SchedulerLimits,
+    queued: Arc<AtomicUsize>,
+    gauges: EngineGauges,
+}
+
+struct Running<'t> {
+    sequence: ActiveSequence<'t>,
+    events: UnboundedSender<SequenceEvent>,
+    reserved: usize,
+}
+
+impl Worker {
+    pub(super) fn new(
+        model: LlamaModel,
+        tokenizer: Arc<LlamaTokenizer>,
+        limits: SchedulerLimits,
+        queued: Arc<AtomicUsize>,
+        gauges: EngineGauges,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            limits,
+            queued,
+            gauges,
+        }
+    }
+
+    /// Runs until every [`super::EngineHandle`] is gone and no work is left.
+    pub(super) fn run(self, inbox: Receiver<Job>) {
+        let tokenizer = Arc::clone(&self.tokenizer);
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut running: Vec<Running<'_>> = Vec::new();
+        let mut reserved = 0usize;
+        let mut open = true;
+        loop {
+            // Intake: block only when there is nothing to do.
+            if running.is_empty() && waiting.is_empty() {
+                if !open {
+                    return;
+                }
+                match inbox.recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match inbox.try_recv() {
+                    Ok(job) => waiting.push_back(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            // Requests whose clients left while waiting never start.
+            let before = waiting.len();
+            waiting.retain(|job| !job.events.is_closed());
+            self.queued
+                .fetch_sub(before - waiting.len(), Ordering::AcqRel);
+
+            // Admission, first come first served.
+            while running.len() < self.limits.max_batch_size {
+                let Some(job) = waiting.front() else { break };
+                let prompt = job.request.prompt.len();
+                let budget = self.limits.kv_cache_tokens;
+                let room = self.model.context_length().min(budget).saturating_sub(prompt);
+                let want = prompt + job.request.max_tokens.unwrap_or(room).min(room);
+                if reserved + want > budget && !running.is_empty() {
+                    break;
+                }
+                let Some(mut job) = waiting.pop_front() else {
+                    break;
+                };
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                self.gauges
+                    .queue_seconds
+                    .observe(job.enqueued.elapsed().as_secs_f64());
+                job.request.max_tokens = Some(want - prompt);
+                match ActiveSequence::new(&self.model, &tokenizer, job.request) {
+                    Ok(sequence) => {
+                        let _ = job.events.send(SequenceEvent::Started);
+                        reserved += want;
+                        running.push(Running {
+                            sequence,
+                            events: job.events,
+                            reserved: want,
+                        });
+                    }
+                    Err(err) => {
+                        let _ = job.events.send(SequenceEvent::Failed(err.to_string()));
+                    }
+                }
+            }
+            // Cancelled or already finished (max_tokens 0) sequences leave before the step.
+            running.retain_mut(|entry| {
+                let keep = !entry.events.is_closed() && !entry.sequence.is_finished();
+                if !keep {
+                    reserved -= entry.reserved;
+                    if entry.sequence.is_finished() {
+                        finish(entry);
+                    }
+                }
+                keep
+            });
+            self.publish(&waiting, &running, reserved);
+            if running.is_empty() {
+                continue;
+            }
+            self.step(&mut running);
+            running.retain_mut(|entry| {
+                let done = entry.sequence.is_finished() || entry.events.is_closed();
+                if done {
+                    reserved -= entry.reserved;
+                    if entry.sequence.is_finished() {
+                        finish(entry);
+                    }
+                }
+                !done
+            });
+        }
+    }
+
+    /// One batched forward over every running sequence: decoding sequences feed one token,
+    /// prefilling ones share the chunk budget (the oldest first).
+    fn step(&self, running: &mut [Running<'_>]) {
+        let started = Instant::now();
+        let mut chunk_left = self.limits.prefill_chunk_tokens;
+        let mut selected: Vec<usize> = Vec::with_capacity(running.len());
+        let mut chunks: Vec<usize> = Vec::with_capacity(running.len());
+        for (index, entry) in running.iter().enumerate() {
+            if entry.sequence.in_prefill() {
+                if chunk_left == 0 {
+                    continue;
+                }
+                let take = entry.sequence.next_step_tokens(chunk_left);
+                chunk_left -= take;
+                chunks.push(take);
+            } else {
+                chunks.push(1);
+            }
+            selected.push(index);
+        }
+        let mut steps: Vec<SequenceStep<'_>> = Vec::with_capacity(selected.len());
+        let mut picked: Vec<&mut Running<'_>> = running
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| selected.contains(i))
+            .map(|(_, entry)| entry)
+            .collect();
+        for (entry, &chunk) in picked.iter_mut().zip(&chunks) {
+            steps.push(entry.sequence.step(chunk));
+        }
+        let tokens: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        let result = self.model.forward(&mut steps);
+        drop(steps);
+        match result {
+            Ok(logits) => {
+                for (entry, logits) in picked.into_iter().zip(logits) {
+                    match entry.sequence.advance(&logits) {
+                        Ok(Some(output)) => {
+                            let _ = entry.events.send(SequenceEvent::Token(output));
+                        }
+                        Ok(None) => {}
+                        Err(err) => fail(entry, &err.to_string()),
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "batched forward failed");
+                for entry in picked {
+                    fail(entry, &err.to_string());
+                }
+            }
+        }
+        self.gauges.step_tokens.inc_by(tokens as u64);
+        self.gauges
+            .step_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn publish(&self, waiting: &VecDeque<Job>, running: &[Running<'_>], reserved: usize) {
+        self.gauges.queue_depth.set(waiting.len() as i64);
+        self.gauges.running.set(running.len() as i64);
+        self.gauges.kv_reserved_tokens.set(reserved as i64);
+        let cached: usize = running.iter().map(|r| r.sequence.cached_tokens()).sum();
+        self.gauges.kv_cached_tokens.set(cached as i64);
+    }
+}
+
+/// Sends the completion of a finished sequence.
+fn finish(entry: &mut Running<'_>) {
+    let completion = entry.sequence.completion();
+    let _ = entry.events.send(SequenceEvent::Finished(completion));
+}
+
+/// Ends a sequence with an error; it leaves the batch before the next step.
+fn fail(entry: &mut Running<'_>, message: &str) {
+    let _ = entry
+        .events
+        .send(SequenceEvent::Failed(message.to_owned()));
+    // Closing our side makes `is_closed` true, so the sequence is retired.
+    entry.events = closed_sender();
+}
+
+fn closed_sender() -> UnboundedSender<SequenceEvent> {
+    let (sender, _) = tokio::sync::mpsc::unbounded_channel();
+    sender
+}

@@ -1,0 +1,289 @@
+//! The server's configuration file (`serve --config FILE`), as the operator writes it into the
+//! `<name>-server` ConfigMap (`server.yaml`), plus the engine and HTTP settings an operator of
+//! the server may tune. Every field has a default, so `{}` is a valid file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `serve` needs besides the listen address.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The model name `/info`, `/v1/models` and responses report.
+    pub model_name: String,
+    /// A Hugging Face model directory, a `.gguf` file, or `demo` (a random-weight tiny model
+    /// generated at start from the bundled tokenizer).
+    pub model_path: String,
+    /// `safetensors` or `gguf`; informational, the path decides.
+    pub format: Option<String>,
+    /// Context window to serve; defaults to the model's own.
+    pub context_length: Option<usize>,
+    /// GPUs per instance, as planned by the operator. Recorded and reported; one device is used.
+    pub tensor_parallel: Option<u32>,
+    /// Where the Llama 3 tokenizer lives for the demo model. Defaults to
+    /// `$LLAMA_SERVER_TOKENIZER_DIR`.
+    pub tokenizer_dir: Option<PathBuf>,
+    pub auth: AuthConfig,
+    pub rate_limits: RateLimitsConfig,
+    pub content_safety: ContentSafetyConfig,
+    pub engine: EngineConfig,
+    pub http: HttpConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            model_name: "llama-demo".into(),
+            model_path: "demo".into(),
+            format: None,
+            context_length: None,
+            tensor_parallel: None,
+            tokenizer_dir: None,
+            auth: AuthConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            content_safety: ContentSafetyConfig::default(),
+            engine: EngineConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// How clients authenticate.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Directory holding the files `primaryKey` and `secondaryKey` (a mounted Secret). Re-read
+    /// when they change.
+    pub keys_dir: PathBuf,
+    /// Token (JWT) settings for `mode: token`.
+    pub token: Option<TokenConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Key,
+            keys_dir: PathBuf::from("/var/run/llama-server/keys"),
+            token: None,
+        }
+    }
+}
+
+/// The authentication mode.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthMode {
+    /// Either of two keys, in `api-key` or `Authorization`.
+    Key,
+    /// An Entra ID style JWT in `Authorization: Bearer`.
+    Token,
+    /// No authentication: for local trials only; logged loudly at start.
+    None,
+}
+
+/// What a valid JWT must carry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud`.
+    pub audience: String,
+    /// The issuer's signing keys (JWKS JSON). Defaults to `/etc/llama-server/jwks/jwks.json`,
+    /// where the operator mounts the referenced ConfigMap. Re-read when it changes.
+    #[serde(default = "default_jwks_file")]
+    pub jwks_file: PathBuf,
+    /// Written by the operator; the file above is what is read.
+    #[serde(default)]
+    pub jwks_config_map_ref: Option<serde_json::Value>,
+}
+
+fn default_jwks_file() -> PathBuf {
+    PathBuf::from("/etc/llama-server/jwks/jwks.json")
+}
+
+/// Per-instance rate limits (every instance of a deployment enforces them).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    /// Prompt plus completion tokens per minute.
+    pub tokens_per_minute: u64,
+    /// Requests per minute.
+    pub requests_per_minute: u64,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            tokens_per_minute: 200_000,
+            requests_per_minute: 1_000,
+        }
+    }
+}
+
+/// Content safety of prompts and completions.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ContentSafetyConfig {
+    pub enabled: bool,
+    /// Extra phrases that flag a text (case-insensitive), added to the built-in list.
+    pub blocklist: Vec<String>,
+}
+
+/// The scheduler's limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Most sequences decoding together.
+    pub max_batch_size: usize,
+    /// KV-cache budget in tokens, summed over running sequences (each reserves its prompt
+    /// plus its `max_tokens`). Unset: 4 full context windows.
+    pub kv_cache_tokens: Option<usize>,
+    /// Most requests waiting for a batch slot; beyond it callers get 429.
+    pub max_queue: usize,
+    /// Most prompt tokens one step processes, so a long prompt does not stall decoding.
+    pub prefill_chunk_tokens: usize,
+    /// Seed of the demo model's random weights.
+    pub demo_seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 16,
+            kv_cache_tokens: None,
+            max_queue: 64,
+            prefill_chunk_tokens: 512,
+            demo_seed: 42,
+        }
+    }
+}
+
+/// HTTP-layer limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl ServerConfig {
+    /// Reads and checks a YAML (or JSON) configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    /// Parses and checks configuration text; the error names the field.
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        let config: Self = if text.trim().is_empty() {
+            Self::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|err| err.to_string())?
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.model_name.trim().is_empty() {
+            return Err("modelName must not be empty".into());
+        }
+        if self.engine.max_batch_size == 0 {
+            return Err("engine.maxBatchSize must be at least 1".into());
+        }
+        if self.engine.prefill_chunk_tokens == 0 {
+            return Err("engine.prefillChunkTokens must be at least 1".into());
+        }
+        if self.rate_limits.requests_per_minute == 0 || self.rate_limits.tokens_per_minute == 0 {
+            return Err(
+                "rateLimits.requestsPerMinute and rateLimits.tokensPerMinute must be at least 1"
+                    .into(),
+            );
+        }
+        if self.auth.mode == AuthMode::Token && self.auth.token.is_none() {
+            return Err("auth.token (issuer, audience) is required with auth.mode: token".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operators_file_parses() {
+        let text = r#"
+modelName: Meta-Llama-3.1-8B-Instruct
+modelPath: demo
+format: safetensors
+contextLength: 131072
+tensorParallel: 2
+auth:
+  mode: key
+  keysDir: /var/run/llama-server/keys
+  token: null
+rateLimits:
+  tokensPerMinute: 200000
+  requestsPerMinute: 1000
+contentSafety:
+  enabled: false
+  blocklist: []
+"#;
+        let config = ServerConfig::from_yaml(text).expect("config");
+        assert_eq!(config.model_name, "Meta-Llama-3.1-8B-Instruct");
+        assert_eq!(config.context_length, Some(131072));
+        assert_eq!(config.auth.mode, AuthMode::Key);
+        assert_eq!(config.engine, EngineConfig::default());
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(
+            ServerConfig::from_yaml("").expect("config"),
+            ServerConfig::default()
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let err = ServerConfig::from_yaml("modelNmae: x").expect_err("unknown field");
+        assert!(err.contains("modelNmae"), "{err}");
+        let err = ServerConfig::from_yaml("engine: {maxBatchSize: 0}").expect_err("zero");
+        assert!(err.contains("engine.maxBatchSize"), "{err}");
+        let err = ServerConfig::from_yaml("auth: {mode: token}").expect_err("no token");
+        assert!(err.contains("auth.token"), "{err}");
+        let err = ServerConfig::from_yaml("auth: {mode: magic}").expect_err("bad mode");
+        assert!(err.contains("magic"), "{err}");
+    }
+}

@@ -1,0 +1,176 @@
+//! What every handler shares: configuration, the engine once loaded, authentication, limits,
+//! content safety, metrics and the draining flag.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device};
+
+use crate::auth::Authenticator;
+use crate::chat_template::ChatTemplate;
+use crate::content_safety::ContentFilter;
+use crate::engine::LlamaModel;
+use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
+use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
+use crate::scheduler::{EngineHandle, SchedulerLimits};
+use crate::server_config::ServerConfig;
+use crate::tokenizer::LlamaTokenizer;
+
+/// The loaded model and what turns messages into its tokens.
+#[derive(Debug)]
+pub struct Engine {
+    pub handle: EngineHandle,
+    pub tokenizer: Arc<LlamaTokenizer>,
+    pub template: ChatTemplate,
+}
+
+/// Shared state of the HTTP application.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: ServerConfig,
+    pub engine: OnceLock<Engine>,
+    pub auth: Authenticator,
+    pub limiter: RateLimiter,
+    pub filter: Option<ContentFilter>,
+    pub metrics: Arc<Metrics>,
+    pub draining: AtomicBool,
+    /// Unix seconds the server started (the `created` of `/v1/models`).
+    pub started: u64,
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig, auth: Authenticator) -> Arc<Self> {
+        let limiter = RateLimiter::new(
+            config.rate_limits.requests_per_minute,
+            config.rate_limits.tokens_per_minute,
+        );
+        let filter = config
+            .content_safety
+            .enabled
+            .then(|| ContentFilter::new(&config.content_safety.blocklist));
+        Arc::new(Self {
+            config,
+            engine: OnceLock::new(),
+            auth,
+            limiter,
+            filter,
+            metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
+            started: unix_now(),
+        })
+    }
+
+    /// The engine, when loaded.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.get()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Loads the model described by the configuration (generating the demo model first when
+    /// asked) and starts the engine thread. Blocking: run it off the async runtime.
+    pub fn load_engine(&self) -> Result<(), String> {
+        let dir = model_dir(&self.config)?;
+        let tokenizer = LlamaTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
+        let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
+        let model = LlamaModel::load(&dir, DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
+        let model_context = model.context_length();
+        let context = self
+            .config
+            .context_length
+            .map_or(model_context, |c| c.min(model_context));
+        let engine = &self.config.engine;
+        let limits = SchedulerLimits {
+            max_batch_size: engine.max_batch_size,
+            kv_cache_tokens: engine
+                .kv_cache_tokens
+                .unwrap_or_else(|| (4 * context).max(65_536)),
+            max_queue: engine.max_queue,
+            prefill_chunk_tokens: engine.prefill_chunk_tokens,
+        };
+        self.metrics
+            .engine
+            .kv_budget_tokens
+            .set(limits.kv_cache_tokens as i64);
+        let tokenizer = Arc::new(tokenizer);
+        let handle = EngineHandle::start(
+            model,
+            Arc::clone(&tokenizer),
+            limits,
+            self.metrics.engine.clone(),
+        )
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        let _ = self.engine.set(Engine {
+            handle,
+            tokenizer,
+            template,
+        });
+        self.metrics.model_loaded.set(1);
+        Ok(())
+    }
+}
+
+/// The Hugging Face directory to load.
+fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
+    if config.model_path != "demo" {
+        let path = PathBuf::from(&config.model_path);
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            || config.format.as_deref() == Some("gguf")
+        {
+            return Err(format!(
+                "modelPath {}: GGUF weights are not supported by this build yet; use the \
+                 Hugging Face safetensors layout",
+                path.display()
+            ));
+        }
+        return Ok(path);
+    }
+    let tokenizer_dir = config
+        .tokenizer_dir
+        .clone()
+        .or_else(|| std::env::var_os("LLAMA_SERVER_TOKENIZER_DIR").map(PathBuf::from))
+        .ok_or_else(|| {
+            "modelPath is 'demo' but no tokenizer is configured: set tokenizerDir in the \
+             configuration or LLAMA_SERVER_TOKENIZER_DIR"
+                .to_owned()
+        })?;
+    let seed = config.engine.demo_seed;
+    let out = std::env::temp_dir().join(format!("llama-server-demo-{seed}"));
+    if !out.join("config.json").exists() {
+        // Written aside and renamed into place, so servers starting together never load a
+        // half-written model.
+        let scratch = std::env::temp_dir().join(format!(
+            "llama-server-demo-{seed}.{}.partial",
+            std::process::id()
+        ));
+        let job = GenerateModel {
+            shape: ModelShape::Tiny,
+            seed,
+            out: scratch.clone(),
+            tokenizer_dir,
+            dtype: WeightDtype::F32,
+        };
+        job.run()
+            .map_err(|e| format!("cannot generate the demo model: {e}"))?;
+        if std::fs::rename(&scratch, &out).is_err() {
+            // Another server won the race; its model is the same.
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
+    Ok(out)
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
