@@ -81,7 +81,7 @@ pub struct FetchArgs {
     #[arg(long)]
     pub hugging_face: Option<String>,
     /// Branch, tag or commit of the `--hugging-face` repository.
-    #[arg(long, default_value = "main", requires = "hugging_face")]
+    #[arg(long, default_value = "main", conflicts_with = "url")]
     pub revision: String,
     /// Where a failure's message is also written; must exist (the kubelet mounts it).
     #[arg(long, default_value = "/dev/termination-log")]
@@ -149,7 +149,8 @@ mod tests {
 
     #[test]
     fn fetch_takes_exactly_one_source() {
-        let Ok(Command::Fetch(args)) = parse(&["fetch", "--out", "/models", "--url", "http://h/m.gguf"])
+        let Ok(Command::Fetch(args)) =
+            parse(&["fetch", "--out", "/models", "--url", "http://h/m.gguf"])
         else {
             panic!("expected fetch");
         };
@@ -165,7 +166,15 @@ mod tests {
             &["fetch", "--out", "o"][..],
             &[hf.as_slice(), &["--url", "http://h/x"]].concat(),
             &[hf.as_slice(), &["--sha256", "00"]].concat(),
-            &["fetch", "--out", "o", "--url", "http://h/x", "--revision", "v1"],
+            &[
+                "fetch",
+                "--out",
+                "o",
+                "--url",
+                "http://h/x",
+                "--revision",
+                "v1",
+            ],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

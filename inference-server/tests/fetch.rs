@@ -41,7 +41,9 @@ async fn serve_file(State(served): State<Shared>, uri: Uri, headers: HeaderMap) 
     served.requests.push(path.clone());
     if let Some(token) = &served.token {
         let expected = format!("Bearer {token}");
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         match given {
             None => return StatusCode::UNAUTHORIZED.into_response(),
             Some(given) if given != expected => return StatusCode::FORBIDDEN.into_response(),
@@ -135,9 +137,16 @@ async fn gguf_url_with_matching_sha256_is_saved_under_its_name() {
     // Upper-case hex and a query string, as a signed URL has.
     let sha = sha256(&weights).to_ascii_uppercase();
     let url = format!("{base}/models/tiny.Q8_0.gguf?signature=abc");
-    let output = fetch(&["--out", path_str(&out), "--url", &url, "--sha256", &sha], &[]).await;
+    let output = fetch(
+        &["--out", path_str(&out), "--url", &url, "--sha256", &sha],
+        &[],
+    )
+    .await;
     let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert_eq!(
         std::fs::read(out.join("tiny.Q8_0.gguf")).expect("weights"),
         weights
@@ -180,7 +189,10 @@ async fn sha256_mismatch_fails_naming_both_hashes_and_leaves_no_weights() {
     )
     .await;
     let (stdout, stderr) = text(&output);
-    assert!(!output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     let actual = sha256(&weights);
     assert!(
         stderr.contains(&expected) && stderr.contains(&actual),
@@ -239,7 +251,10 @@ async fn tar_gz_archive_is_unpacked_into_out() {
     )
     .await;
     let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert_eq!(
         listing(&out),
         [
@@ -262,21 +277,26 @@ async fn tar_gz_archive_is_unpacked_into_out() {
 
 #[tokio::test]
 async fn path_traversal_archive_is_rejected_and_nothing_is_unpacked() {
-    let archive = tar_gz(&[
-        ("config.json", b"{}"),
-        ("../escaped.txt", b"outside"),
-    ]);
+    let archive = tar_gz(&[("config.json", b"{}"), ("../escaped.txt", b"outside")]);
     let served = shared(&[("/evil.tgz", &archive)]);
     let base = start(served).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("models");
     let output = fetch(
-        &["--out", path_str(&out), "--url", &format!("{base}/evil.tgz")],
+        &[
+            "--out",
+            path_str(&out),
+            "--url",
+            &format!("{base}/evil.tgz"),
+        ],
         &[],
     )
     .await;
     let (stdout, stderr) = text(&output);
-    assert!(!output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(
         stderr.contains("unsafe archive entry") && stderr.contains("../escaped.txt"),
         "{stderr}"
@@ -338,15 +358,25 @@ async fn hugging_face_gated_repository_needs_the_token_and_a_second_run_download
 
     let without = fetch(&args, &[("HF_ENDPOINT", &base)]).await;
     let (stdout, stderr) = text(&without);
-    assert!(!without.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        !without.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(
         stderr.contains("gated") && stderr.contains("tokenSecretRef"),
         "{stderr}"
     );
 
-    let wrong = fetch(&args, &[("HF_ENDPOINT", &base), ("HF_TOKEN", "hf_wrong_token")]).await;
+    let wrong = fetch(
+        &args,
+        &[("HF_ENDPOINT", &base), ("HF_TOKEN", "hf_wrong_token")],
+    )
+    .await;
     let (stdout, stderr) = text(&wrong);
-    assert!(!wrong.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        !wrong.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stderr.contains("lacks access"), "{stderr}");
     assert!(!format!("{stdout}{stderr}").contains("hf_wrong_token"));
 
@@ -379,7 +409,11 @@ async fn hugging_face_gated_repository_needs_the_token_and_a_second_run_download
     let (stdout, stderr) = text(&again);
     assert!(again.status.success(), "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("nothing to do"), "{stdout}");
-    assert_eq!(requests(&served).len(), before, "the second run made requests");
+    assert_eq!(
+        requests(&served).len(),
+        before,
+        "the second run made requests"
+    );
 }
 
 #[tokio::test]
@@ -401,7 +435,10 @@ async fn unknown_revision_is_reported_as_not_found() {
     )
     .await;
     let (stdout, stderr) = text(&output);
-    assert!(!output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(
         stderr.contains("not found") && stderr.contains("\"v9\""),
         "{stderr}"
@@ -425,17 +462,36 @@ async fn a_server_error_is_retried_and_a_second_run_is_skipped() {
 
     let output = fetch(&args, &[]).await;
     let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("HTTP 500") && stdout.contains("retrying"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("HTTP 500") && stdout.contains("retrying"),
+        "{stdout}"
+    );
     assert_eq!(requests(&served), ["/m.gguf", "/m.gguf"]);
     assert_eq!(std::fs::read(out.join("m.gguf")).expect("weights"), weights);
 
     let again = fetch(&args, &[]).await;
     assert!(again.status.success());
-    assert_eq!(requests(&served).len(), 2, "the second run downloaded again");
+    assert_eq!(
+        requests(&served).len(),
+        2,
+        "the second run downloaded again"
+    );
 
     // A different source in the same directory is fetched, not skipped.
-    let other = fetch(&["--out", path_str(&out), "--url", &format!("{base}/m.gguf?v=2")], &[]).await;
+    let other = fetch(
+        &[
+            "--out",
+            path_str(&out),
+            "--url",
+            &format!("{base}/m.gguf?v=2"),
+        ],
+        &[],
+    )
+    .await;
     assert!(other.status.success());
     assert_eq!(requests(&served).len(), 3);
 }
@@ -457,7 +513,10 @@ async fn persistent_server_errors_give_up_after_a_few_attempts() {
     )
     .await;
     let (stdout, stderr) = text(&output);
-    assert!(!output.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stderr.contains("gave up after 4 attempts"), "{stderr}");
     assert_eq!(requests(&served).len(), 4);
     assert!(listing(&out).is_empty(), "left behind: {:?}", listing(&out));

@@ -146,7 +146,8 @@ fn move_into_place(staging: &Path, out: &Path) -> Result<(), FetchError> {
         let entry = entry.map_err(FetchError::io("read", staging))?;
         let target = out.join(entry.file_name());
         remove_if_present(&target)?;
-        std::fs::rename(entry.path(), &target).map_err(FetchError::io("move into place", &target))?;
+        std::fs::rename(entry.path(), &target)
+            .map_err(FetchError::io("move into place", &target))?;
     }
     Ok(())
 }
@@ -185,10 +186,8 @@ mod tests {
 
     impl TempDir {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "llama-fetch-archive-{name}-{}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir()
+                .join(format!("llama-fetch-archive-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("temp dir");
             Self(dir)

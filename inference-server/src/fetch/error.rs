@@ -25,8 +25,10 @@ pub enum FetchError {
     #[error("cannot start the HTTP client: {0}")]
     Client(reqwest::Error),
 
-    #[error("request to {url} failed: {source}")]
-    Request { url: String, source: reqwest::Error },
+    /// `detail` is the whole chain of causes (reqwest's own message alone says little, such as
+    /// "error sending request").
+    #[error("request to {url} failed: {detail}")]
+    Request { url: String, detail: String },
 
     #[error("{url} answered HTTP {status}")]
     Status { url: String, status: u16 },
@@ -54,7 +56,8 @@ pub enum FetchError {
 
     #[error(
         "Hugging Face repository {repository} is gated or private (HTTP {status}) and no token was \
-         given: set spec.source.huggingFace.tokenSecretRef to a Secret whose token has access"
+         given: set spec.source.huggingFace.tokenSecretRef to a Secret whose token has access \
+         (the hub also answers {status} for a repository that does not exist)"
     )]
     GatedWithoutToken { repository: String, status: u16 },
 
@@ -65,7 +68,9 @@ pub enum FetchError {
     )]
     GatedTokenLacksAccess { repository: String, status: u16 },
 
-    #[error("Hugging Face repository {repository} or its revision {revision:?} was not found at {endpoint}")]
+    #[error(
+        "Hugging Face repository {repository} or its revision {revision:?} was not found at {endpoint}"
+    )]
     NotFound {
         repository: String,
         revision: String,
@@ -116,7 +121,10 @@ impl FetchError {
     }
 
     /// An `Io` error with what was being done and to which path.
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io {
             action,

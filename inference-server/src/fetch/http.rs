@@ -13,6 +13,9 @@ use tokio::io::AsyncWriteExt;
 use super::error::FetchError;
 use super::progress::Progress;
 
+/// Bytes gathered before each write to the file.
+const WRITE_BUFFER: usize = 4 << 20;
+
 /// How often and how patiently a request is tried.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -107,9 +110,11 @@ impl HttpClient {
         label: &str,
     ) -> Result<Downloaded, FetchError> {
         let mut response = self.send(url).await?;
-        let mut file = tokio::fs::File::create(dest)
+        let file = tokio::fs::File::create(dest)
             .await
             .map_err(FetchError::io("create", dest))?;
+        // Network chunks are a few KiB; each tokio file write is a blocking-pool hop.
+        let mut file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
         let mut hasher = Sha256::new();
         let mut progress = Progress::new(label, response.content_length(), Instant::now());
         while let Some(chunk) = response.chunk().await.map_err(|e| request_error(url, e))? {
@@ -121,7 +126,9 @@ impl HttpClient {
                 println!("{line}");
             }
         }
-        file.sync_all()
+        file.flush().await.map_err(FetchError::io("write", dest))?;
+        file.into_inner()
+            .sync_all()
             .await
             .map_err(FetchError::io("write", dest))?;
         println!("{}", progress.finish(Instant::now()));
@@ -191,9 +198,21 @@ pub fn display_url(url: &Url) -> String {
 }
 
 fn request_error(url: &Url, source: reqwest::Error) -> FetchError {
+    let source = source.without_url();
+    let mut detail = source.to_string();
+    let mut cause = std::error::Error::source(&source);
+    while let Some(err) = cause {
+        let text = err.to_string();
+        // hyper and reqwest often repeat the inner message in the outer one.
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        cause = err.source();
+    }
     FetchError::Request {
         url: display_url(url),
-        source: source.without_url(),
+        detail,
     }
 }
 
@@ -214,11 +233,8 @@ mod tests {
 
     #[test]
     fn tokens_are_redacted_in_debug_output() {
-        let client = HttpClient::new(
-            Some(Token::new("hf_secret".into())),
-            RetryPolicy::default(),
-        )
-        .expect("client");
+        let client = HttpClient::new(Some(Token::new("hf_secret".into())), RetryPolicy::default())
+            .expect("client");
         let shown = format!("{client:?}");
         assert!(!shown.contains("hf_secret"), "{shown}");
         assert!(shown.contains("redacted"), "{shown}");

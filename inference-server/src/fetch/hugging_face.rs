@@ -124,7 +124,11 @@ struct Sibling {
 /// tokenizer, weights and their index) when there are top-level `*.safetensors`, otherwise every
 /// top-level `*.gguf`. Sub-directories (such as Meta's `original/`) are never taken.
 pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<String>, FetchError> {
-    let top_level = || files.iter().filter(|f| !f.contains('/') && !f.starts_with('.'));
+    let top_level = || {
+        files
+            .iter()
+            .filter(|f| !f.contains('/') && !f.starts_with('.'))
+    };
     let has = |name: &str| top_level().any(|f| f == name);
     let safetensors: Vec<String> = top_level()
         .filter(|f| f.ends_with(".safetensors"))
@@ -176,11 +180,12 @@ pub async fn fetch(
         .get_bytes(&repository.listing_url())
         .await
         .map_err(|e| repository.explain(e))?;
-    let info: ModelInfo = serde_json::from_slice(&listing).map_err(|source| FetchError::Listing {
-        repository: repository.name.clone(),
-        revision: repository.revision.clone(),
-        source,
-    })?;
+    let info: ModelInfo =
+        serde_json::from_slice(&listing).map_err(|source| FetchError::Listing {
+            repository: repository.name.clone(),
+            revision: repository.revision.clone(),
+            source,
+        })?;
     let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let selected = select_files(repository, &names)?;
     println!(
@@ -334,6 +339,9 @@ mod tests {
         assert!(message.contains("lacks access"), "{message}");
         let message = without.explain(status(404)).to_string();
         assert!(message.contains("not found"), "{message}");
-        assert!(matches!(without.explain(status(500)), FetchError::Status { .. }));
+        assert!(matches!(
+            without.explain(status(500)),
+            FetchError::Status { .. }
+        ));
     }
 }

@@ -17,11 +17,11 @@ pub mod url;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use self::url::{Payload, Sha256Hex};
 pub use error::FetchError;
 use http::{HttpClient, RetryPolicy, Token, display_url};
 use hugging_face::Repository;
 use reqwest::Url;
-use self::url::{Payload, Sha256Hex};
 
 /// Where a download is written until it is complete.
 pub const PARTIAL: &str = ".partial";
@@ -234,7 +234,10 @@ mod tests {
         );
         assert!(!format!("{hf:?}").contains("hf_secret"));
         let url = Source::url("https://h/m.gguf?sig=s3cr3t", Some(&"AB".repeat(32))).expect("url");
-        assert!(url.describe().ends_with(&format!("sha256 {}", "ab".repeat(32))));
+        assert!(
+            url.describe()
+                .ends_with(&format!("sha256 {}", "ab".repeat(32)))
+        );
         assert!(!url.shown().contains("s3cr3t"));
     }
 

@@ -118,7 +118,9 @@ mod tests {
         let mut p = Progress::new("model.gguf", Some(1000), t0);
         // 10% within the first second: too soon.
         assert_eq!(p.advance(100, t0 + Duration::from_millis(500)), None);
-        let line = p.advance(0, t0 + Duration::from_secs(1)).expect("a line after 1 s");
+        let line = p
+            .advance(0, t0 + Duration::from_secs(1))
+            .expect("a line after 1 s");
         assert_eq!(line, "fetch: model.gguf 100 B / 1000 B (10%), 100 B/s");
         // A second later but still in the same 5% step: nothing.
         assert_eq!(p.advance(20, t0 + Duration::from_secs(2)), None);
@@ -135,6 +137,9 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Progress::new("x", None, t0);
         assert_eq!(p.advance(2048, t0), None);
-        assert_eq!(p.finish(t0 + Duration::from_secs(2)), "fetch: x 2.0 KiB, 1.0 KiB/s");
+        assert_eq!(
+            p.finish(t0 + Duration::from_secs(2)),
+            "fetch: x 2.0 KiB, 1.0 KiB/s"
+        );
     }
 }

@@ -140,6 +140,10 @@ fn container_security() -> Value {
     })
 }
 
+/// Name of the init container that downloads the weights; its exit code and termination message
+/// tell the operator whether the download failed.
+pub const FETCH_CONTAINER: &str = "fetch-model";
+
 /// The init container that downloads URL or Hugging Face weights into the model volume.
 fn fetch_container(ld: &LlamaDeployment, image: &str) -> Result<Value, BuildError> {
     let source = &ld.spec.source;
@@ -167,7 +171,7 @@ fn fetch_container(ld: &LlamaDeployment, image: &str) -> Result<Value, BuildErro
         }
     }
     Ok(json!({
-        "name": "fetch-model",
+        "name": FETCH_CONTAINER,
         "image": image,
         "args": args,
         "env": env,

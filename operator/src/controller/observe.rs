@@ -2,7 +2,9 @@
 
 use super::conditions::{self, MODEL_LOADED, NODE_POOL_READY, READY};
 use crate::api::{InstanceCounts, LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, Phase};
+use crate::build::FETCH_CONTAINER;
 use crate::validate::{Plan, SpecError};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use k8s_openapi::jiff::Timestamp;
 
 /// What the operator saw of a deployment's children.
@@ -19,6 +21,8 @@ pub struct Observed {
     pub unschedulable: Option<String>,
     /// A server pod is still downloading the weights.
     pub downloading: bool,
+    /// Why a server pod's download failed, when one did (see [`download_failure`]).
+    pub download_failed: Option<String>,
     /// Start times of the running server pods.
     pub running_since: Vec<Timestamp>,
 }
@@ -102,6 +106,12 @@ pub fn status_for(
                 ld.spec.model, observed.ready_replicas
             ),
         )
+    } else if let Some(why) = &observed.download_failed {
+        (
+            false,
+            "DownloadFailed",
+            format!("downloading the model weights failed: {why}"),
+        )
     } else if observed.downloading {
         (
             false,
@@ -165,6 +175,40 @@ pub fn status_for(
         ready: observed.ready_replicas,
     });
     (status, transitions)
+}
+
+/// The message of a server pod's `fetch-model` init container that exited non-zero and is not
+/// running again: stopped, or waiting in CrashLoopBackOff after the failure. The message is the
+/// container's termination message (`llama-server fetch` writes its error there).
+pub fn download_failure(pods: &[Pod]) -> Option<String> {
+    pods.iter().find_map(|pod| {
+        let fetch = pod
+            .status
+            .as_ref()?
+            .init_container_statuses
+            .as_ref()?
+            .iter()
+            .find(|c| c.name == FETCH_CONTAINER)?;
+        let state = fetch.state.as_ref()?;
+        let failed = |t: &Option<ContainerStateTerminated>| {
+            t.as_ref().filter(|t| t.exit_code != 0).map(|t| {
+                let why = t
+                    .message
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .or(t.reason.as_deref())
+                    .unwrap_or("no message");
+                format!("{why} (exit code {})", t.exit_code)
+            })
+        };
+        failed(&state.terminated).or_else(|| {
+            state
+                .waiting
+                .as_ref()
+                .and_then(|_| failed(&fetch.last_state.as_ref()?.terminated))
+        })
+    })
 }
 
 /// The status of a deployment whose spec must be fixed: Ready=False with the reason, the rest
@@ -276,5 +320,58 @@ mod tests {
             msg.contains("Insufficient nvidia.com/gpu") && msg.contains("Standard_NC48ads_A100_v4"),
             "{msg}"
         );
+    }
+    /// A server pod whose `fetch-model` init container has `state` and `lastState`.
+    fn pod_with_fetch(state: serde_json::Value, last_state: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "chat-0"},
+            "status": {"initContainerStatuses": [{
+                "name": FETCH_CONTAINER, "image": "llama-server", "imageID": "", "ready": false,
+                "restartCount": 1, "state": state, "lastState": last_state,
+            }]},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn a_failed_download_shows_its_termination_message() {
+        let failed = serde_json::json!({"terminated": {"exitCode": 1, "reason": "Error",
+            "message": "sha256 mismatch for https://h/m.gguf: expected aa, got bb\n"}});
+        let crash_loop = pod_with_fetch(
+            serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            failed.clone(),
+        );
+        let why = download_failure(&[crash_loop]).expect("a failure");
+        assert_eq!(
+            why,
+            "sha256 mismatch for https://h/m.gguf: expected aa, got bb (exit code 1)"
+        );
+        let stopped = pod_with_fetch(failed.clone(), serde_json::json!({}));
+        assert!(download_failure(&[stopped]).is_some());
+        // Retrying after a failure is downloading, and a clean exit is no failure.
+        let retrying = pod_with_fetch(serde_json::json!({"running": {}}), failed);
+        assert_eq!(download_failure(&[retrying]), None);
+        let done = pod_with_fetch(
+            serde_json::json!({"terminated": {"exitCode": 0}}),
+            serde_json::json!({}),
+        );
+        assert_eq!(download_failure(&[done]), None);
+
+        let d = ld(CHAT);
+        let seen = Observed {
+            nodes_ready: 2,
+            replicas: 2,
+            downloading: true,
+            download_failed: Some(why),
+            ..Default::default()
+        };
+        let (s, t) = status_for(&d, &plan(&d), &seen, "e".into(), "x".into(), now());
+        assert_eq!(cond(&s, MODEL_LOADED), ("False", "DownloadFailed"));
+        assert_eq!(cond(&s, READY), ("False", "DownloadFailed"));
+        let msg = &conditions::get(&s.conditions, MODEL_LOADED)
+            .expect("model loaded")
+            .message;
+        assert!(msg.contains("expected aa, got bb"), "{msg}");
+        assert!(t.iter().any(|t| t.reason == "DownloadFailed" && !t.status));
     }
 }

@@ -3,7 +3,7 @@
 use super::Context;
 use super::conditions;
 use super::dereference;
-use super::observe::{Observed, Transition, status_for, status_for_invalid};
+use super::observe::{Observed, Transition, download_failure, status_for, status_for_invalid};
 use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, QuotaSource};
 use crate::build::{
     self, DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, KWOK_PROVISIONER_LABEL, POOL_LABEL,
@@ -522,6 +522,7 @@ async fn observe(
         },
         unschedulable,
         downloading,
+        download_failed: download_failure(&pods),
     })
 }
 
