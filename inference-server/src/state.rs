@@ -90,6 +90,7 @@ impl AppState {
             .map_or(model_context, |c| c.min(model_context));
         let engine = &self.config.engine;
         let limits = SchedulerLimits {
+            context_tokens: context,
             max_batch_size: engine.max_batch_size,
             kv_cache_tokens: engine
                 .kv_cache_tokens
@@ -123,7 +124,9 @@ impl AppState {
 fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
     if config.model_path != "demo" {
         let path = PathBuf::from(&config.model_path);
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
             || config.format.as_deref() == Some("gguf")
         {
             return Err(format!(
@@ -144,7 +147,7 @@ fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
                 .to_owned()
         })?;
     let seed = config.engine.demo_seed;
-    let out = std::env::temp_dir().join(format!("llama-server-demo-{seed}"));
+    let out = std::env::temp_dir().join(format!("llama-server-demo-v2-{seed}"));
     if !out.join("config.json").exists() {
         // Written aside and renamed into place, so servers starting together never load a
         // half-written model.
@@ -161,12 +164,28 @@ fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
         };
         job.run()
             .map_err(|e| format!("cannot generate the demo model: {e}"))?;
+        install_tool_template(&scratch)?;
         if std::fs::rename(&scratch, &out).is_err() {
             // Another server won the race; its model is the same.
             let _ = std::fs::remove_dir_all(&scratch);
         }
     }
     Ok(out)
+}
+
+/// The demo model's chat template: Llama 3.1's conversation format with JSON tool calling
+/// (the npm tokenizer package carries the plain Llama 3 template, which has no tools).
+const DEMO_CHAT_TEMPLATE: &str = include_str!("templates/llama-3.1-tools.jinja");
+
+fn install_tool_template(dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join("tokenizer_config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    config["chat_template"] = serde_json::Value::String(DEMO_CHAT_TEMPLATE.to_owned());
+    std::fs::write(&path, config.to_string())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 pub fn unix_now() -> u64 {

@@ -59,7 +59,10 @@ impl JwtValidator {
     pub fn validate(&self, token: &str) -> Result<(), String> {
         let header = decode_header(token).map_err(|_| "malformed token".to_owned())?;
         if !ALLOWED.contains(&header.alg) {
-            return Err(format!("signing algorithm {:?} is not accepted", header.alg));
+            return Err(format!(
+                "signing algorithm {:?} is not accepted",
+                header.alg
+            ));
         }
         let keys = self
             .keys

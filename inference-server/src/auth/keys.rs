@@ -46,7 +46,9 @@ impl KeyStore {
     pub fn fixed(keys: &[&str]) -> Self {
         Self {
             dir: PathBuf::new(),
-            keys: Arc::new(RwLock::new(keys.iter().map(|k| k.as_bytes().to_vec()).collect())),
+            keys: Arc::new(RwLock::new(
+                keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            )),
         }
     }
 

@@ -62,7 +62,11 @@ impl ApiError {
     }
 
     /// Like [`Self::invalid`], recording the offending value.
-    pub fn invalid_value(param: impl Into<String>, message: impl Into<String>, input: &Value) -> Self {
+    pub fn invalid_value(
+        param: impl Into<String>,
+        message: impl Into<String>,
+        input: &Value,
+    ) -> Self {
         let mut error = Self::invalid(param, message);
         if let Some(detail) = error.detail.first_mut() {
             detail.input = Some(input.clone());
@@ -81,7 +85,10 @@ impl ApiError {
             "Extra parameters [{}] are not allowed when extra-parameters is not set or set to \
              'error'. Set the header 'extra-parameters' to 'drop' to ignore them or to \
              'pass-through' to give them to the model.",
-            keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
+            keys.iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         Self {
             detail: keys
@@ -94,7 +101,11 @@ impl ApiError {
                 })
                 .collect(),
             param: keys.first().cloned(),
-            ..Self::new(StatusCode::BAD_REQUEST, "extra_parameters_not_allowed", message)
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "extra_parameters_not_allowed",
+                message,
+            )
         }
     }
 
@@ -144,7 +155,11 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            message,
+        )
     }
 
     pub fn payload_too_large(limit: usize) -> Self {
@@ -167,7 +182,11 @@ impl ApiError {
     pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> Self {
         Self {
             retry_after: Some(retry_after.max(1)),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", message)
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                message,
+            )
         }
     }
 
@@ -254,7 +273,10 @@ mod tests {
         assert_eq!(body["error"]["code"], "invalid_request");
         assert_eq!(body["error"]["param"], "messages[0].role");
         assert_eq!(body["error"]["status"], 400);
-        assert_eq!(body["detail"][0]["loc"], json!(["body", "messages", "0", "role"]));
+        assert_eq!(
+            body["detail"][0]["loc"],
+            json!(["body", "messages", "0", "role"])
+        );
     }
 
     #[test]

@@ -161,10 +161,7 @@ impl ChatRequest {
                 }
             }
             ExtraParameters::PassThrough => {
-                if let Some(key) = unknown
-                    .iter()
-                    .find(|k| !LLAMA_EXTRAS.contains(&k.as_str()))
-                {
+                if let Some(key) = unknown.iter().find(|k| !LLAMA_EXTRAS.contains(&k.as_str())) {
                     return Err(ApiError::not_supported(
                         key.clone(),
                         format!(
@@ -293,7 +290,11 @@ impl Fields {
                 .enumerate()
                 .map(|(i, s)| {
                     s.as_str().map(str::to_owned).ok_or_else(|| {
-                        ApiError::invalid_value(format!("stop[{i}]"), "stop sequences must be strings", s)
+                        ApiError::invalid_value(
+                            format!("stop[{i}]"),
+                            "stop sequences must be strings",
+                            s,
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
@@ -433,9 +434,7 @@ impl Fields {
                 _ => {
                     return Err(ApiError::invalid_value(
                         "logprobs",
-                        format!(
-                            "'logprobs' must be an integer between 0 and {MAX_TOP_LOGPROBS}"
-                        ),
+                        format!("'logprobs' must be an integer between 0 and {MAX_TOP_LOGPROBS}"),
                         &value,
                     ));
                 }
@@ -450,13 +449,15 @@ impl Fields {
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
-                        ApiError::invalid_value(
-                            format!("stop_token_ids[{i}]"),
-                            "token ids must be non-negative integers",
-                            v,
-                        )
-                    })
+                    v.as_u64()
+                        .and_then(|id| u32::try_from(id).ok())
+                        .ok_or_else(|| {
+                            ApiError::invalid_value(
+                                format!("stop_token_ids[{i}]"),
+                                "token ids must be non-negative integers",
+                                v,
+                            )
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             Some(other) => {
@@ -542,7 +543,11 @@ fn message(index: usize, value: Value) -> Result<Value, ApiError> {
     let role = match m.remove("role") {
         Some(Value::String(role)) => role,
         Some(other) => {
-            return Err(ApiError::invalid_value(at("role"), "'role' must be a string", &other));
+            return Err(ApiError::invalid_value(
+                at("role"),
+                "'role' must be a string",
+                &other,
+            ));
         }
         None => return Err(ApiError::invalid(at("role"), "'role' is required")),
     };
@@ -764,7 +769,10 @@ mod tests {
         assert_eq!(err.code, "parameter_not_supported");
         let mut body = hello();
         body["tool_choice"] = json!("required");
-        assert_eq!(parse(body, None).expect_err("required").status.as_u16(), 422);
+        assert_eq!(
+            parse(body, None).expect_err("required").status.as_u16(),
+            422
+        );
     }
 
     #[test]
@@ -779,10 +787,16 @@ mod tests {
         let r = parse(body, None).expect("valid");
         assert_eq!(r.messages[0]["role"], "system");
         assert_eq!(r.messages[1]["content"], "ab");
-        assert_eq!(r.messages[2]["tool_calls"][0]["function"]["arguments"]["x"], 1);
+        assert_eq!(
+            r.messages[2]["tool_calls"][0]["function"]["arguments"]["x"],
+            1
+        );
         assert!(r.stream);
-        let err = parse(json!({"messages": [{"role": "robot", "content": "x"}]}), None)
-            .expect_err("role");
+        let err = parse(
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            None,
+        )
+        .expect_err("role");
         assert_eq!(err.param.as_deref(), Some("messages[0].role"));
         let err = parse(json!({"messages": []}), None).expect_err("empty");
         assert_eq!(err.param.as_deref(), Some("messages"));

@@ -39,7 +39,10 @@ pub fn parse(text: &str, id_seed: &str) -> Option<Vec<ToolCall>> {
 /// such text back).
 pub fn may_become_call(text: &str) -> bool {
     let t = text.trim_start();
-    t.is_empty() || t.starts_with('{') || "<|python_tag|>".starts_with(t) || t.starts_with("<|python_tag|>")
+    t.is_empty()
+        || t.starts_with('{')
+        || "<|python_tag|>".starts_with(t)
+        || t.starts_with("<|python_tag|>")
 }
 
 /// Splits `{…}; {…}` at top-level semicolons.

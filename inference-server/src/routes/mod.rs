@@ -69,10 +69,16 @@ async fn method_not_allowed(request: Request) -> Response {
 }
 
 /// Counts every answered request by route template and status.
-async fn count_requests(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = route_label(request.uri().path());
     let response = next.run(request).await;
-    state.metrics.count_request(&route, response.status().as_u16());
+    state
+        .metrics
+        .count_request(&route, response.status().as_u16());
     response
 }
 

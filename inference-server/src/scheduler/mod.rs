@@ -27,6 +27,8 @@ use crate::tokenizer::LlamaTokenizer;
 /// Limits of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerLimits {
+    /// The context window served: the model's, or less when configured.
+    pub context_tokens: usize,
     pub max_batch_size: usize,
     pub kv_cache_tokens: usize,
     pub max_queue: usize,
@@ -94,7 +96,7 @@ impl EngineHandle {
     ) -> std::io::Result<Self> {
         let (jobs, inbox) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let context = model.context_length();
+        let context = limits.context_tokens.min(model.context_length());
         let worker = worker::Worker::new(model, tokenizer, limits, Arc::clone(&queued), gauges);
         std::thread::Builder::new()
             .name("llama-engine".into())
@@ -115,7 +117,9 @@ impl EngineHandle {
     /// Most prompt tokens a request may have: one token must fit after it, in the context and
     /// in the KV budget.
     pub fn max_prompt_tokens(&self) -> usize {
-        self.context.min(self.limits.kv_cache_tokens).saturating_sub(1)
+        self.context
+            .min(self.limits.kv_cache_tokens)
+            .saturating_sub(1)
     }
 
     /// Requests waiting for a batch slot.

@@ -56,6 +56,7 @@ impl Worker {
         loop {
             // Intake: block only when there is nothing to do.
             if running.is_empty() && waiting.is_empty() {
+                self.publish(&waiting, &running, reserved);
                 if !open {
                     return;
                 }
@@ -85,7 +86,11 @@ impl Worker {
                 let Some(job) = waiting.front() else { break };
                 let prompt = job.request.prompt.len();
                 let budget = self.limits.kv_cache_tokens;
-                let room = self.model.context_length().min(budget).saturating_sub(prompt);
+                let room = self
+                    .model
+                    .context_length()
+                    .min(budget)
+                    .saturating_sub(prompt);
                 let want = prompt + job.request.max_tokens.unwrap_or(room).min(room);
                 if reserved + want > budget && !running.is_empty() {
                     break;
@@ -217,9 +222,7 @@ fn finish(entry: &mut Running<'_>) {
 
 /// Ends a sequence with an error; it leaves the batch before the next step.
 fn fail(entry: &mut Running<'_>, message: &str) {
-    let _ = entry
-        .events
-        .send(SequenceEvent::Failed(message.to_owned()));
+    let _ = entry.events.send(SequenceEvent::Failed(message.to_owned()));
     // Closing our side makes `is_closed` true, so the sequence is retired.
     entry.events = closed_sender();
 }

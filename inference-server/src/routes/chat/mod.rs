@@ -402,9 +402,9 @@ pub(crate) fn record_timings(
             .time_to_first_token
             .observe(first.duration_since(prepared.arrived).as_secs_f64());
         if completion_tokens > 1 {
-            metrics.time_per_output_token.observe(
-                now.duration_since(first).as_secs_f64() / (completion_tokens - 1) as f64,
-            );
+            metrics
+                .time_per_output_token
+                .observe(now.duration_since(first).as_secs_f64() / (completion_tokens - 1) as f64);
         }
     }
 }

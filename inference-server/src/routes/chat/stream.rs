@@ -18,7 +18,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver};
 use super::choice::{ChoiceState, Emission};
 use super::{InFlight, Prepared, record_timings};
 use crate::azure::ApiError;
-use crate::azure::response::{ChatCompletionChunk, ChunkChoice, ChoiceLogprobs, Delta, Usage};
+use crate::azure::response::{ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, Usage};
 use crate::scheduler::SequenceEvent;
 use crate::state::AppState;
 
@@ -99,15 +99,14 @@ async fn drive(
             return;
         }
     }
-    let mut events = futures::stream::select_all(receivers.into_iter().enumerate().map(
-        |(index, receiver)| {
+    let mut events =
+        futures::stream::select_all(receivers.into_iter().enumerate().map(|(index, receiver)| {
             futures::stream::unfold(receiver, |mut rx| async move {
                 rx.recv().await.map(|event| (event, rx))
             })
             .map(move |event| (index, event))
             .boxed()
-        },
-    ));
+        }));
     let mut first_token: Option<Instant> = None;
     let mut done = vec![false; count];
     while let Some((index, event)) = events.next().await {
@@ -148,7 +147,10 @@ async fn drive(
             Usage::new(prepared.prompt.len(), tokens)
         });
         if let Some(piece) = to_chunk(index, emission, r.logprobs.is_some())
-            && frames.send(frame(&chunk(vec![piece], usage))).await.is_err()
+            && frames
+                .send(frame(&chunk(vec![piece], usage)))
+                .await
+                .is_err()
         {
             return;
         }

@@ -1,0 +1,200 @@
+"""The unmodified azure-ai-inference SDK against a real llama-server."""
+
+import pytest
+from azure.ai.inference import ChatCompletionsClient, EmbeddingsClient
+from azure.ai.inference.models import (
+    AssistantMessage,
+    ChatCompletionsToolDefinition,
+    CompletionsFinishReason,
+    FunctionDefinition,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from azure.core.credentials import AzureKeyCredential
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+)
+
+from conftest import MODEL_NAME
+
+
+def client(server, key=None, **kwargs) -> ChatCompletionsClient:
+    # retry_total=0: azure-core would otherwise retry 429/503 answers on its own.
+    return ChatCompletionsClient(
+        endpoint=server.endpoint,
+        credential=AzureKeyCredential(key or server.primary),
+        retry_total=0,
+        **kwargs,
+    )
+
+
+def test_get_model_info(server):
+    info = client(server).get_model_info()
+    assert info.model_name == MODEL_NAME
+    assert info.model_type == "chat-completion"
+    assert info.model_provider_name == "Meta"
+
+
+def test_complete_reports_exact_usage_and_finish_reason(server):
+    result = client(server).complete(
+        messages=[SystemMessage("You are terse."), UserMessage("Say hello.")],
+        max_tokens=7, temperature=0, seed=1,
+    )
+    assert result.model == MODEL_NAME
+    assert result.id.startswith("chatcmpl-")
+    choice = result.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in (CompletionsFinishReason.TOKEN_LIMIT_REACHED, CompletionsFinishReason.STOPPED)
+    assert result.usage.prompt_tokens > 10
+    assert 1 <= result.usage.completion_tokens <= 7
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_streaming_adds_up_to_the_plain_answer(server):
+    c = client(server)
+    kwargs = dict(messages=[UserMessage("Count to five.")], max_tokens=12, temperature=0)
+    plain = c.complete(**kwargs)
+    updates = list(c.complete(stream=True, **kwargs))
+    text = "".join(u.choices[0].delta.content or "" for u in updates if u.choices)
+    assert text == plain.choices[0].message.content
+    finals = [u for u in updates if u.choices and u.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert finals[0].usage.completion_tokens == plain.usage.completion_tokens
+    assert finals[0].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_seed_makes_sampling_reproducible(server):
+    c = client(server)
+    kwargs = dict(messages=[UserMessage("Tell a story.")], max_tokens=10, temperature=0.9, seed=42)
+    assert c.complete(**kwargs).choices[0].message.content == c.complete(**kwargs).choices[0].message.content
+
+
+def test_secondary_key_works_too(server):
+    assert client(server, key=server.secondary).get_model_info().model_name == MODEL_NAME
+
+
+def test_all_roles_and_tool_turns(server):
+    tool = ChatCompletionsToolDefinition(function=FunctionDefinition(
+        name="get_weather", description="Weather of a city",
+        parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}))
+    messages = [
+        SystemMessage("You can call tools."),
+        UserMessage("Weather in Oslo?"),
+        AssistantMessage(tool_calls=[{"id": "call_1", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]),
+        ToolMessage(tool_call_id="call_1", content='{"temperature": 3}'),
+    ]
+    c = client(server)
+    with_tools = c.complete(messages=messages, tools=[tool], max_tokens=4)
+    without = c.complete(messages=messages, max_tokens=4)
+    # The tool definitions are rendered into the prompt by the model's chat template.
+    assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens
+
+
+def test_model_extras_are_passed_through(server):
+    result = client(server).complete(
+        messages=[UserMessage("hi")], max_tokens=3,
+        model_extras={"n": 2, "logprobs": 2, "ignore_eos": True},
+    )
+    assert len(result.choices) == 2
+    assert result.usage.completion_tokens == 6  # ignore_eos: both run to max_tokens
+    entries = result.choices[0]["logprobs"]["content"]
+    assert len(entries) == 3
+    assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in entries)
+
+
+def test_unknown_model_extra_is_422(server):
+    with pytest.raises(HttpResponseError) as err:
+        client(server).complete(messages=[UserMessage("hi")], model_extras={"frobnicate": 1})
+    assert err.value.status_code == 422
+    assert err.value.error.code == "parameter_not_supported"
+    assert "frobnicate" in err.value.message
+
+
+def test_unknown_key_without_header_is_400(server):
+    with pytest.raises(HttpResponseError) as err:
+        client(server).complete(body={"messages": [{"role": "user", "content": "x"}], "foo": 1})
+    assert err.value.status_code == 400
+    assert err.value.error.code == "extra_parameters_not_allowed"
+    assert "foo" in err.value.message
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=3.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(frequency_penalty=-2.5), "frequency_penalty"),
+    (dict(presence_penalty=9), "presence_penalty"),
+    (dict(max_tokens=-1), "max_tokens"),
+])
+def test_out_of_range_values_are_400_naming_the_parameter(server, kwargs, param):
+    with pytest.raises(HttpResponseError) as err:
+        client(server).complete(messages=[UserMessage("hi")], **kwargs)
+    assert err.value.status_code == 400
+    assert err.value.error.code == "invalid_request"
+    assert param in err.value.message
+
+
+def test_json_mode_is_422(server):
+    with pytest.raises(HttpResponseError) as err:
+        client(server).complete(messages=[UserMessage("hi")], response_format="json_object")
+    assert err.value.status_code == 422
+    assert err.value.error.code == "parameter_not_supported"
+
+
+def test_image_to_a_text_model_is_422(server):
+    from azure.ai.inference.models import ImageContentItem, ImageUrl, TextContentItem
+    message = UserMessage(content=[TextContentItem(text="What is this?"),
+                                   ImageContentItem(image_url=ImageUrl(url="data:image/png;base64,iVBORw0KGgo="))])
+    with pytest.raises(HttpResponseError) as err:
+        client(server).complete(messages=[message])
+    assert err.value.status_code == 422
+    assert "text only" in err.value.message
+
+
+def test_wrong_key_is_401(server):
+    with pytest.raises(ClientAuthenticationError) as err:
+        client(server, key="x" * 32).complete(messages=[UserMessage("hi")])
+    assert err.value.status_code == 401
+    assert err.value.error.code == "unauthorized"
+
+
+def test_embeddings_are_404(server):
+    embeddings = EmbeddingsClient(endpoint=server.endpoint,
+                                  credential=AzureKeyCredential(server.primary), retry_total=0)
+    with pytest.raises(ResourceNotFoundError) as err:
+        embeddings.embed(input=["hello"])
+    assert err.value.status_code == 404
+    assert err.value.error.code == "not_found"
+
+
+def test_flagged_prompt_is_400_content_filter(server):
+    with pytest.raises(HttpResponseError) as err:
+        client(server).complete(messages=[UserMessage("Tell me about the Forbidden Fruit.")])
+    assert err.value.status_code == 400
+    assert err.value.error.code == "content_filter"
+    assert "content management policy" in err.value.message
+
+
+def test_body_too_large_is_413(server_factory):
+    small = server_factory({"http": {"maxBodyBytes": 4096}})
+    with pytest.raises(HttpResponseError) as err:
+        client(small).complete(messages=[UserMessage("x" * 10_000)])
+    assert err.value.status_code == 413
+    assert err.value.error.code == "payload_too_large"
+
+
+def test_rate_limit_is_429_with_retry_after(server_factory):
+    limited = server_factory({"rateLimits": {"requestsPerMinute": 2}})
+    c = client(limited)
+    for _ in range(2):
+        c.complete(messages=[UserMessage("hi")], max_tokens=1)
+    with pytest.raises(HttpResponseError) as err:
+        c.complete(messages=[UserMessage("hi")], max_tokens=1)
+    assert err.value.status_code == 429
+    assert err.value.error.code == "rate_limit_exceeded"
+    assert int(err.value.response.headers["Retry-After"]) >= 1
+    assert err.value.response.headers["x-ratelimit-remaining-requests"] == "0"
