@@ -91,7 +91,7 @@ pub struct TokenConfig {
     pub issuer: String,
     /// Required `aud`.
     pub audience: String,
-    /// The issuer's signing keys (JWKS JSON). Defaults to `/etc/llama-server/jwks/jwks.json`,
+    /// The issuer's signing keys (JWKS JSON). Defaults to `/var/run/llama-server/jwks/jwks.json`,
     /// where the operator mounts the referenced ConfigMap. Re-read when it changes.
     #[serde(default = "default_jwks_file")]
     pub jwks_file: PathBuf,
@@ -101,7 +101,7 @@ pub struct TokenConfig {
 }
 
 fn default_jwks_file() -> PathBuf {
-    PathBuf::from("/etc/llama-server/jwks/jwks.json")
+    PathBuf::from("/var/run/llama-server/jwks/jwks.json")
 }
 
 /// Per-instance rate limits (every instance of a deployment enforces them).

@@ -12,6 +12,8 @@ pub const SERVER_CONFIG_PATH: &str = "/etc/llama-server/server.yaml";
 pub const MODEL_DIR: &str = "/models";
 /// Where the key files are mounted.
 pub const KEYS_DIR: &str = "/var/run/llama-server/keys";
+/// Where the token issuer's signing keys (the `jwksConfigMapRef` ConfigMap) are mounted.
+pub const JWKS_DIR: &str = "/var/run/llama-server/jwks";
 
 /// The server configuration: what to serve and the endpoint's policies.
 pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap, BuildError> {
@@ -34,7 +36,11 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         "auth": {
             "mode": spec.auth.mode,
             "keysDir": KEYS_DIR,
-            "token": spec.auth.token,
+            "token": spec.auth.token.as_ref().map(|t| json!({
+                "issuer": t.issuer,
+                "audience": t.audience,
+                "jwksFile": format!("{JWKS_DIR}/jwks.json"),
+            })),
         },
         "rateLimits": spec.rate_limits,
         "contentSafety": spec.content_safety,
@@ -84,5 +90,21 @@ mod tests {
         let cfg: serde_yaml::Value =
             serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
         assert_eq!(cfg["modelPath"], "/models/llama/8b");
+    }
+
+    #[test]
+    fn token_auth_tells_the_server_where_the_signing_keys_are() {
+        let d = ld(&format!(
+            "{CHAT}  auth: {{mode: token, token: {{issuer: 'https://login.example/t/v2.0', \
+             audience: 'api://llama', jwksConfigMapRef: {{name: issuer-keys}}}}}}\n"
+        ));
+        let cm = server_config_map(&d, &plan(&d)).expect("configmap");
+        let cfg: serde_yaml::Value =
+            serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
+        assert_eq!(cfg["auth"]["token"]["audience"], "api://llama");
+        assert_eq!(
+            cfg["auth"]["token"]["jwksFile"],
+            format!("{JWKS_DIR}/jwks.json")
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The Deployment of llama-server: one replica per instance, pinned to the deployment's pool.
 
-use super::config_map::{KEYS_DIR, MODEL_DIR, SERVER_CONFIG_PATH};
+use super::config_map::{JWKS_DIR, KEYS_DIR, MODEL_DIR, SERVER_CONFIG_PATH};
 use super::{
     BuildError, POOL_LABEL, POOL_TAINT, child_metadata, from_json, generated_secret_name, name_of,
     pod_labels, selector_labels,
@@ -55,6 +55,15 @@ pub fn server_deployment(
         json!({"name": "keys", "mountPath": KEYS_DIR, "readOnly": true}),
         json!({"name": "tmp", "mountPath": "/tmp"}),
     ];
+    if let Some(jwks) = spec
+        .auth
+        .token
+        .as_ref()
+        .and_then(|t| t.jwks_config_map_ref.as_ref())
+    {
+        volumes.push(json!({"name": "jwks", "configMap": {"name": jwks.name}}));
+        mounts.push(json!({"name": "jwks", "mountPath": JWKS_DIR, "readOnly": true}));
+    }
     let mut init_containers = Vec::new();
     match spec.source.type_ {
         SourceType::Demo => {}
@@ -285,5 +294,25 @@ mod tests {
             .expect("model volume");
         assert_eq!(model["persistentVolumeClaim"]["claimName"], "weights");
         assert_eq!(model["persistentVolumeClaim"]["readOnly"], true);
+    }
+
+    #[test]
+    fn token_auth_mounts_the_issuers_signing_keys() {
+        let y = build(&format!(
+            "{CHAT}  auth: {{mode: token, token: {{issuer: 'https://login.example/t/v2.0', \
+             audience: 'api://llama', jwksConfigMapRef: {{name: issuer-keys}}}}}}\n"
+        ));
+        let pod = &y["spec"]["template"]["spec"];
+        let volumes: Vec<serde_yaml::Value> =
+            serde_yaml::from_value(pod["volumes"].clone()).expect("volumes");
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["name"] == "jwks" && v["configMap"]["name"] == "issuer-keys")
+        );
+        let mounts = &pod["containers"][0]["volumeMounts"];
+        let mounts: Vec<serde_yaml::Value> =
+            serde_yaml::from_value(mounts.clone()).expect("mounts");
+        assert!(mounts.iter().any(|m| m["mountPath"] == JWKS_DIR));
     }
 }
