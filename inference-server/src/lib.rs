@@ -7,6 +7,7 @@
 pub mod args;
 pub mod auth;
 pub mod azure;
+pub mod beam;
 pub mod chat_template;
 pub mod content_safety;
 pub mod engine;

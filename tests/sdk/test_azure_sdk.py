@@ -198,3 +198,16 @@ def test_rate_limit_is_429_with_retry_after(server_factory):
     assert err.value.error.code == "rate_limit_exceeded"
     assert int(err.value.response.headers["Retry-After"]) >= 1
     assert err.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_beam_search_through_model_extras(server):
+    c = client(server)
+    result = c.complete(messages=[UserMessage("Hi")], max_tokens=4, temperature=0,
+                        model_extras={"use_beam_search": True, "best_of": 3, "n": 2, "ignore_eos": True})
+    assert len(result.choices) == 2
+    assert all(ch.finish_reason == CompletionsFinishReason.TOKEN_LIMIT_REACHED for ch in result.choices)
+    assert result.usage.completion_tokens == 8
+    with pytest.raises(HttpResponseError) as err:
+        c.complete(messages=[UserMessage("Hi")], temperature=0.5,
+                   model_extras={"use_beam_search": True, "best_of": 3})
+    assert err.value.status_code == 400 and "temperature" in err.value.message

@@ -91,6 +91,23 @@ impl KvCache {
         Ok(views)
     }
 
+    /// An independent copy (buffers are written in place, so sharing them is not an option):
+    /// what a beam that branches needs.
+    pub fn fork(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|slot| match slot {
+                Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
+
     /// Forgets every cached token, keeping the allocated buffers.
     pub fn clear(&mut self) {
         self.len = 0;

@@ -64,6 +64,8 @@ pub enum SubmitError {
 /// One request on its way to the engine thread.
 struct Job {
     request: GenerationRequest,
+    /// Beam search with (width, n) instead of sampling one sequence.
+    beam: Option<(usize, usize)>,
     events: mpsc::UnboundedSender<SequenceEvent>,
     enqueued: Instant,
 }
@@ -132,6 +134,24 @@ impl EngineHandle {
         &self,
         request: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<SequenceEvent>, SubmitError> {
+        self.enqueue(request, None)
+    }
+
+    /// Queues a beam search of `width` beams; `n` `Finished` events arrive, best first.
+    pub fn submit_beam(
+        &self,
+        request: GenerationRequest,
+        width: usize,
+        n: usize,
+    ) -> Result<mpsc::UnboundedReceiver<SequenceEvent>, SubmitError> {
+        self.enqueue(request, Some((width.max(1), n.max(1))))
+    }
+
+    fn enqueue(
+        &self,
+        request: GenerationRequest,
+        beam: Option<(usize, usize)>,
+    ) -> Result<mpsc::UnboundedReceiver<SequenceEvent>, SubmitError> {
         if request.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
@@ -154,6 +174,7 @@ impl EngineHandle {
         let (events, receiver) = mpsc::unbounded_channel();
         let job = Job {
             request,
+            beam,
             events,
             enqueued: Instant::now(),
         };

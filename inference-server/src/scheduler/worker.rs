@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Job, SchedulerLimits, SequenceEvent};
+use crate::beam::{BeamRequest, BeamSearch};
 use crate::engine::{LlamaModel, SequenceStep};
 use crate::generation::ActiveSequence;
 use crate::metrics::EngineGauges;
@@ -25,6 +26,12 @@ pub(super) struct Worker {
 
 struct Running<'t> {
     sequence: ActiveSequence<'t>,
+    events: UnboundedSender<SequenceEvent>,
+    reserved: usize,
+}
+
+struct RunningBeam<'t> {
+    search: BeamSearch<'t>,
     events: UnboundedSender<SequenceEvent>,
     reserved: usize,
 }
@@ -51,11 +58,12 @@ impl Worker {
         let tokenizer = Arc::clone(&self.tokenizer);
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut running: Vec<Running<'_>> = Vec::new();
+        let mut beams: Vec<RunningBeam<'_>> = Vec::new();
         let mut reserved = 0usize;
         let mut open = true;
         loop {
             // Intake: block only when there is nothing to do.
-            if running.is_empty() && waiting.is_empty() {
+            if running.is_empty() && beams.is_empty() && waiting.is_empty() {
                 self.publish(&waiting, &running, reserved);
                 if !open {
                     return;
@@ -103,6 +111,31 @@ impl Worker {
                     .queue_seconds
                     .observe(job.enqueued.elapsed().as_secs_f64());
                 job.request.max_tokens = Some(want - prompt);
+                if let Some((width, n)) = job.beam {
+                    let r = job.request;
+                    let search = BeamSearch::new(
+                        &self.model,
+                        &tokenizer,
+                        BeamRequest {
+                            prompt: r.prompt,
+                            width,
+                            n,
+                            max_tokens: want - prompt,
+                            stop: r.stop,
+                            stop_token_ids: r.stop_token_ids,
+                            ignore_eos: r.ignore_eos,
+                            skip_special_tokens: r.skip_special_tokens,
+                        },
+                    );
+                    let _ = job.events.send(SequenceEvent::Started);
+                    reserved += want * width;
+                    beams.push(RunningBeam {
+                        search,
+                        events: job.events,
+                        reserved: want * width,
+                    });
+                    continue;
+                }
                 match ActiveSequence::new(&self.model, &tokenizer, job.request) {
                     Ok(sequence) => {
                         let _ = job.events.send(SequenceEvent::Started);
@@ -129,6 +162,7 @@ impl Worker {
                 }
                 keep
             });
+            self.step_beams(&mut beams, &mut reserved);
             self.publish(&waiting, &running, reserved);
             if running.is_empty() {
                 continue;
@@ -203,6 +237,29 @@ impl Worker {
         self.gauges
             .step_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// One step of every beam search; finished or abandoned ones leave.
+    fn step_beams(&self, beams: &mut Vec<RunningBeam<'_>>, reserved: &mut usize) {
+        beams.retain_mut(|entry| {
+            if entry.events.is_closed() {
+                *reserved -= entry.reserved;
+                return false;
+            }
+            if let Err(err) = entry.search.step(&self.model) {
+                let _ = entry.events.send(SequenceEvent::Failed(err.to_string()));
+                *reserved -= entry.reserved;
+                return false;
+            }
+            if entry.search.is_finished() {
+                for completion in entry.search.completions() {
+                    let _ = entry.events.send(SequenceEvent::Finished(completion));
+                }
+                *reserved -= entry.reserved;
+                return false;
+            }
+            true
+        });
     }
 
     fn publish(&self, waiting: &VecDeque<Job>, running: &[Running<'_>], reserved: usize) {

@@ -224,10 +224,21 @@ fn submit(
 ) -> Result<Vec<UnboundedReceiver<SequenceEvent>>, ApiError> {
     let r = &prepared.request;
     if r.use_beam_search {
-        return Err(ApiError::not_supported(
-            "use_beam_search",
-            "beam search is not available on this deployment yet; use best_of with sampling",
-        ));
+        let mut request = GenerationRequest::new(
+            prepared.prompt.clone(),
+            r.max_tokens,
+            SamplingParams::greedy(),
+        );
+        request.stop = r.stop.clone();
+        request.stop_token_ids = r.stop_token_ids.clone();
+        request.ignore_eos = r.ignore_eos;
+        request.skip_special_tokens = r.skip_special_tokens;
+        let width = r.best_of.unwrap_or(2);
+        return engine
+            .handle
+            .submit_beam(request, width, r.n)
+            .map(|receiver| vec![receiver])
+            .map_err(submit_error);
     }
     let count = r.best_of.unwrap_or(r.n).max(r.n);
     let wants_logprobs = r.logprobs.is_some() || count > r.n;
@@ -255,21 +266,20 @@ fn submit(
                 None
             },
         };
-        match engine.handle.submit(request) {
-            Ok(receiver) => receivers.push(receiver),
-            Err(SubmitError::Overloaded { .. }) => {
-                return Err(ApiError::rate_limited(
-                    "The server is at capacity (its request queue is full); retry shortly.",
-                    1,
-                ));
-            }
-            Err(SubmitError::Stopped) => {
-                return Err(ApiError::unavailable("The engine has stopped.", 5));
-            }
-            Err(other) => return Err(ApiError::invalid("messages", other.to_string())),
-        }
+        receivers.push(engine.handle.submit(request).map_err(submit_error)?);
     }
     Ok(receivers)
+}
+
+fn submit_error(error: SubmitError) -> ApiError {
+    match error {
+        SubmitError::Overloaded { .. } => ApiError::rate_limited(
+            "The server is at capacity (its request queue is full); retry shortly.",
+            1,
+        ),
+        SubmitError::Stopped => ApiError::unavailable("The engine has stopped.", 5),
+        other => ApiError::invalid("messages", other.to_string()),
+    }
 }
 
 /// Waits for every sequence and builds the JSON answer.
@@ -280,6 +290,9 @@ async fn collect(
     receivers: Vec<UnboundedReceiver<SequenceEvent>>,
 ) -> Result<ChatCompletion, ApiError> {
     let r = &prepared.request;
+    if r.use_beam_search {
+        return collect_beams(state, prepared, receivers).await;
+    }
     let mut finished = Vec::with_capacity(receivers.len());
     let mut first_token: Option<Instant> = None;
     for (index, mut receiver) in receivers.into_iter().enumerate() {
@@ -359,6 +372,68 @@ async fn collect(
                 },
                 finish_reason: emission.finish_reason.unwrap_or("stop"),
                 logprobs: logprobs_of(logprobs, r.logprobs.is_some()),
+            }
+        })
+        .collect();
+    Ok(ChatCompletion {
+        id: prepared.id.clone(),
+        object: "chat.completion",
+        created: prepared.created,
+        model: state.config.model_name.clone(),
+        choices,
+        usage: Usage::new(prepared.prompt.len(), completion_tokens),
+    })
+}
+
+/// The `n` best beams, each a choice.
+async fn collect_beams(
+    state: &AppState,
+    prepared: &Prepared,
+    receivers: Vec<UnboundedReceiver<SequenceEvent>>,
+) -> Result<ChatCompletion, ApiError> {
+    let mut completions = Vec::new();
+    for mut receiver in receivers {
+        while let Some(event) = receiver.recv().await {
+            match event {
+                SequenceEvent::Finished(completion) => completions.push(completion),
+                SequenceEvent::Failed(message) => {
+                    return Err(ApiError::internal(format!("generation failed: {message}")));
+                }
+                SequenceEvent::Started | SequenceEvent::Token(_) => {}
+            }
+        }
+    }
+    let completion_tokens: usize = completions.iter().map(|c| c.completion_tokens).sum();
+    record_timings(state, prepared, None, completion_tokens);
+    state.limiter.charge(completion_tokens as u64);
+    let choices = completions
+        .into_iter()
+        .enumerate()
+        .map(|(index, completion)| {
+            let flagged = state
+                .filter
+                .as_ref()
+                .and_then(|f| f.check(&completion.text));
+            let (content, finish) = match flagged {
+                Some(flag) => (
+                    completion
+                        .text
+                        .get(..flag.at)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    "content_filter",
+                ),
+                None => (completion.text.clone(), completion.finish_reason.as_str()),
+            };
+            Choice {
+                index,
+                message: ResponseMessage {
+                    role: "assistant",
+                    content: Some(content),
+                    tool_calls: None,
+                },
+                finish_reason: finish,
+                logprobs: None,
             }
         })
         .collect();
