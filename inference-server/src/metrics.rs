@@ -4,7 +4,6 @@
 //! layer updates the request, token and rejection counters.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -57,9 +56,9 @@ pub struct Metrics {
     pub request_seconds: Histogram,
     pub rate_limited: Family<LimitLabels, Counter>,
     pub content_filtered: Family<StageLabels, Counter>,
+    pub content_safety_errors: Counter,
     pub model_loaded: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub engine: EngineGauges,
-    _ratio: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -118,6 +117,12 @@ impl Metrics {
             "content_filtered",
             "Prompts and completions flagged by content safety",
             content_filtered.clone(),
+        );
+        let content_safety_errors = Counter::default();
+        registry.register(
+            "content_safety_errors",
+            "Texts the Llama Guard classifier could not judge",
+            content_safety_errors.clone(),
         );
         let model_loaded = Gauge::default();
         registry.register(
@@ -186,9 +191,9 @@ impl Metrics {
             request_seconds,
             rate_limited,
             content_filtered,
+            content_safety_errors,
             model_loaded,
             engine,
-            _ratio: Gauge::default(),
         })
     }
 

@@ -24,6 +24,9 @@ pub struct ServerConfig {
     /// Where the Llama 3 tokenizer lives for the demo model. Defaults to
     /// `$LLAMA_SERVER_TOKENIZER_DIR`.
     pub tokenizer_dir: Option<PathBuf>,
+    /// Compute device: `cpu` (the default), `cuda` or `cuda:N`; the engine runs in f32 on the
+    /// CPU and bf16 on a GPU. `serve --device` and `$LLAMA_SERVER_DEVICE` override it.
+    pub device: Option<String>,
     pub auth: AuthConfig,
     pub rate_limits: RateLimitsConfig,
     pub content_safety: ContentSafetyConfig,
@@ -40,6 +43,7 @@ impl Default for ServerConfig {
             context_length: None,
             tensor_parallel: None,
             tokenizer_dir: None,
+            device: None,
             auth: AuthConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             content_safety: ContentSafetyConfig::default(),
@@ -130,6 +134,21 @@ pub struct ContentSafetyConfig {
     pub enabled: bool,
     /// Extra phrases that flag a text (case-insensitive), added to the built-in list.
     pub blocklist: Vec<String>,
+    /// A Llama Guard 3 model (Hugging Face directory) that judges prompts and completions
+    /// besides the blocklist.
+    pub llama_guard: Option<LlamaGuardConfig>,
+}
+
+/// The Llama Guard classifier.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LlamaGuardConfig {
+    /// The model directory.
+    pub model_path: PathBuf,
+    /// When the classifier cannot give a verdict (an unexpected answer, an engine error):
+    /// refuse the text (`true`) or let it pass and count the failure (`false`, the default).
+    #[serde(default)]
+    pub fail_closed: bool,
 }
 
 /// The scheduler's limits.
@@ -230,6 +249,11 @@ impl ServerConfig {
                     .into(),
             );
         }
+        if let Some(device) = &self.device {
+            device
+                .parse::<crate::device::DeviceSpec>()
+                .map_err(|err| format!("device: {err}"))?;
+        }
         if self.auth.mode == AuthMode::Token && self.auth.token.is_none() {
             return Err("auth.token (issuer, audience) is required with auth.mode: token".into());
         }
@@ -285,5 +309,9 @@ contentSafety:
         assert!(err.contains("auth.token"), "{err}");
         let err = ServerConfig::from_yaml("auth: {mode: magic}").expect_err("bad mode");
         assert!(err.contains("magic"), "{err}");
+        let err = ServerConfig::from_yaml("device: tpu").expect_err("bad device");
+        assert!(err.contains("device: unknown device 'tpu'"), "{err}");
+        let config = ServerConfig::from_yaml("device: cuda:1").expect("config");
+        assert_eq!(config.device.as_deref(), Some("cuda:1"));
     }
 }

@@ -6,13 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use candle_core::{DType, Device};
-
 use crate::auth::Authenticator;
 use crate::chat_template::ChatTemplate;
 use crate::content_safety::ContentFilter;
 use crate::engine::LlamaModel;
 use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
+use crate::llama_guard::LlamaGuard;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::scheduler::{EngineHandle, SchedulerLimits};
@@ -35,6 +34,8 @@ pub struct AppState {
     pub auth: Authenticator,
     pub limiter: RateLimiter,
     pub filter: Option<ContentFilter>,
+    /// The Llama Guard classifier, when configured (loaded before the engine).
+    pub guard: OnceLock<LlamaGuard>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
     /// Unix seconds the server started (the `created` of `/v1/models`).
@@ -57,6 +58,7 @@ impl AppState {
             auth,
             limiter,
             filter,
+            guard: OnceLock::new(),
             metrics: Metrics::new(),
             draining: AtomicBool::new(false),
             started: unix_now(),
@@ -79,10 +81,22 @@ impl AppState {
     /// Loads the model described by the configuration (generating the demo model first when
     /// asked) and starts the engine thread. Blocking: run it off the async runtime.
     pub fn load_engine(&self) -> Result<(), String> {
+        if self.config.content_safety.enabled
+            && let Some(guard) = &self.config.content_safety.llama_guard
+        {
+            let gauges = crate::metrics::Metrics::new().engine.clone();
+            let guard = LlamaGuard::load(&guard.model_path, gauges)?;
+            let _ = self.guard.set(guard);
+        }
         let dir = model_dir(&self.config)?;
         let tokenizer = LlamaTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
-        let model = LlamaModel::load(&dir, DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
+        // `serve` has already resolved --device / $LLAMA_SERVER_DEVICE into the configuration.
+        let spec = crate::device::DeviceSpec::choose(None, None, self.config.device.as_deref())
+            .map_err(|e| e.to_string())?;
+        let device = spec.open().map_err(|e| e.to_string())?;
+        let model = LlamaModel::load(&dir, spec.default_dtype(), &device)
+            .map_err(|e| e.to_string())?;
         let model_context = model.context_length();
         let context = self
             .config
@@ -151,9 +165,11 @@ fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
     if !out.join("config.json").exists() {
         // Written aside and renamed into place, so servers starting together never load a
         // half-written model.
+        static ATTEMPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let scratch = std::env::temp_dir().join(format!(
-            "llama-server-demo-{seed}.{}.partial",
-            std::process::id()
+            "llama-server-demo-{seed}.{}-{}.partial",
+            std::process::id(),
+            ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let job = GenerateModel {
             shape: ModelShape::Tiny,

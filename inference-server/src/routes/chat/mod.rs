@@ -19,6 +19,7 @@ use crate::azure::ApiError;
 use crate::azure::request::{ChatRequest, Dialect, ExtraParameters};
 use crate::azure::response::{ChatCompletion, Choice, ResponseMessage, Usage};
 use crate::generation::{Completion, GenerationRequest};
+use crate::llama_guard::{Judged, Verdict};
 use crate::rate_limit::Remaining;
 use crate::sampling::SamplingParams;
 use crate::scheduler::{SequenceEvent, SubmitError};
@@ -159,6 +160,14 @@ async fn prepare(
                 .inc();
             return Err(ApiError::content_filter(flag.category));
         }
+    }
+    if let Some(description) = guard_flags(state, &request, None).await {
+        state
+            .metrics
+            .content_filtered
+            .get_or_create(&crate::metrics::StageLabels { stage: "prompt" })
+            .inc();
+        return Err(ApiError::content_filter(&description));
     }
     let text = engine
         .template
@@ -340,6 +349,21 @@ async fn collect(
         let Some((emission, completion)) = outcome else {
             return Err(ApiError::unavailable("The engine stopped mid-request.", 2));
         };
+        let (mut emission, mut content) = (emission, content);
+        if emission.finish_reason != Some("content_filter")
+            && emission.tool_calls.is_none()
+            && let Some(_) = guard_flags(state, r, Some(&content)).await
+        {
+            state
+                .metrics
+                .content_filtered
+                .get_or_create(&crate::metrics::StageLabels {
+                    stage: "completion",
+                })
+                .inc();
+            content.clear();
+            emission.finish_reason = Some("content_filter");
+        }
         let tokens = choice.completion_tokens;
         let score = completion.as_ref().map_or(f64::NEG_INFINITY, |c| {
             c.cumulative_logprob / (c.completion_tokens.max(1) as f64)
@@ -445,6 +469,46 @@ async fn collect_beams(
         choices,
         usage: Usage::new(prepared.prompt.len(), completion_tokens),
     })
+}
+
+/// Asks Llama Guard (when configured) about the conversation's last user turn, or about
+/// `answer` as the assistant's reply. `Some(categories)` when the text is flagged.
+pub(crate) async fn guard_flags(
+    state: &AppState,
+    request: &ChatRequest,
+    answer: Option<&str>,
+) -> Option<String> {
+    let guard = state.guard.get()?;
+    let mut turns: Vec<(&str, &str)> = request
+        .messages
+        .iter()
+        .filter_map(|m| {
+            let role = m["role"].as_str()?;
+            matches!(role, "user" | "assistant").then_some((role, m["content"].as_str()?))
+        })
+        .collect();
+    let judged = match answer {
+        Some(answer) => {
+            turns.push(("assistant", answer));
+            Judged::Agent
+        }
+        None => Judged::User,
+    };
+    match guard.classify(&turns, judged).await {
+        Ok(Verdict::Safe) => None,
+        Ok(verdict) => Some(verdict.describe()),
+        Err(error) => {
+            state.metrics.content_safety_errors.inc();
+            tracing::warn!(%error, "Llama Guard gave no verdict");
+            let fail_closed = state
+                .config
+                .content_safety
+                .llama_guard
+                .as_ref()
+                .is_some_and(|g| g.fail_closed);
+            fail_closed.then(|| "the classifier could not judge the text".to_owned())
+        }
+    }
 }
 
 /// A placeholder completion for a choice content safety ended.

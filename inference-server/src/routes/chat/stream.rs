@@ -16,7 +16,10 @@ use serde::Serialize;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 
 use super::choice::{ChoiceState, Emission};
-use super::{InFlight, Prepared, record_timings};
+use super::{InFlight, Prepared, guard_flags, record_timings};
+
+/// Tokens released at a time when Llama Guard judges a streamed completion.
+const GUARD_WINDOW: usize = 16;
 use crate::azure::ApiError;
 use crate::azure::response::{ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, Usage};
 use crate::scheduler::SequenceEvent;
@@ -109,6 +112,12 @@ async fn drive(
         }));
     let mut first_token: Option<Instant> = None;
     let mut done = vec![false; count];
+    // With Llama Guard on, text is released in windows of GUARD_WINDOW tokens, each after the
+    // classifier judged everything released so far plus the window.
+    let guarded = state.guard.get().is_some();
+    let mut released = vec![String::new(); count];
+    let mut pending = vec![String::new(); count];
+    let mut pending_tokens = vec![0usize; count];
     while let Some((index, event)) = events.next().await {
         if done[index] {
             continue;
@@ -138,6 +147,31 @@ async fn drive(
                 return;
             }
         };
+        let mut emission = emission;
+        if guarded && emission.finish_reason != Some("content_filter") {
+            pending[index].push_str(&std::mem::take(&mut emission.content));
+            pending_tokens[index] += 1;
+            let window_full = pending_tokens[index] >= GUARD_WINDOW;
+            if (window_full || emission.finish_reason.is_some()) && !pending[index].is_empty() {
+                let candidate = format!("{}{}", released[index], pending[index]);
+                if guard_flags(&state, r, Some(&candidate)).await.is_some() {
+                    state
+                        .metrics
+                        .content_filtered
+                        .get_or_create(&crate::metrics::StageLabels {
+                            stage: "completion",
+                        })
+                        .inc();
+                    pending[index].clear();
+                    emission.finish_reason = Some("content_filter");
+                    emission.tool_calls = None;
+                } else {
+                    emission.content = std::mem::take(&mut pending[index]);
+                    released[index].push_str(&emission.content);
+                }
+                pending_tokens[index] = 0;
+            }
+        }
         let finished = emission.finish_reason.is_some();
         if finished {
             done[index] = true;
