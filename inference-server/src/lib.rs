@@ -14,6 +14,7 @@ pub mod engine;
 pub mod fetch;
 pub mod generate_model;
 pub mod generation;
+pub mod llama_guard;
 pub mod metrics;
 pub mod rate_limit;
 pub mod rng;
