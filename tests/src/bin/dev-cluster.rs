@@ -1,18 +1,22 @@
 //! `dev-cluster`: the test control plane for people. Starts etcd, kube-apiserver,
 //! kube-controller-manager, kube-scheduler and kwok on loopback, installs the CRDs, applies the
 //! given manifests, prints how to reach it, and stops everything on Ctrl-C (or at once with
-//! `--exit`).
+//! `--exit`). With `--server BINARY`, once the deployments are Ready it starts a real
+//! `llama-server` for each, configured from the deployment's own ConfigMap and keys Secret (it
+//! stands in for the pod, whose container kwok does not run), and sends it a chat completion.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-const USAGE: &str = "usage: dev-cluster [--operator BINARY] [--apply FILE]... [--exit]";
+const USAGE: &str =
+    "usage: dev-cluster [--operator BINARY] [--server BINARY] [--apply FILE]... [--exit]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut manifests = Vec::new();
     let mut exit = false;
     let mut operator = None;
+    let mut server = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -25,6 +29,10 @@ async fn main() -> ExitCode {
                 Some(path) => operator = Some(std::path::PathBuf::from(path)),
                 None => return usage("--operator needs the llama-operator binary"),
             },
+            "--server" => match args.next() {
+                Some(path) => server = Some(std::path::PathBuf::from(path)),
+                None => return usage("--server needs the llama-server binary"),
+            },
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -32,7 +40,7 @@ async fn main() -> ExitCode {
             other => return usage(&format!("unexpected argument {other:?}")),
         }
     }
-    match run(&manifests, exit, operator).await {
+    match run(&manifests, exit, operator, server).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dev-cluster: {err:#}");
@@ -54,6 +62,7 @@ async fn run(
     manifests: &[String],
     exit: bool,
     operator: Option<std::path::PathBuf>,
+    server: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     println!("==> building or locating the control-plane binaries (first run: ~20 min on 2 cores)");
@@ -132,6 +141,34 @@ async fn run(
         .args(["get", "llamadeployments", "-A", "-o", "wide"])
         .output()?;
     println!("{}", String::from_utf8_lossy(&out.stdout));
+    let mut servers = Vec::new();
+    if let (Some(binary), true) = (&server, operator.is_some()) {
+        let deployments: kube::Api<llama_operator::api::LlamaDeployment> =
+            kube::Api::all(client.clone());
+        for ld in deployments.list(&Default::default()).await?.items {
+            let (Some(ns), Some(name)) = (ld.metadata.namespace.clone(), ld.metadata.name.clone())
+            else {
+                continue;
+            };
+            println!(
+                "==> starting llama-server for {ns}/{name} from its ConfigMap and keys Secret \
+                 (a local process standing in for the pod: kwok runs no containers)"
+            );
+            let local =
+                testenv::local_server::start_for(&client, &ns, &name, binary, &plane.dir).await?;
+            step(&format!("llama-server ready at {}", local.endpoint), t0);
+            let answer = local.chat("Hello! Who are you?", 16).await?;
+            step("chat completion answered", t0);
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            println!(
+                "(random weights: the demo model's words are noise; the API, tokenizer, keys and \
+                 limits are real)\nCall it yourself:\n  curl -s {}/chat/completions -H 'api-key: \
+                 {}' -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":16}}'",
+                local.endpoint, local.key
+            );
+            servers.push(local);
+        }
+    }
     println!(
         "Use it from another shell:\n  export KUBECONFIG={}",
         plane.kubeconfig.display()
