@@ -13,6 +13,7 @@
 pub mod control_plane;
 pub mod kubeconfig;
 pub mod llama;
+pub mod local_server;
 pub mod operator;
 pub mod pki;
 pub mod processes;
