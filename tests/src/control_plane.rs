@@ -151,6 +151,13 @@ impl ControlPlane {
             ])
             .args(["--service-cluster-ip-range", "10.96.0.0/16"])
             .args(["--authorization-mode", "Node,RBAC"])
+            // As on hardened clusters (OpenShift enables it): changing owner references needs
+            // `delete` on the object, and blockOwnerDeletion `update` on the owner's finalizers.
+            // The chart's least-privilege RBAC is tested under these stricter rules.
+            .args([
+                "--enable-admission-plugins",
+                "OwnerReferencesPermissionEnforcement",
+            ])
             .args(["--allow-privileged=true", "--profiling=false", "--v=0"]);
         let api_pid = launch(&dir, "kube-apiserver", apiserver)?;
 

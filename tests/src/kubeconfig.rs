@@ -42,3 +42,37 @@ current-context: llama-test
     let mut file = std::fs::File::create(path)?;
     file.write_all(text.as_bytes())
 }
+
+/// Writes a kubeconfig that reaches `server` with a bearer token (a ServiceAccount's), trusting
+/// `ca_pem`.
+pub fn write_token(
+    path: &Path,
+    server: &str,
+    ca_pem: &str,
+    token: &str,
+    user: &str,
+) -> std::io::Result<()> {
+    let text = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: llama-test
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: {user}
+  user:
+    token: {token}
+contexts:
+- name: llama-test
+  context:
+    cluster: llama-test
+    user: {user}
+current-context: llama-test
+",
+        ca = STANDARD.encode(ca_pem.as_bytes()),
+    );
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(text.as_bytes())
+}

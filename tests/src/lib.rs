@@ -10,7 +10,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod argocd;
 pub mod control_plane;
+pub mod helm;
 pub mod kubeconfig;
 pub mod llama;
 pub mod local_server;
@@ -98,7 +100,11 @@ pub struct KubectlOutput {
     pub stderr: String,
 }
 
-fn run(mut cmd: Command, args: &[&str], stdin: Option<&str>) -> anyhow::Result<KubectlOutput> {
+pub(crate) fn run(
+    mut cmd: Command,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<KubectlOutput> {
     use std::io::Write;
     use std::process::Stdio;
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());

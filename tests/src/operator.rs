@@ -15,24 +15,38 @@ pub struct OperatorProcess {
 impl OperatorProcess {
     /// Starts `binary` serving only the test's namespace, with `extra` arguments.
     pub fn start(env: &TestEnv, binary: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "--namespace",
+            env.namespace.as_str(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_as(env, binary, &args, &env.plane.kubeconfig, &[])
+    }
+
+    /// Starts `binary` with exactly `args`, connecting with `kubeconfig` (e.g. a
+    /// ServiceAccount's, not the admin's) and with the extra environment `vars`.
+    pub fn start_as(
+        env: &TestEnv,
+        binary: &Path,
+        args: &[&str],
+        kubeconfig: &Path,
+        vars: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let log = env
             .plane
             .dir
             .join(format!("operator-{}-{}.log", env.namespace, unique()));
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(binary);
-        cmd.args([
-            "--namespace",
-            &env.namespace,
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .env("KUBECONFIG", &env.plane.kubeconfig)
-        .env("RUST_LOG", "info,kube=warn,llama_operator=debug")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
+        cmd.args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn,llama_operator=debug")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
         let pid = processes::spawn("llama-operator", cmd)?;
         Ok(Self { pid, log })
     }
