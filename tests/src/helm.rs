@@ -142,3 +142,15 @@ pub fn service_account_kubeconfig(
     )
     .with_context(|| format!("write {}", path.display()))
 }
+
+/// The documents of a multi-document YAML stream (`helm template` output), empty ones dropped.
+pub fn documents(yaml: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
