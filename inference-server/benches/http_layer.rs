@@ -60,7 +60,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let app = llama_server::app(Arc::clone(&state));
     tokio::spawn(async move { axum::serve(listener, app).await });
     let base = format!("http://{addr}");
-    let client = reqwest::Client::builder().pool_max_idle_per_host(2048).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(2048)
+        .build()?;
     let rss_start = peak_rss_mib();
 
     // 1. /info requests per second.
@@ -166,7 +168,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 "messages": [{"role": "user", "content": format!("client {i}")}],
                 "max_tokens": 16, "stream": true, "seed": i,
             });
-            match client.post(&url).header("api-key", KEY).json(&body).send().await {
+            match client
+                .post(&url)
+                .header("api-key", KEY)
+                .json(&body)
+                .send()
+                .await
+            {
                 Ok(r) if r.status() == 200 => {
                     let mut s = r.bytes_stream();
                     let mut ok = false;
@@ -248,7 +256,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
          batching engine, so the difference is routing, JSON encoding, SSE framing and the \
          socket.\n"
     );
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks/http-layer.md");
+    let out =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks/http-layer.md");
     std::fs::write(&out, doc)?;
     println!("wrote {}", out.display());
     Ok(())

@@ -254,7 +254,9 @@ fn streamed_deltas_add_up_to_the_completion_text() {
     let mut sequence = ActiveSequence::new(&model, &tokenizer, with_stop).expect("valid");
     let mut deltas = Vec::new();
     while !sequence.is_finished() {
-        let logits = model.forward(&mut [sequence.step(usize::MAX)]).expect("forward");
+        let logits = model
+            .forward(&mut [sequence.step(usize::MAX)])
+            .expect("forward");
         let output = sequence.advance(&logits[0]).expect("advance");
         deltas.push(output.expect("a token after the whole prompt").text);
     }

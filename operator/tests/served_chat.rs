@@ -35,7 +35,11 @@ async fn a_ready_deployment_answers_a_chat_completion() -> anyhow::Result<()> {
     assert_eq!(answer["model"], "Meta-Llama-3.2-1B-Instruct");
     assert_eq!(answer["object"], "chat.completion");
     let usage = &answer["usage"];
-    assert!(usage["completion_tokens"].as_u64().is_some_and(|n| (1..=5).contains(&n)));
+    assert!(
+        usage["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| (1..=5).contains(&n))
+    );
     // The deployment's own rate limit reached the server.
     let limited = reqwest::Client::new()
         .post(format!("{}/chat/completions", server.endpoint))

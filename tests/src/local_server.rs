@@ -99,7 +99,9 @@ pub async fn start_for(
     }
     anyhow::ensure!(!key.is_empty(), "Secret {secret_name} has no primaryKey");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let log = dir.join("llama-server.log");
     let file = std::fs::File::create(&log)?;
     let child = std::process::Command::new(binary)
