@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench::BenchArgs;
+use crate::check_goldens::CheckGoldensArgs;
+use crate::device::DeviceSpec;
 use crate::generate_model::{ModelShape, WeightDtype};
 
 /// Serves a Meta Llama model over the Azure AI Model Inference API.
@@ -27,6 +30,10 @@ pub enum Command {
     GenerateModel(GenerateModelArgs),
     /// Download model weights into a directory (the operator's `fetch-model` init container).
     Fetch(FetchArgs),
+    /// Measure prefill, time to first token and decode throughput on a device.
+    Bench(BenchArgs),
+    /// Check the engine on a device against the transformers goldens (tests/goldens).
+    CheckGoldens(CheckGoldensArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -41,6 +48,10 @@ pub struct ServeArgs {
     /// On SIGTERM, how long in-flight requests and streams may run before the server exits.
     #[arg(long, default_value_t = 30)]
     pub drain_seconds: u64,
+    /// Compute device: cpu, cuda or cuda:N. Overrides $LLAMA_SERVER_DEVICE, which overrides
+    /// the configuration's `device`; the default is cpu.
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -16,6 +16,40 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::GenerateModel(args) => generate_model(args),
         Command::Fetch(args) => fetch(args),
+        Command::Bench(args) => bench(&args),
+        Command::CheckGoldens(args) => check_goldens(&args),
+    }
+}
+
+/// Measures the engine; the table goes to stdout.
+fn bench(args: &llama_server::bench::BenchArgs) -> ExitCode {
+    match llama_server::bench::run(args) {
+        Ok(report) => {
+            print!("{}", report.table());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("llama-server bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Compares the engine with the transformers goldens; exits 1 on any mismatch.
+fn check_goldens(args: &llama_server::check_goldens::CheckGoldensArgs) -> ExitCode {
+    match llama_server::check_goldens::run(args) {
+        Ok(report) => {
+            print!("{}", report.table());
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("llama-server check-goldens: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::args::ServeArgs;
 use crate::auth::{Authenticator, JwtValidator, KeyStore};
+use crate::device::{DEVICE_ENV, DeviceSpec};
 use crate::server_config::{AuthMode, ServerConfig};
 use crate::state::AppState;
 
@@ -29,6 +30,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     #[error("cannot load the model: {0}")]
     Model(String),
     #[error("server: {0}")]
@@ -60,10 +63,20 @@ pub fn authenticator(config: &ServerConfig) -> Result<Authenticator, ServeError>
 
 /// Runs the server until it has drained after a shutdown signal.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => ServerConfig::from_file(path)?,
         None => ServerConfig::default(),
     };
+    let device = DeviceSpec::choose(
+        args.device,
+        std::env::var(DEVICE_ENV).ok().as_deref(),
+        config.device.as_deref(),
+    )?;
+    // A missing driver or GPU stops the server here, before it listens: the pod crash-loops
+    // with this message instead of serving 503s.
+    device.open()?;
+    tracing::info!(%device, dtype = ?device.default_dtype(), "compute device");
+    config.device = Some(device.to_string());
     let auth = authenticator(&config)?;
     match &auth {
         Authenticator::Keys(store) => store.watch(CREDENTIAL_POLL),

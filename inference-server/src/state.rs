@@ -95,8 +95,8 @@ impl AppState {
         let spec = crate::device::DeviceSpec::choose(None, None, self.config.device.as_deref())
             .map_err(|e| e.to_string())?;
         let device = spec.open().map_err(|e| e.to_string())?;
-        let model = LlamaModel::load(&dir, spec.default_dtype(), &device)
-            .map_err(|e| e.to_string())?;
+        let model =
+            LlamaModel::load(&dir, spec.default_dtype(), &device).map_err(|e| e.to_string())?;
         let model_context = model.context_length();
         let context = self
             .config

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the CUDA release binary of llama-server (`--features cuda`, candle's CUDA backend) on any
+# Linux x86_64 machine, GPU or not, and prints its path.
+#
+#   scripts/build-cuda.sh            # -> target/cuda/release/llama-server
+#
+# The CUDA 13.0 toolchain comes from scripts/build-cuda-toolchain.sh (PyPI wheels plus a libcuda
+# stub, cached). The kernels are compiled for compute capability $CUDA_COMPUTE_CAP (default 90:
+# H100 and H200, as sm_90a). The build has its own target directory ($LLAMA_CUDA_TARGET_DIR,
+# default target/cuda) so it never invalidates the CPU build's artifacts; a cold build takes
+# about 9 minutes on 2 cores, a rebuild after a change to llama-server about 1.
+#
+# The binary needs, at run time, the NVIDIA driver (libcuda.so.1) and the CUDA 13.0 libraries
+# cudart, cuBLAS, cuBLASLt, cuRAND and NVRTC: on a GPU host with CUDA 13.0 under /usr/local/cuda,
+# LD_LIBRARY_PATH=/usr/local/cuda/lib64 (the nvidia/cuda runtime images set that up already).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cuda_home=$(scripts/build-cuda-toolchain.sh)
+target_dir=${LLAMA_CUDA_TARGET_DIR:-$PWD/target/cuda}
+
+export CUDA_HOME="$cuda_home" CUDA_ROOT="$cuda_home" CUDA_PATH="$cuda_home"
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+# candle-kernels and cudarc ask nvcc for the CUDA version; nvcc must be first on PATH so that a
+# system toolkit of another release is not picked up instead.
+export PATH="$cuda_home/bin:$PATH"
+# The linker finds -lcuda in the stub directory, the rest beside it.
+export LIBRARY_PATH="$cuda_home/lib/stubs:$cuda_home/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export CARGO_TARGET_DIR="$target_dir"
+
+started=$SECONDS
+echo "build-cuda: cargo build --release -p llama-server --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target $target_dir)" >&2
+cargo build --release --locked -p llama-server --bin llama-server --features cuda >&2
+bin="$target_dir/release/llama-server"
+echo "build-cuda: built $bin ($(du -h "$bin" | cut -f1), $((SECONDS - started)) s)" >&2
+echo "$bin"
