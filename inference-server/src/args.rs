@@ -9,6 +9,7 @@ use crate::bench::BenchArgs;
 use crate::check_goldens::CheckGoldensArgs;
 use crate::device::DeviceSpec;
 use crate::generate_model::{ModelShape, WeightDtype};
+use crate::gguf_export::GgufFileType;
 
 /// Serves a Meta Llama model over the Azure AI Model Inference API.
 #[derive(Debug, Parser)]
@@ -72,6 +73,10 @@ pub struct GenerateModelArgs {
     /// Dtype the weights are stored in.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDtype,
+    /// Also write the model as `model-<TYPE>.gguf` in llama.cpp's layout, tokenizer embedded;
+    /// repeat for several types.
+    #[arg(long, value_enum)]
+    pub gguf: Vec<GgufFileType>,
 }
 
 /// Options of `fetch`. Exactly one of `--url` and `--hugging-face`. `HF_TOKEN` and
@@ -142,6 +147,7 @@ mod tests {
         assert_eq!(args.shape, ModelShape::TinyUntied);
         assert_eq!(args.seed, 7);
         assert_eq!(args.dtype, WeightDtype::F32);
+        assert!(args.gguf.is_empty());
         assert!(
             parse(&[
                 "generate-model",
@@ -156,6 +162,26 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[test]
+    fn generate_model_takes_repeated_gguf_types() {
+        let base = [
+            "generate-model",
+            "--shape",
+            "tiny",
+            "--seed",
+            "1",
+            "--out",
+            "o",
+        ];
+        let with = |extra: &[&str]| parse(&[&base[..], &["--tokenizer-dir", "t"], extra].concat());
+        let Ok(Command::GenerateModel(args)) = with(&["--gguf", "q4_k_m", "--gguf", "f16"]) else {
+            panic!("expected generate-model");
+        };
+        assert_eq!(args.gguf, [GgufFileType::Q4KM, GgufFileType::F16]);
+        assert!(with(&["--gguf", "q8_0"]).is_ok());
+        assert!(with(&["--gguf", "q4_0"]).is_err());
     }
 
     #[test]

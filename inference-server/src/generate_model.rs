@@ -1,5 +1,6 @@
 //! `llama-server generate-model`: writes a random-weight Llama model in the Hugging Face layout
-//! (`config.json`, `generation_config.json`, `model.safetensors`, tokenizer files).
+//! (`config.json`, `generation_config.json`, `model.safetensors`, tokenizer files), and on request
+//! the same model as llama.cpp GGUF files beside it ([`GenerateModel::write_gguf`]).
 //!
 //! The weights are deterministic for a seed: every tensor draws from its own stream, derived
 //! from the seed and the tensor's name, so tests and the Python reference can regenerate the
@@ -13,6 +14,7 @@ use serde_json::json;
 
 use crate::engine::config::{LlamaConfig, RopeScaling, TokenIds};
 use crate::engine::error::{EngineError, Result};
+use crate::gguf_export::{GgufFileType, export_gguf};
 use crate::rng::SplitMix64;
 
 /// The model shapes `generate-model` knows.
@@ -22,6 +24,10 @@ pub enum ModelShape {
     Tiny,
     /// 3 layers, hidden 64, untied `lm_head`, Llama 3.1 rope scaling. Fast tests.
     TinyUntied,
+    /// 2 layers, hidden 256, intermediate 512, untied, Llama 3.1 rope scaling: every matrix row
+    /// splits into 256-value blocks, so a Q4_K_M GGUF of it uses real K-quants.
+    #[value(name = "tiny-256")]
+    Tiny256,
     /// The shape of Llama 3.2 1B (tied embeddings, rope factor 32).
     #[value(name = "llama-3.2-1b")]
     Llama32_1b,
@@ -58,6 +64,7 @@ impl ModelShape {
         let (hidden, inter, layers, heads, kv, max_pos, tied, scaling) = match self {
             Self::Tiny => (64, 128, 2, 4, 2, 8192, true, None),
             Self::TinyUntied => (64, 128, 3, 4, 2, 131_072, false, Some(llama31(8.0))),
+            Self::Tiny256 => (256, 512, 2, 4, 2, 131_072, false, Some(llama31(8.0))),
             Self::Llama32_1b => (2048, 8192, 16, 32, 8, 131_072, true, Some(llama31(32.0))),
             Self::Llama31_8b => (4096, 14336, 32, 32, 8, 131_072, false, Some(llama31(8.0))),
         };
@@ -240,6 +247,15 @@ impl GenerateModel {
         self.write_safetensors(&config, &self.out.join("model.safetensors"))
     }
 
+    /// Writes `model-<type>.gguf` into the output directory from the model [`GenerateModel::run`]
+    /// wrote there (the same weights, converted as llama.cpp's tools would, tokenizer included).
+    /// Returns the file's path.
+    pub fn write_gguf(&self, file_type: GgufFileType) -> Result<PathBuf> {
+        let path = self.out.join(file_type.file_name());
+        export_gguf(&self.out, file_type, &path)?;
+        Ok(path)
+    }
+
     /// Streams the tensors into one safetensors file, one tensor in memory at a time.
     fn write_safetensors(&self, config: &LlamaConfig, path: &Path) -> Result<()> {
         let io = |source| EngineError::Io {
@@ -307,6 +323,7 @@ mod tests {
         for shape in [
             ModelShape::Tiny,
             ModelShape::TinyUntied,
+            ModelShape::Tiny256,
             ModelShape::Llama32_1b,
             ModelShape::Llama31_8b,
         ] {

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod fetch;
 pub mod generate_model;
 pub mod generation;
+pub mod gguf_export;
 pub mod llama_guard;
 pub mod metrics;
 pub mod rate_limit;

@@ -95,7 +95,12 @@ fn generate_model(args: GenerateModelArgs) -> ExitCode {
         tokenizer_dir: args.tokenizer_dir,
         dtype: args.dtype,
     };
-    match job.run() {
+    let written = job.run().and_then(|()| {
+        args.gguf
+            .iter()
+            .try_for_each(|&file_type| job.write_gguf(file_type).map(drop))
+    });
+    match written {
         Ok(()) => {
             println!("{}", job.out.display());
             ExitCode::SUCCESS

@@ -89,7 +89,12 @@ impl AppState {
             let _ = self.guard.set(guard);
         }
         let dir = model_dir(&self.config)?;
-        let tokenizer = LlamaTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
+        // A GGUF model is one file; its tokenizer files lie beside it.
+        let tokenizer_dir = match dir.parent() {
+            Some(parent) if dir.is_file() => parent.to_path_buf(),
+            _ => dir.clone(),
+        };
+        let tokenizer = LlamaTokenizer::from_dir(&tokenizer_dir).map_err(|e| e.to_string())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
         // `serve` has already resolved --device / $LLAMA_SERVER_DEVICE into the configuration.
         let spec = crate::device::DeviceSpec::choose(None, None, self.config.device.as_deref())
@@ -134,18 +139,15 @@ impl AppState {
     }
 }
 
-/// The Hugging Face directory to load.
+/// The Hugging Face directory or the GGUF file to load.
 fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
     if config.model_path != "demo" {
         let path = PathBuf::from(&config.model_path);
-        if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-            || config.format.as_deref() == Some("gguf")
-        {
+        // `LlamaModel::load` reads a file as GGUF and a directory as safetensors.
+        if config.format.as_deref() == Some("gguf") && path.is_dir() {
             return Err(format!(
-                "modelPath {}: GGUF weights are not supported by this build yet; use the \
-                 Hugging Face safetensors layout",
+                "modelPath {}: the format is gguf, so modelPath must name the .gguf file, \
+                 not a directory",
                 path.display()
             ));
         }

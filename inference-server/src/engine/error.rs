@@ -25,14 +25,33 @@ pub enum EngineError {
     /// A tensor the architecture needs is in none of the weight files.
     #[error("tensor `{name}` is missing from {files}")]
     MissingTensor { name: String, files: String },
-    /// A tensor's stored shape disagrees with the shape `config.json` implies.
-    #[error("tensor `{name}` in {path} has shape {actual:?}, but config.json implies {expected:?}")]
+    /// A tensor's stored shape disagrees with the shape the configuration (`config.json` or the
+    /// GGUF metadata) implies.
+    #[error(
+        "tensor `{name}` in {path} has shape {actual:?}, but the model configuration implies \
+         {expected:?}"
+    )]
     TensorShapeMismatch {
         name: String,
         path: PathBuf,
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
+    /// A GGUF file could not be parsed, or holds a tensor the engine cannot read.
+    #[error("{path} is not a GGUF file this engine can read: {reason}")]
+    InvalidGguf { path: PathBuf, reason: String },
+    /// A GGUF metadata key the engine needs is missing or holds an unusable value.
+    #[error("{path}: GGUF metadata `{key}`: {reason}")]
+    GgufMetadata {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    /// The GGUF file holds a model of an architecture other than Llama.
+    #[error(
+        "{path} holds a `{architecture}` model (general.architecture); only `llama` is supported"
+    )]
+    UnsupportedArchitecture { path: PathBuf, architecture: String },
     /// The prompt (plus what is already cached) does not fit the model's context window.
     #[error("prompt of {tokens} tokens does not fit the context window of {context} tokens")]
     PromptTooLong { tokens: usize, context: usize },
@@ -66,6 +85,9 @@ impl EngineError {
             Self::CorruptWeights { .. } => "corrupt_weights",
             Self::MissingTensor { .. } => "missing_tensor",
             Self::TensorShapeMismatch { .. } => "tensor_shape_mismatch",
+            Self::InvalidGguf { .. } => "invalid_gguf",
+            Self::GgufMetadata { .. } => "gguf_metadata",
+            Self::UnsupportedArchitecture { .. } => "unsupported_architecture",
             Self::PromptTooLong { .. } => "prompt_too_long",
             Self::InvalidInput(_) => "invalid_input",
             Self::Tokenizer(_) => "tokenizer",

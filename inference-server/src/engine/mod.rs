@@ -2,7 +2,9 @@
 
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
+pub mod linear;
 pub mod model;
 pub mod rope;
 pub mod weights;

@@ -4,15 +4,18 @@
 //! One forward call runs a batch of sequences. Their new tokens are packed into one row
 //! dimension for the position-independent work (projections, MLP); attention then runs per
 //! sequence against that sequence's own [`KvCache`], at that sequence's own positions.
+//!
+//! Weights come from a Hugging Face safetensors directory ([`LlamaModel::load`]) or a llama.cpp
+//! GGUF file ([`LlamaModel::load_gguf`], in `gguf/load.rs`); both end in the same structure.
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Linear;
+use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use super::error::{EngineError, Result};
 use super::kv_cache::KvCache;
+use super::linear::{Embedding, Linear};
 use super::rope::Rope;
 use super::weights::WeightFiles;
 
@@ -35,36 +38,39 @@ pub struct SequenceStep<'a> {
     pub logits: LogitsFor,
 }
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+/// The projections of one attention block, in the Hugging Face row layout.
+pub(super) struct Attention {
+    pub(super) q_proj: Linear,
+    pub(super) k_proj: Linear,
+    pub(super) v_proj: Linear,
+    pub(super) o_proj: Linear,
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+/// The SwiGLU feed-forward block.
+pub(super) struct Mlp {
+    pub(super) gate_proj: Linear,
+    pub(super) up_proj: Linear,
+    pub(super) down_proj: Linear,
 }
 
-struct DecoderLayer {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
+/// One transformer block: RMSNorm weights in the compute dtype, attention, MLP.
+pub(super) struct DecoderLayer {
+    pub(super) input_layernorm: Tensor,
+    pub(super) self_attn: Attention,
+    pub(super) post_attention_layernorm: Tensor,
+    pub(super) mlp: Mlp,
 }
 
 /// A loaded Llama model, ready to run on its device.
 pub struct LlamaModel {
-    config: LlamaConfig,
-    dtype: DType,
-    device: Device,
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: Tensor,
-    lm_head: Linear,
-    rope: Rope,
+    pub(super) config: LlamaConfig,
+    pub(super) dtype: DType,
+    pub(super) device: Device,
+    pub(super) embed_tokens: Embedding,
+    pub(super) layers: Vec<DecoderLayer>,
+    pub(super) norm: Tensor,
+    pub(super) lm_head: Linear,
+    pub(super) rope: Rope,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -79,8 +85,12 @@ impl std::fmt::Debug for LlamaModel {
 
 impl LlamaModel {
     /// Loads `config.json` and the safetensors weights (single or sharded) of a Hugging Face
-    /// model directory, memory-mapped, converted to `dtype` on `device`.
+    /// model directory, memory-mapped, converted to `dtype` on `device`. A path to a file rather
+    /// than a directory is read as GGUF ([`LlamaModel::load_gguf`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if dir.is_file() {
+            return Self::load_gguf(dir, dtype, device);
+        }
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let weights = WeightFiles::open(dir)?;
         Self::from_weights(config, &weights, dtype, device)
@@ -101,10 +111,13 @@ impl LlamaModel {
         let inter = config.intermediate_size;
         let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::new(load(name, &[out, inp])?, None))
+            Ok(Linear::dense(load(name, &[out, inp])?))
         };
 
-        let embed_tokens = load("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let embed_tokens = Embedding::Dense(load(
+            "model.embed_tokens.weight",
+            &[config.vocab_size, hidden],
+        )?);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -129,7 +142,7 @@ impl LlamaModel {
         }
         let norm = load("model.norm.weight", &[hidden])?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed_tokens.clone(), None)
+            embed_tokens.tied_output()
         } else {
             linear("lm_head.weight", config.vocab_size, hidden)?
         };
@@ -149,6 +162,11 @@ impl LlamaModel {
     /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// The rotary embedding, with any rope scaling applied to its frequencies.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// The device the weights live on.
@@ -189,7 +207,7 @@ impl LlamaModel {
         let _span =
             tracing::debug_span!("forward", sequences = batch.len(), tokens = total).entered();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.lookup(&ids, self.dtype)?;
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype)?;
         let eps = self.config.rms_norm_eps as f32;
 
@@ -297,7 +315,7 @@ impl LlamaModel {
             offset += len;
         }
         let out = Tensor::cat(&outputs, 0)?;
-        Ok(attn.o_proj.forward(&out)?)
+        attn.o_proj.forward(&out)
     }
 
     /// Causal grouped-query attention of one sequence: `q` is `[heads, new, head_dim]`, `k` and

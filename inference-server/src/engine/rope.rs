@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
-use super::error::Result;
+use super::error::{EngineError, Result};
 
 /// The inverse frequencies of one attention head, after Llama 3 scaling.
 #[derive(Debug, Clone)]
@@ -56,6 +56,36 @@ impl Rope {
         Ok(Self {
             inv_freq: Tensor::from_vec(freqs, (1, half), device)?,
         })
+    }
+
+    /// Prepares frequencies divided by per-dimension factors, the way llama.cpp applies the
+    /// `rope_freqs.weight` tensor of a GGUF file (`theta_i / factor_i`). Its converter stores the
+    /// Llama 3 scaling there, so this reproduces [`inverse_frequencies`] with `rope_scaling` set
+    /// (`config` itself must carry no `rope_scaling`, or it would be applied twice).
+    pub fn with_frequency_factors(
+        config: &LlamaConfig,
+        factors: &[f32],
+        device: &Device,
+    ) -> Result<Self> {
+        let plain = inverse_frequencies(config);
+        if config.rope_scaling.is_some() || factors.len() != plain.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "{} rope frequency factors for {} frequencies (with rope_scaling {:?})",
+                factors.len(),
+                plain.len(),
+                config.rope_scaling.as_ref().map(|s| &s.rope_type)
+            )));
+        }
+        let half = plain.len();
+        let freqs: Vec<f32> = plain.iter().zip(factors).map(|(f, k)| f / k).collect();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(freqs, (1, half), device)?,
+        })
+    }
+
+    /// The inverse frequencies in use, after any scaling (`head_dim / 2` values).
+    pub fn frequencies(&self) -> Result<Vec<f32>> {
+        Ok(self.inv_freq.flatten_all()?.to_vec1()?)
     }
 
     /// cos and sin for `positions`, each of shape `[positions.len(), 1, head_dim / 2]` in `dtype`.
@@ -138,6 +168,25 @@ mod tests {
                 .zip(&scaled)
                 .any(|(p, s)| (p / 8.0 - s).abs() <= 1e-12)
         );
+    }
+
+    /// llama.cpp's converter turns `rope_scaling` into one divisor per frequency; dividing by
+    /// them gives back the scaled frequencies (up to f32 rounding of the blended band).
+    #[test]
+    fn frequency_factors_reproduce_llama3_scaling() -> Result<()> {
+        let scaling = llama31_scaling();
+        let plain = inverse_frequencies(&config(None));
+        let scaled = inverse_frequencies(&config(Some(scaling.clone())));
+        let factors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
+        let rope = Rope::with_frequency_factors(&config(None), &factors, &Device::Cpu)?;
+        for (a, b) in rope.frequencies()?.iter().zip(&scaled) {
+            assert!((a - b).abs() <= b * 1e-6, "{a} vs {b}");
+        }
+        assert!(Rope::with_frequency_factors(&config(None), &factors[1..], &Device::Cpu).is_err());
+        assert!(
+            Rope::with_frequency_factors(&config(Some(scaling)), &factors, &Device::Cpu).is_err()
+        );
+        Ok(())
     }
 
     #[test]

@@ -1,0 +1,147 @@
+//! Building a [`LlamaModel`] from a GGUF file.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::file::GgufFile;
+use super::layout::{self, OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD, block_tensor};
+use super::metadata;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::linear::{Embedding, Linear};
+use crate::engine::model::{Attention, DecoderLayer, LlamaModel, Mlp};
+use crate::engine::rope::Rope;
+
+impl LlamaModel {
+    /// Loads a Llama model from a llama.cpp GGUF file: the configuration from its `llama.*`
+    /// metadata, Llama 3 rope scaling from its `rope_freqs.weight` tensor, and the weights,
+    /// computing in `dtype` on `device`. Block-quantized matrices stay quantized; float ones are
+    /// converted to `dtype`. The tokenizer is not read from the file (the server takes
+    /// `tokenizer.json` from the same directory).
+    pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let _span = tracing::info_span!("load_gguf", path = %path.display()).entered();
+        let mut file = GgufFile::open(path)?;
+        let config = metadata::llama_config(&file)?;
+        let rope = match frequency_factors(&mut file, config.head_dim())? {
+            Some(factors) => Rope::with_frequency_factors(&config, &factors, device)?,
+            None => Rope::new(&config, device)?,
+        };
+        let hidden = config.hidden_size;
+        let heads = config.num_attention_heads;
+        let kv_heads = config.kv_heads();
+        let head_dim = config.head_dim();
+        let inter = config.intermediate_size;
+
+        let mut reader = Reader {
+            file: &mut file,
+            dtype,
+            device,
+        };
+        let embedding = reader.qtensor(TOKEN_EMBD, &[config.vocab_size, hidden])?;
+        let embed_tokens = Embedding::from_qtensor(embedding, dtype)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let name = |part: &str| block_tensor(i, part);
+            layers.push(DecoderLayer {
+                input_layernorm: reader.vector(&name("attn_norm"), hidden)?,
+                self_attn: Attention {
+                    q_proj: reader.rotary(&name("attn_q"), heads, head_dim, hidden)?,
+                    k_proj: reader.rotary(&name("attn_k"), kv_heads, head_dim, hidden)?,
+                    v_proj: reader.linear(&name("attn_v"), kv_heads * head_dim, hidden)?,
+                    o_proj: reader.linear(&name("attn_output"), hidden, heads * head_dim)?,
+                },
+                post_attention_layernorm: reader.vector(&name("ffn_norm"), hidden)?,
+                mlp: Mlp {
+                    gate_proj: reader.linear(&name("ffn_gate"), inter, hidden)?,
+                    up_proj: reader.linear(&name("ffn_up"), inter, hidden)?,
+                    down_proj: reader.linear(&name("ffn_down"), hidden, inter)?,
+                },
+            });
+        }
+        let norm = reader.vector(OUTPUT_NORM, hidden)?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.tied_output()
+        } else {
+            reader.linear(OUTPUT, config.vocab_size, hidden)?
+        };
+        tracing::info!(
+            layers = config.num_hidden_layers,
+            hidden,
+            vocab = config.vocab_size,
+            tied = config.tie_word_embeddings,
+            "GGUF model loaded"
+        );
+        Ok(Self {
+            config,
+            dtype,
+            device: device.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+}
+
+/// Reads tensors of one file into the engine's types.
+struct Reader<'a> {
+    file: &'a mut GgufFile,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Reader<'_> {
+    fn qtensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Arc<candle_core::quantized::QTensor>> {
+        Ok(Arc::new(self.file.read(name, shape, self.device)?))
+    }
+
+    /// A 1-D weight (RMSNorm), expanded to the compute dtype.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let q = self.file.read(name, &[len], self.device)?;
+        Ok(q.dequantize(self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        Linear::from_qtensor(self.qtensor(name, &[out, inp])?, self.dtype)
+    }
+
+    /// `attn_q` / `attn_k`, with the Hugging Face row order restored (see [`layout`]).
+    fn rotary(&mut self, name: &str, heads: usize, head_dim: usize, inp: usize) -> Result<Linear> {
+        let stored = self
+            .file
+            .read(name, &[heads * head_dim, inp], &Device::Cpu)?;
+        let restored = layout::to_hf_rows(&stored, heads, self.device)?;
+        Linear::from_qtensor(Arc::new(restored), self.dtype)
+    }
+}
+
+/// The divisors llama.cpp applies to the rotary frequencies: the `rope_freqs.weight` tensor
+/// (Llama 3 scaling) times a `linear` scaling factor, or `None` when the file has neither.
+fn frequency_factors(file: &mut GgufFile, head_dim: usize) -> Result<Option<Vec<f32>>> {
+    let linear = metadata::linear_rope_factor(file)?;
+    let tensor = if file.contains(ROPE_FREQS) {
+        let factors = file.read(ROPE_FREQS, &[head_dim / 2], &Device::Cpu)?;
+        let factors: Vec<f32> = factors.dequantize(&Device::Cpu)?.to_vec1()?;
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(EngineError::InvalidGguf {
+                path: file.path().to_owned(),
+                reason: format!("tensor `{ROPE_FREQS}` holds {bad}, not a positive factor"),
+            });
+        }
+        Some(factors)
+    } else {
+        None
+    };
+    Ok(match (tensor, linear) {
+        (None, None) => None,
+        (Some(factors), None) => Some(factors),
+        (None, Some(linear)) => Some(vec![linear; head_dim / 2]),
+        (Some(factors), Some(linear)) => Some(factors.into_iter().map(|f| f * linear).collect()),
+    })
+}

@@ -1,0 +1,138 @@
+//! Weight matrices that are either dense tensors (safetensors, float GGUF) or quantized blocks
+//! (GGUF Q8_0, Q4_K, …) multiplied without being expanded.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+
+use super::error::Result;
+
+/// A bias-free linear layer `y = x Wᵀ`.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// A dense weight in the compute dtype.
+    Dense(candle_nn::Linear),
+    /// Quantized blocks; the input is quantized on the fly by candle's kernels, like llama.cpp.
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    /// A dense layer over `weight` of shape `[out, in]`.
+    pub fn dense(weight: Tensor) -> Self {
+        Self::Dense(candle_nn::Linear::new(weight, None))
+    }
+
+    /// A layer over a GGUF tensor: float types are expanded to dense `dtype` weights (candle's
+    /// quantized kernels gain nothing on them), block-quantized types stay quantized.
+    pub fn from_qtensor(weight: Arc<QTensor>, dtype: DType) -> Result<Self> {
+        if is_float(weight.dtype()) {
+            Ok(Self::dense(
+                weight.dequantize(&weight.device())?.to_dtype(dtype)?,
+            ))
+        } else {
+            Ok(Self::Quantized(QMatMul::QTensor(weight)))
+        }
+    }
+
+    /// `x Wᵀ` for `x` of shape `[rows, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(linear) => Ok(linear.forward(x)?),
+            // The quantized CPU kernel reads its input as one contiguous slice.
+            Self::Quantized(matmul) => Ok(matmul.forward(&x.contiguous()?)?),
+        }
+    }
+}
+
+/// The token embedding table, dense or quantized.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// A dense `[vocab, hidden]` table in the compute dtype.
+    Dense(Tensor),
+    /// Quantized rows, expanded to f32 one looked-up row at a time.
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// A table over a GGUF tensor: float types are expanded to dense `dtype`, block-quantized
+    /// types stay quantized.
+    pub fn from_qtensor(table: Arc<QTensor>, dtype: DType) -> Result<Self> {
+        if is_float(table.dtype()) {
+            Ok(Self::Dense(
+                table.dequantize(&table.device())?.to_dtype(dtype)?,
+            ))
+        } else {
+            Ok(Self::Quantized(table))
+        }
+    }
+
+    /// The rows of `ids` (a 1-D u32 tensor), as `[ids, hidden]` in `dtype`.
+    pub fn lookup(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(table) => Ok(table.index_select(ids, 0)?),
+            Self::Quantized(table) => Ok(table.embedding(ids)?.to_dtype(dtype)?),
+        }
+    }
+
+    /// The output projection that reuses this table (tied embeddings); shares its memory.
+    pub fn tied_output(&self) -> Linear {
+        match self {
+            Self::Dense(table) => Linear::dense(table.clone()),
+            Self::Quantized(table) => Linear::Quantized(QMatMul::QTensor(Arc::clone(table))),
+        }
+    }
+}
+
+/// Whether a GGUF tensor type is a plain float type rather than quantized blocks.
+pub fn is_float(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn ramp(rows: usize, cols: usize) -> Result<Tensor> {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 500.0)
+            .collect();
+        Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?)
+    }
+
+    #[test]
+    fn quantized_linear_and_embedding_follow_the_dense_ones() -> Result<()> {
+        let weight = ramp(8, 64)?;
+        let x = ramp(3, 64)?;
+        let q = Arc::new(QTensor::quantize(&weight, GgmlDType::Q8_0)?);
+        let dense = Linear::dense(weight.clone()).forward(&x)?;
+        let quantized = Linear::from_qtensor(Arc::clone(&q), DType::F32)?;
+        assert!(matches!(quantized, Linear::Quantized(_)));
+        let diff = (dense - quantized.forward(&x)?)?.abs()?.max_all()?;
+        assert!(diff.to_scalar::<f32>()? < 1e-2, "{diff}");
+
+        let ids = Tensor::new(&[5u32, 0, 5], &Device::Cpu)?;
+        let rows = Embedding::from_qtensor(q, DType::F32)?.lookup(&ids, DType::F32)?;
+        let expected = weight.index_select(&ids, 0)?;
+        let diff = (rows - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        // Q8_0 keeps each value within half a step of its block's scale (max |w| / 127).
+        assert!(diff <= 0.1 / 127.0, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn float_gguf_tensors_become_dense() -> Result<()> {
+        let q = Arc::new(QTensor::quantize(&ramp(4, 32)?, GgmlDType::F16)?);
+        assert!(matches!(
+            Linear::from_qtensor(Arc::clone(&q), DType::F32)?,
+            Linear::Dense(_)
+        ));
+        assert!(matches!(
+            Embedding::from_qtensor(q, DType::F32)?,
+            Embedding::Dense(_)
+        ));
+        Ok(())
+    }
+}

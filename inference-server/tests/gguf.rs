@@ -1,0 +1,718 @@
+//! GGUF weights: files written the way llama.cpp's tools write them load back and compute what
+//! the f32 safetensors model computes, within bounds set by their storage type; and broken files
+//! give errors that name the file and what is wrong.
+//!
+//! Logits are compared on 8 probe tokens, once at the start of a sequence and once after
+//! [`DEPTH`] tokens of context. The exported files are cached beside the tiny models (keyed by
+//! the exporter's source), so only a first run pays for writing them.
+
+mod common;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{D, DType, Device, Tensor};
+use llama_server::engine::gguf::{GgufFile, llama_config};
+use llama_server::engine::weights::WeightFiles;
+use llama_server::engine::{EngineError, LlamaConfig, LlamaModel, LogitsFor, SequenceStep};
+use llama_server::generate_model::ModelShape;
+use llama_server::gguf_export::{GgufFileType, export_gguf};
+
+use common::tiny_model;
+
+const PROBE: [u32; 8] = [128_000, 791, 6864, 315, 9822, 374, 12366, 13];
+/// Tokens of context before the probe in the deep comparison.
+const DEPTH: usize = 1024;
+
+/// F16 weights: each weight is rounded to 11 significant bits (relative rms error 2e-4 on these
+/// weights), which moves these logits (spread ≈ 0.16) by ~5e-5 rms; the bound is on the largest
+/// of ~1M logits.
+const F16_MAX_ABS: f32 = 1e-3;
+/// Q8_0: 8-bit steps of each 32-weight block's largest value (relative rms error 5e-3, 26× the
+/// f16 rounding), and the activations are quantized to 8 bits too, as in llama.cpp: ≈ 2e-3 rms
+/// per logit, the largest of ~1M logits a 5σ tail.
+const Q8_0_MAX_ABS: f32 = 0.03;
+
+/// The exporter's source: a cached GGUF file is reused only while it is unchanged.
+const EXPORTER_SOURCE: [&str; 5] = [
+    include_str!("../src/gguf_export/mod.rs"),
+    include_str!("../src/gguf_export/tensor_types.rs"),
+    include_str!("../src/gguf_export/tokenizer_metadata.rs"),
+    include_str!("../src/engine/gguf/layout.rs"),
+    include_str!("../src/engine/rope.rs"),
+];
+
+/// The GGUF file of a tiny model, exported once and cached under the target directory.
+fn gguf_of(shape: ModelShape, seed: u64, file_type: GgufFileType) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let model = tiny_model(shape, seed);
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (EXPORTER_SOURCE, &model, file_type).hash(&mut hasher);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("models");
+    let path = dir.join(format!(
+        "gguf-{shape:?}-{seed}-{:016x}-{}",
+        hasher.finish(),
+        file_type.file_name()
+    ));
+    if !path.is_file() {
+        // Another test process may write the same file: each writes its own, then renames.
+        let partial = dir.join(format!(
+            "partial-{}-{}",
+            std::process::id(),
+            file_type.name()
+        ));
+        export_gguf(&model, file_type, &partial).expect("export GGUF");
+        std::fs::rename(&partial, &path).expect("rename");
+    }
+    path
+}
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("gguf-test-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("scratch dir")
+}
+
+fn load(path: &Path) -> LlamaModel {
+    LlamaModel::load(path, DType::F32, &Device::Cpu)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+/// Deterministic context tokens, spread over the vocabulary.
+fn context(len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| ((i * 7919 + 13) % 128_000) as u32)
+        .collect()
+}
+
+/// Logits of the probe tokens after `depth` tokens of context.
+fn probe_logits(model: &LlamaModel, depth: usize) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    if depth > 0 {
+        let prefix = context(depth);
+        model
+            .forward(&mut [SequenceStep {
+                tokens: &prefix,
+                cache: &mut cache,
+                logits: LogitsFor::Last,
+            }])
+            .expect("context");
+    }
+    model
+        .forward(&mut [SequenceStep {
+            tokens: &PROBE,
+            cache: &mut cache,
+            logits: LogitsFor::All,
+        }])
+        .expect("probe")[0]
+        .to_vec2()
+        .expect("logits")
+}
+
+/// How far one set of logits is from a reference.
+#[derive(Debug)]
+struct Difference {
+    max_abs: f32,
+    rms: f32,
+    /// Standard deviation of the reference logits, for scale.
+    spread: f32,
+    correlation: f64,
+    /// Rows whose argmax (the greedy token) agrees.
+    top1_agree: usize,
+    /// The worst rank, among the other logits, of the reference's greedy token (0 = also first).
+    worst_rank: usize,
+}
+
+fn compare(reference: &[Vec<f32>], other: &[Vec<f32>]) -> Difference {
+    assert_eq!(reference.len(), other.len());
+    let a: Vec<f64> = reference.iter().flatten().map(|&v| f64::from(v)).collect();
+    let b: Vec<f64> = other.iter().flatten().map(|&v| f64::from(v)).collect();
+    assert_eq!(a.len(), b.len());
+    let n = a.len() as f64;
+    let (mean_a, mean_b) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - mean_a) * (y - mean_b))
+        .sum();
+    let var_a: f64 = a.iter().map(|x| (x - mean_a).powi(2)).sum();
+    let var_b: f64 = b.iter().map(|y| (y - mean_b).powi(2)).sum();
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map_or(0, |(i, _)| i)
+    };
+    let ranks: Vec<usize> = reference
+        .iter()
+        .zip(other)
+        .map(|(x, y)| {
+            let best = y[argmax(x)];
+            y.iter().filter(|&&v| v > best).count()
+        })
+        .collect();
+    Difference {
+        max_abs: a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() as f32)
+            .fold(0.0, f32::max),
+        rms: (a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / n).sqrt() as f32,
+        spread: (var_a / n).sqrt() as f32,
+        correlation: cov / (var_a * var_b).sqrt(),
+        top1_agree: ranks.iter().filter(|&&r| r == 0).count(),
+        worst_rank: ranks.into_iter().max().unwrap_or(0),
+    }
+}
+
+/// A model's probe logits at some depths.
+struct Probed(Vec<(usize, Vec<Vec<f32>>)>);
+
+impl Probed {
+    /// At depth 0 and at [`DEPTH`].
+    fn of(model: &LlamaModel) -> Self {
+        Self::at(model, &[0, DEPTH])
+    }
+
+    fn at(model: &LlamaModel, depths: &[usize]) -> Self {
+        Self(
+            depths
+                .iter()
+                .map(|&d| (d, probe_logits(model, d)))
+                .collect(),
+        )
+    }
+
+    /// Compares another model with these logits at both depths.
+    fn against(&self, model: &LlamaModel, label: &str) -> Vec<Difference> {
+        self.0
+            .iter()
+            .map(|(depth, expected)| {
+                let diff = compare(expected, &probe_logits(model, *depth));
+                println!("{label} at depth {depth}: {diff:?}");
+                diff
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn tiny_files_match_the_f32_model() {
+    let reference = Probed::of(&load(&tiny_model(ModelShape::Tiny, 42)));
+    let file = |file_type| load(&gguf_of(ModelShape::Tiny, 42, file_type));
+    for diff in reference.against(&file(GgufFileType::F16), "tiny f16") {
+        assert!(diff.max_abs < F16_MAX_ABS, "{diff:?}");
+        assert_eq!(diff.top1_agree, PROBE.len(), "{diff:?}");
+    }
+    for diff in reference.against(&file(GgufFileType::Q8_0), "tiny q8_0") {
+        assert!(diff.max_abs < Q8_0_MAX_ABS, "{diff:?}");
+        assert!(diff.rms < 0.02 * diff.spread, "{diff:?}");
+        assert_eq!(diff.top1_agree, PROBE.len(), "{diff:?}");
+    }
+
+    // The tiny shape's 64-value rows do not split into K-quant blocks: llama.cpp's fallback
+    // gives Q5_0 for Q4_K and Q8_0 for Q6_K (see the Tiny256 test for real K-quants).
+    let path = gguf_of(ModelShape::Tiny, 42, GgufFileType::Q4KM);
+    let gguf = GgufFile::open(&path).expect("open");
+    assert_eq!(
+        gguf.dtype("blk.0.attn_q.weight").ok(),
+        Some(GgmlDType::Q5_0)
+    );
+    // Tied: the embeddings are the output projection, which gets Q6_K → Q8_0.
+    assert_eq!(gguf.dtype("token_embd.weight").ok(), Some(GgmlDType::Q8_0));
+    assert!(!gguf.contains("output.weight"));
+    for diff in reference.against(&load(&path), "tiny q4_k_m (q5_0 fallback)") {
+        // Q5_0 has 4% relative weight error: logits move by a few percent of their spread.
+        assert!(diff.correlation > 0.99, "{diff:?}");
+        assert!(diff.rms < 0.1 * diff.spread, "{diff:?}");
+    }
+}
+
+/// TinyUntied has Llama 3.1 rope scaling, which a GGUF file carries only as the
+/// `rope_freqs.weight` tensor: the loaded model must rotate with the scaled frequencies.
+#[test]
+fn tiny_untied_files_honour_llama3_rope_scaling() {
+    let dir = tiny_model(ModelShape::TinyUntied, 7);
+    let safetensors = load(&dir);
+    let f16 = load(&gguf_of(ModelShape::TinyUntied, 7, GgufFileType::F16));
+    let expected = safetensors.rope().frequencies().expect("frequencies");
+    let actual = f16.rope().frequencies().expect("frequencies");
+    let config = LlamaConfig::from_file(&dir.join("config.json")).expect("config");
+    let unscaled_config = LlamaConfig {
+        rope_scaling: None,
+        ..config
+    };
+    let plain = llama_server::engine::rope::inverse_frequencies(&unscaled_config);
+    println!("scaled {expected:?}\nfrom gguf {actual:?}\nunscaled {plain:?}");
+    for (a, e) in actual.iter().zip(&expected) {
+        assert!((a - e).abs() <= e * 1e-6, "{a} vs {e}");
+    }
+    assert!(
+        plain.iter().zip(&expected).any(|(p, e)| *p > 7.9 * e),
+        "scaling divides by 8"
+    );
+
+    let reference = Probed::of(&safetensors);
+    let f16_diffs = reference.against(&f16, "untied f16");
+    for diff in &f16_diffs {
+        assert!(diff.max_abs < F16_MAX_ABS, "{diff:?}");
+    }
+    for diff in reference.against(
+        &load(&gguf_of(ModelShape::TinyUntied, 7, GgufFileType::Q8_0)),
+        "untied q8_0",
+    ) {
+        assert!(diff.max_abs < Q8_0_MAX_ABS, "{diff:?}");
+        assert!(diff.rms < 0.02 * diff.spread, "{diff:?}");
+    }
+
+    // Random weights attend almost uniformly, so the rotation moves these logits only a
+    // little; still, the f16 file is several times closer to the scaled model at depth than
+    // the same weights without the scaling are.
+    let unscaled = LlamaModel::from_weights(
+        unscaled_config,
+        &WeightFiles::open(&dir).expect("weights"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("unscaled model");
+    let without = compare(&reference.0[1].1, &probe_logits(&unscaled, DEPTH));
+    println!("untied without rope scaling at depth {DEPTH}: {without:?}");
+    assert!(
+        without.rms > 3.0 * f16_diffs[1].rms,
+        "{without:?} vs {:?}",
+        f16_diffs[1]
+    );
+}
+
+/// Tiny256's rows split into 256-value blocks, so its Q4_K_M file really is llama.cpp's K-quant
+/// mix. Q4_K keeps 4.5 bits per weight (relative rms error 7.5% on these weights, Q6_K 1.8%),
+/// so single logits move by a good part of their spread, and greedy picks among 128k nearly
+/// tied random logits can flip; the bounds are on correlation and on where the reference's
+/// greedy token ranks. The quantized kernels themselves are held tight: against the same
+/// weights dequantized only the 8-bit quantization of the activations differs.
+#[test]
+fn q4_k_m_of_tiny_256_uses_k_quants_and_tracks_the_f32_model() {
+    let path = gguf_of(ModelShape::Tiny256, 3, GgufFileType::Q4KM);
+    let file = GgufFile::open(&path).expect("open");
+    let dtype = |name: &str| file.dtype(name).expect(name);
+    assert_eq!(dtype("token_embd.weight"), GgmlDType::Q4K);
+    assert_eq!(dtype("output.weight"), GgmlDType::Q6K);
+    assert_eq!(dtype("blk.0.attn_q.weight"), GgmlDType::Q4K);
+    assert_eq!(dtype("blk.0.ffn_down.weight"), GgmlDType::Q4K);
+    assert_eq!(dtype("blk.1.ffn_down.weight"), GgmlDType::Q6K);
+    assert_eq!(dtype("blk.1.attn_v.weight"), GgmlDType::Q6K);
+    assert_eq!(dtype("blk.0.attn_norm.weight"), GgmlDType::F32);
+    assert_eq!(dtype("rope_freqs.weight"), GgmlDType::F32);
+    let (mut bytes, mut weights) = (0, 0);
+    for name in file.tensor_names() {
+        let count: usize = file.shape(name).expect(name).iter().product();
+        bytes += count / dtype(name).block_size() * dtype(name).type_size();
+        weights += count;
+    }
+    let bits = 8.0 * bytes as f64 / weights as f64;
+    println!("q4_k_m: {bits:.2} bits per weight");
+    // Q4_K is 4.5 bits, Q6_K 6.56; the Q6_K output projection is half of this model's weights.
+    assert!((4.5..6.6).contains(&bits), "{bits}");
+
+    let quantized = load(&path);
+    // Rope scaling is covered above; shallower context keeps this wider model quick.
+    let depths = [0, 256];
+    let reference = Probed::at(&load(&tiny_model(ModelShape::Tiny256, 3)), &depths);
+    for diff in reference.against(&quantized, "tiny-256 q4_k_m") {
+        assert!(diff.correlation > 0.97, "{diff:?}");
+        assert!(diff.rms < 0.25 * diff.spread, "{diff:?}");
+        assert!(diff.worst_rank < 50, "{diff:?}");
+    }
+
+    let out = scratch();
+    let dequantized = out.path().join("dequantized.gguf");
+    // F16 rounds 40× less than the activation quantization measured here.
+    rewrite(&path, &dequantized, without_tokenizer, |_, tensor| {
+        let dense = tensor.dequantize(&Device::Cpu).expect("dequantize");
+        Some(QTensor::quantize(&dense, GgmlDType::F16).expect("f16"))
+    });
+    let twin = Probed::at(&load(&dequantized), &depths);
+    for diff in twin.against(&quantized, "tiny-256 q4_k_m vs its weights dequantized") {
+        assert!(diff.correlation > 0.999, "{diff:?}");
+        assert!(diff.rms < 0.03 * diff.spread, "{diff:?}");
+    }
+}
+
+/// An independent llama.cpp-style forward pass over the file's own tensors: Q and K as stored
+/// (permuted) with llama.cpp's interleaved rotation (`rope_i`, pairs 2i/2i+1), frequencies
+/// divided by `rope_freqs` as `ggml_rope_ext` does. Logits of the last `rows` positions.
+fn llama_cpp_style_logits(path: &Path, tokens: &[u32], rows: usize) -> candle_core::Result<Tensor> {
+    let cpu = Device::Cpu;
+    let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+    let content = Content::read(&mut reader)?;
+    let mut tensor = |name: &str| -> candle_core::Result<Tensor> {
+        content.tensor(&mut reader, name, &cpu)?.dequantize(&cpu)
+    };
+    let meta = |key: &str| content.metadata.get(key).cloned().expect(key);
+    let heads = meta("llama.attention.head_count").to_u32()? as usize;
+    let kv_heads = meta("llama.attention.head_count_kv").to_u32()? as usize;
+    let hidden = meta("llama.embedding_length").to_u32()? as usize;
+    let layers = meta("llama.block_count").to_u32()? as usize;
+    let eps = meta("llama.attention.layer_norm_rms_epsilon").to_f32()?;
+    let theta = meta("llama.rope.freq_base").to_f32()?;
+    let head_dim = hidden / heads;
+    let half = head_dim / 2;
+    let factors: Vec<f32> = if content.tensor_infos.contains_key("rope_freqs.weight") {
+        tensor("rope_freqs.weight")?.to_vec1()?
+    } else {
+        vec![1.0; half]
+    };
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| theta.powf(-2.0 * i as f32 / head_dim as f32) / factors[i])
+        .collect();
+    let t = tokens.len();
+    let positions = Tensor::arange(0f32, t as f32, &cpu)?.reshape((t, 1))?;
+    let angles = positions.broadcast_mul(&Tensor::from_vec(inv_freq, (1, half), &cpu)?)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &cpu)?;
+    let embeddings = tensor("token_embd.weight")?;
+    let ids = Tensor::new(tokens, &cpu)?;
+    let mut x = embeddings.index_select(&ids, 0)?;
+    let heads_first = |m: Tensor, n: usize| -> candle_core::Result<Tensor> {
+        m.reshape((t, n, head_dim))?
+            .transpose(0, 1)?
+            .unsqueeze(0)?
+            .contiguous()
+    };
+    for l in 0..layers {
+        let w = |part: &str| format!("blk.{l}.{part}.weight");
+        let h = candle_nn::ops::rms_norm(&x, &tensor(&w("attn_norm"))?, eps)?;
+        let q = heads_first(h.matmul(&tensor(&w("attn_q"))?.t()?)?, heads)?;
+        let k = heads_first(h.matmul(&tensor(&w("attn_k"))?.t()?)?, kv_heads)?;
+        let v = heads_first(h.matmul(&tensor(&w("attn_v"))?.t()?)?, kv_heads)?;
+        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+        // Query head h reads key/value head h / group, as ggml's broadcasting matmul does.
+        let group = heads / kv_heads;
+        let mut outputs = Vec::with_capacity(heads);
+        for head in 0..heads {
+            let qh = q.get(0)?.get(head)?;
+            let kh = k.get(0)?.get(head / group)?;
+            let vh = v.get(0)?.get(head / group)?;
+            let scores = (qh.matmul(&kh.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(&mask)?;
+            outputs.push(candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&vh)?);
+        }
+        let attn = Tensor::cat(&outputs, 1)?;
+        x = (x + attn.matmul(&tensor(&w("attn_output"))?.t()?)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &tensor(&w("ffn_norm"))?, eps)?;
+        let gate = candle_nn::ops::silu(&h.matmul(&tensor(&w("ffn_gate"))?.t()?)?)?;
+        let up = h.matmul(&tensor(&w("ffn_up"))?.t()?)?;
+        x = (x + (gate * up)?.matmul(&tensor(&w("ffn_down"))?.t()?)?)?;
+    }
+    let x = candle_nn::ops::rms_norm(&x, &tensor("output_norm.weight")?, eps)?;
+    let output = if content.tensor_infos.contains_key("output.weight") {
+        tensor("output.weight")?
+    } else {
+        embeddings
+    };
+    x.narrow(0, t - rows, rows)?.matmul(&output.t()?)
+}
+
+/// The file is what llama.cpp expects, not merely what our own loader undoes: a forward pass
+/// with llama.cpp's conventions over the stored tensors agrees with `load_gguf`, for the shape
+/// with GQA, an untied output and rope scaling.
+#[test]
+fn a_llama_cpp_style_forward_pass_over_the_file_agrees_with_the_engine() {
+    const CONTEXT: usize = 256;
+    let path = gguf_of(ModelShape::TinyUntied, 7, GgufFileType::F16);
+    let mut tokens = context(CONTEXT);
+    tokens.extend(PROBE);
+    let theirs: Vec<Vec<f32>> = llama_cpp_style_logits(&path, &tokens, PROBE.len())
+        .expect("reference forward")
+        .to_vec2()
+        .expect("logits");
+    let diff = compare(&theirs, &probe_logits(&load(&path), CONTEXT));
+    println!("llama.cpp-style forward vs engine, same f16 file: {diff:?}");
+    // Same weights, f32 compute both ways: only summation order differs.
+    assert!(diff.max_abs < 1e-4, "{diff:?}");
+
+    // The control: a file whose Q/K rows were not permuted the converter's way (so the engine's
+    // restoration scrambles them) is far off.
+    let out = scratch();
+    let unpermuted = out.path().join("unpermuted.gguf");
+    rewrite(&path, &unpermuted, without_tokenizer, |name, tensor| {
+        let heads = match name.rsplit('.').nth(1) {
+            Some("attn_q") => 4,
+            Some("attn_k") => 2,
+            _ => return Some(tensor),
+        };
+        let dense = tensor.dequantize(&Device::Cpu).expect("dequantize");
+        let hf_rows = hf_rows_of(&dense, heads);
+        Some(QTensor::quantize(&hf_rows, GgmlDType::F16).expect("quantize"))
+    });
+    let wrong = compare(&theirs, &probe_logits(&load(&unpermuted), CONTEXT));
+    println!("engine on a file with unpermuted Q/K rows: {wrong:?}");
+    assert!(wrong.max_abs > 100.0 * diff.max_abs, "{wrong:?}");
+}
+
+/// The inverse of the converter's permutation, written out row by row: GGUF row `2i + j` of a
+/// head holds Hugging Face row `j * d/2 + i`.
+fn hf_rows_of(gguf_rows: &Tensor, heads: usize) -> Tensor {
+    let rows = gguf_rows.dim(0).expect("rows");
+    let head_dim = rows / heads;
+    let order: Vec<u32> = (0..rows)
+        .map(|hf| {
+            let (head, r) = (hf / head_dim, hf % head_dim);
+            let (j, i) = (r / (head_dim / 2), r % (head_dim / 2));
+            (head * head_dim + 2 * i + j) as u32
+        })
+        .collect();
+    let order = Tensor::new(order.as_slice(), &Device::Cpu).expect("order");
+    gguf_rows.index_select(&order, 0).expect("reorder")
+}
+
+/// A file's metadata entries, as [`rewrite`] edits them.
+type Metadata = Vec<(String, Value)>;
+
+/// Drops the 128k-token vocabulary, which the loader does not read: copies are quicker to write
+/// and to open.
+fn without_tokenizer(metadata: &mut Metadata) {
+    metadata.retain(|(key, _)| !key.starts_with("tokenizer."));
+}
+
+/// Copies a GGUF file, editing its metadata and mapping (or dropping) tensors.
+fn rewrite(
+    from: &Path,
+    to: &Path,
+    edit_metadata: impl FnOnce(&mut Metadata),
+    mut map_tensor: impl FnMut(&str, QTensor) -> Option<QTensor>,
+) {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(from).expect("open"));
+    let content = Content::read(&mut reader).expect("read");
+    let mut metadata: Metadata = content.metadata.clone().into_iter().collect();
+    edit_metadata(&mut metadata);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let tensor = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .expect("tensor");
+            map_tensor(name, tensor).map(|t| (name.clone(), t))
+        })
+        .collect();
+    let mut writer = std::io::BufWriter::new(std::fs::File::create(to).expect("create"));
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut writer, &metadata, &tensors).expect("write");
+}
+
+#[test]
+fn metadata_carries_the_configuration_and_the_tokenizer() {
+    let dir = tiny_model(ModelShape::TinyUntied, 7);
+    let file =
+        GgufFile::open(&gguf_of(ModelShape::TinyUntied, 7, GgufFileType::Q8_0)).expect("open");
+    let from_gguf = llama_config(&file).expect("config");
+    let hf = LlamaConfig::from_file(&dir.join("config.json")).expect("config");
+    assert_eq!(
+        from_gguf.rms_norm_eps, 1e-5,
+        "read as the decimal that was written"
+    );
+    assert_eq!(
+        from_gguf,
+        LlamaConfig {
+            rope_scaling: None,
+            torch_dtype: None,
+            // The tokenizer's eos_token (<|eot_id|>), as llama.cpp's converter picks it.
+            eos_token_id: Some(llama_server::engine::config::TokenIds::One(128_009)),
+            ..hf
+        }
+    );
+    let meta = file.metadata();
+    let get = |key: &str| meta.get(key).unwrap_or_else(|| panic!("{key} missing"));
+    let string = |key: &str| get(key).to_string().ok().cloned();
+    assert_eq!(string("general.architecture").as_deref(), Some("llama"));
+    assert_eq!(get("general.file_type").to_u32().ok(), Some(7));
+    assert_eq!(string("tokenizer.ggml.model").as_deref(), Some("gpt2"));
+    assert_eq!(string("tokenizer.ggml.pre").as_deref(), Some("llama-bpe"));
+    let tokens = get("tokenizer.ggml.tokens").to_vec().expect("tokens");
+    assert_eq!(tokens.len(), 128_256);
+    assert_eq!(
+        tokens[128_000].to_string().ok().map(String::as_str),
+        Some("<|begin_of_text|>")
+    );
+    let types = get("tokenizer.ggml.token_type").to_vec().expect("types");
+    assert_eq!(types[128_000].to_i32().ok(), Some(3), "control token");
+    assert_eq!(types[100].to_i32().ok(), Some(1), "normal token");
+    let tokenizer: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("tokenizer.json")).expect("tokenizer.json"),
+    )
+    .expect("json");
+    let merges = tokenizer["model"]["merges"]
+        .as_array()
+        .expect("merges")
+        .len();
+    assert_eq!(
+        get("tokenizer.ggml.merges").to_vec().map(Vec::len).ok(),
+        Some(merges)
+    );
+    assert_eq!(
+        get("tokenizer.ggml.bos_token_id").to_u32().ok(),
+        Some(128_000)
+    );
+    assert_eq!(
+        get("tokenizer.ggml.add_bos_token").to_bool().ok(),
+        Some(true)
+    );
+    assert!(string("tokenizer.chat_template").is_some());
+    assert_eq!(file.shape("rope_freqs.weight").ok(), Some(&[8][..]));
+}
+
+#[test]
+fn broken_files_give_errors_that_name_the_file_and_the_fault() {
+    let out = scratch();
+    // Without the 128k-token vocabulary the variants below are quick to write and read.
+    let good = out.path().join("lean.gguf");
+    rewrite(
+        &gguf_of(ModelShape::Tiny, 42, GgufFileType::Q8_0),
+        &good,
+        without_tokenizer,
+        |_, t| Some(t),
+    );
+    load(&good);
+    let attempt =
+        |path: &Path| LlamaModel::load_gguf(path, DType::F32, &Device::Cpu).expect_err("must fail");
+    let expect = |err: EngineError, path: &Path, needles: &[&str]| {
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        for needle in needles {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
+        println!("{}: {message}", err.label());
+    };
+    let variant =
+        |name: &str, edit: &dyn Fn(&mut Metadata), keep: &dyn Fn(&str) -> bool| -> PathBuf {
+            let path = out.path().join(name);
+            rewrite(&good, &path, edit, |tensor, t| keep(tensor).then_some(t));
+            path
+        };
+    let set = |key: &'static str, value: Value| {
+        move |metadata: &mut Metadata| {
+            for (k, v) in metadata.iter_mut() {
+                if k == key {
+                    *v = value.clone();
+                }
+            }
+        }
+    };
+
+    let garbage = out.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a GGUF file at all").expect("write");
+    let err = attempt(&garbage);
+    assert!(matches!(err, EngineError::InvalidGguf { .. }), "{err:?}");
+    expect(err, &garbage, &["not a GGUF file"]);
+
+    let truncated = out.path().join("truncated.gguf");
+    let bytes = std::fs::read(&good).expect("read");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+    let err = attempt(&truncated);
+    assert!(matches!(err, EngineError::InvalidGguf { .. }), "{err:?}");
+    expect(err, &truncated, &["tensor `"]);
+
+    let qwen = variant(
+        "qwen.gguf",
+        &set("general.architecture", Value::String("qwen2".into())),
+        &|_| true,
+    );
+    let err = attempt(&qwen);
+    assert!(
+        matches!(err, EngineError::UnsupportedArchitecture { .. }),
+        "{err:?}"
+    );
+    expect(err, &qwen, &["qwen2", "only `llama`"]);
+
+    let missing = variant("missing.gguf", &|_| {}, &|name| {
+        name != "blk.1.ffn_up.weight"
+    });
+    let err = attempt(&missing);
+    assert!(matches!(err, EngineError::MissingTensor { .. }), "{err:?}");
+    expect(err, &missing, &["blk.1.ffn_up.weight"]);
+
+    let reshaped = variant(
+        "reshaped.gguf",
+        &set("llama.feed_forward_length", Value::U32(96)),
+        &|_| true,
+    );
+    let err = attempt(&reshaped);
+    assert!(
+        matches!(err, EngineError::TensorShapeMismatch { .. }),
+        "{err:?}"
+    );
+    expect(
+        err,
+        &reshaped,
+        &["blk.0.ffn_gate.weight", "[96, 64]", "[128, 64]"],
+    );
+
+    let no_layers = variant(
+        "no-layers.gguf",
+        &|metadata| metadata.retain(|(key, _)| key != "llama.block_count"),
+        &|_| true,
+    );
+    let err = attempt(&no_layers);
+    assert!(matches!(err, EngineError::GgufMetadata { .. }), "{err:?}");
+    expect(err, &no_layers, &["llama.block_count", "missing"]);
+
+    let yarn = variant(
+        "yarn.gguf",
+        &|metadata| {
+            metadata.push((
+                "llama.rope.scaling.type".into(),
+                Value::String("yarn".into()),
+            ))
+        },
+        &|_| true,
+    );
+    let err = attempt(&yarn);
+    assert!(matches!(err, EngineError::GgufMetadata { .. }), "{err:?}");
+    expect(err, &yarn, &["llama.rope.scaling.type", "yarn"]);
+
+    let err = attempt(&out.path().join("absent.gguf"));
+    assert!(matches!(err, EngineError::Io { .. }), "{err:?}");
+}
+
+/// `generate-model --gguf` writes the file beside the safetensors, and a `.gguf` path loads with
+/// the tokenizer files of its directory, as the server does.
+#[test]
+fn generate_model_writes_gguf_files_the_server_can_load() {
+    let out = scratch();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
+        .args([
+            "generate-model",
+            "--shape",
+            "tiny",
+            "--seed",
+            "5",
+            "--gguf",
+            "q8_0",
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .arg("--tokenizer-dir")
+        .arg(common::tokenizer_dir())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run llama-server");
+    assert!(status.success());
+    let gguf = out.path().join("model-q8_0.gguf");
+    assert!(out.path().join("model.safetensors").is_file());
+    let model = load(&gguf);
+    assert_eq!(model.config().num_hidden_layers, 2);
+    let tokenizer = llama_server::tokenizer::LlamaTokenizer::from_dir(gguf.parent().expect("dir"))
+        .expect("tokenizer");
+    assert!(tokenizer.is_stop(128_009));
+}
