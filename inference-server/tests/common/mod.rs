@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod gguf;
+
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
