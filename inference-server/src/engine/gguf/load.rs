@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use super::file::GgufFile;
@@ -93,11 +94,7 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn qtensor(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-    ) -> Result<Arc<candle_core::quantized::QTensor>> {
+    fn qtensor(&mut self, name: &str, shape: &[usize]) -> Result<Arc<QTensor>> {
         Ok(Arc::new(self.file.read(name, shape, self.device)?))
     }
 
