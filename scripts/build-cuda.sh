@@ -7,11 +7,12 @@
 # The CUDA 13.0 toolchain comes from scripts/build-cuda-toolchain.sh (PyPI wheels plus a libcuda
 # stub, cached). The kernels are compiled for compute capability $CUDA_COMPUTE_CAP (default 90:
 # H100 and H200, as sm_90a). The build has its own target directory ($LLAMA_CUDA_TARGET_DIR,
-# default target/cuda) so it never invalidates the CPU build's artifacts; a cold build takes
-# about 9 minutes on 2 cores, a rebuild after a change to llama-server about 1.
+# default target/cuda) so it never invalidates the CPU build's artifacts. A cold build is about 31
+# CPU-minutes (most of it nvcc on candle's kernels): 58 minutes measured on a busy 2-core machine
+# at nice 19; a rebuild after a change to llama-server only recompiles llama-server.
 #
 # The binary needs, at run time, the NVIDIA driver (libcuda.so.1) and the CUDA 13.0 libraries
-# cudart, cuBLAS, cuBLASLt, cuRAND and NVRTC: on a GPU host with CUDA 13.0 under /usr/local/cuda,
+# cudart, cuBLAS (with cuBLASLt) and cuRAND: on a GPU host with CUDA 13.0 under /usr/local/cuda,
 # LD_LIBRARY_PATH=/usr/local/cuda/lib64 (the nvidia/cuda runtime images set that up already).
 set -euo pipefail
 cd "$(dirname "$0")/.."

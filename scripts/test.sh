@@ -48,6 +48,9 @@ cargo build -p llama-server --locked
 LLAMA_SERVER_BIN="$PWD/target/debug/llama-server" "$SDK_PYTHON" -m pytest tests/sdk -q \
   -p no:cacheprovider 2>&1 | tee -a "$log"
 
+step "CUDA build (compile check): llama-server --features cuda, CUDA 13.0 from PyPI wheels, no GPU"
+scripts/check-cuda-build.sh
+
 step "all tests passed"
 # One closing line for the whole run, summed over every test binary.
 # Rust: "test result: ok. N passed; N failed; N ignored"; pytest: "N passed, N skipped in T".

@@ -123,9 +123,18 @@ impl DeviceSpec {
             Self::Cuda(_) if !cuda_built() => Err(DeviceError::CudaNotBuilt(self)),
             Self::Cuda(ordinal) => Device::new_cuda(ordinal).map_err(|err| DeviceError::NoGpu {
                 spec: self,
-                reason: err.to_string(),
+                reason: without_backtrace(err),
             }),
         }
+    }
+}
+
+/// The message of a candle error, without the backtrace candle attaches when `RUST_BACKTRACE`
+/// is set (a startup error should be one readable line).
+fn without_backtrace(err: candle_core::Error) -> String {
+    match err {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other.to_string(),
     }
 }
 
@@ -205,6 +214,15 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.label(), "cuda_not_built");
+    }
+
+    #[test]
+    fn startup_errors_leave_candles_backtrace_out() {
+        let err = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("no driver".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(without_backtrace(err), "no driver");
     }
 
     #[test]
