@@ -5,7 +5,8 @@
 #   scripts/make-gpu-bundle.sh [--binary PATH] [OUT_DIR]
 #
 #   OUT_DIR/ (default target/gpu-bundle/llama-server-gpu-bundle)
-#     llama-server            the CUDA release binary (scripts/build-cuda.sh, unless --binary)
+#     llama-server            the CUDA release binary (scripts/build-cuda.sh, unless --binary),
+#                             debug line tables stripped
 #     tokenizer/              tokenizer.json, tokenizer_config.json (scripts/setup-tokenizer.sh)
 #     goldens/                inference-server/tests/goldens/*.json
 #     scripts/gpu-check.sh    the one-command check, and scripts/gpu/gpu_check.py beside it
@@ -33,7 +34,8 @@ tokenizer=$(scripts/setup-tokenizer.sh)
 
 rm -rf "$out"
 mkdir -p "$out/tokenizer" "$out/goldens" "$out/scripts/gpu"
-cp "$binary" "$out/llama-server"
+# Without the line tables (161 MB -> 68 MB); function names stay for backtraces.
+objcopy --strip-debug "$binary" "$out/llama-server"
 chmod 0755 "$out/llama-server"
 cp "$tokenizer/tokenizer.json" "$tokenizer/tokenizer_config.json" "$out/tokenizer/"
 cp inference-server/tests/goldens/*.json "$out/goldens/"
@@ -44,7 +46,9 @@ cp docs/gpu.md "$out/README.md"
   echo "llama-server GPU bundle"
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- inference-server 2>/dev/null || echo ' (inference-server modified)')"
   echo "made: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "binary: $("$out/llama-server" --version), CUDA 13.0, compute capability ${CUDA_COMPUTE_CAP:-90}"
+  # The toolchain's libraries and libcuda stub let the binary start here, without a driver.
+  cuda_home=$(scripts/build-cuda-toolchain.sh)
+  echo "binary: $(LD_LIBRARY_PATH="$cuda_home/lib/stubs:$cuda_home/lib" "$out/llama-server" --version), CUDA 13.0, compute capability ${CUDA_COMPUTE_CAP:-90}"
   echo "needs: $(objdump -p "$out/llama-server" | awk '/NEEDED/ {print $2}' | tr '\n' ' ')"
   echo
   (cd "$out" && find . -type f ! -name MANIFEST | sort | xargs sha256sum)

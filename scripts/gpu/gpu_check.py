@@ -303,7 +303,11 @@ def cmd_report(args):
             f"- bandwidth: {gbs:.0f} GB/s device-to-device copy on {bandwidth['name']} "
             f"(torch {bandwidth['torch']})"
         )
-    if goldens:
+    else:
+        lines.append("- bandwidth: not measured (no ceiling ratios)")
+    if not goldens:
+        lines.append("- goldens: did not run (see the log)")
+    else:
         verdict = "passed" if all(m["passed"] for m in goldens["models"]) else "FAILED"
         lines.append(f"- goldens on {goldens['device']}: {verdict}")
         for m in goldens["models"]:
