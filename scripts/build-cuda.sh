@@ -2,12 +2,14 @@
 # Builds the CUDA release binary of llama-server (`--features cuda`, candle's CUDA backend) on any
 # Linux x86_64 machine, GPU or not, and prints its path.
 #
-#   scripts/build-cuda.sh            # -> target/cuda/release/llama-server
+#   scripts/build-cuda.sh            # -> ~/.cache/llama-operator/cuda-target/release/llama-server
 #
 # The CUDA 13.0 toolchain comes from scripts/build-cuda-toolchain.sh (PyPI wheels plus a libcuda
 # stub, cached). The kernels are compiled for compute capability $CUDA_COMPUTE_CAP (default 90:
-# H100 and H200, as sm_90a). The build has its own target directory ($LLAMA_CUDA_TARGET_DIR,
-# default target/cuda) so it never invalidates the CPU build's artifacts. A cold build is about 31
+# H100 and H200, as sm_90a). The build has its own target directory, $LLAMA_CUDA_TARGET_DIR,
+# default ${LLAMA_OPERATOR_CACHE:-~/.cache/llama-operator}/cuda-target: apart from the CPU build's
+# target/, so neither invalidates the other, and outside the checkout, so that a fresh clone (CI)
+# reuses the compiled CUDA kernels instead of paying for them again. A cold build is about 31
 # CPU-minutes (most of it nvcc on candle's kernels): 58 minutes measured on a busy 2-core machine
 # at nice 19; a rebuild after a change to llama-server only recompiles llama-server.
 #
@@ -18,7 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cuda_home=$(scripts/build-cuda-toolchain.sh)
-target_dir=${LLAMA_CUDA_TARGET_DIR:-$PWD/target/cuda}
+cache=${LLAMA_OPERATOR_CACHE:-$HOME/.cache/llama-operator}
+target_dir=${LLAMA_CUDA_TARGET_DIR:-$cache/cuda-target}
 
 export CUDA_HOME="$cuda_home" CUDA_ROOT="$cuda_home" CUDA_PATH="$cuda_home"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}

@@ -27,7 +27,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; cat <<'EOF'
 Options:
   --bundle DIR          bundle root (default: the directory above this script if it holds llama-server)
-  --binary PATH         llama-server CUDA binary (default: BUNDLE/llama-server, or target/cuda/release/llama-server)
+  --binary PATH         llama-server CUDA binary (default: BUNDLE/llama-server, or scripts/build-cuda.sh's)
   --tokenizer-dir DIR   tokenizer.json + tokenizer_config.json (default: BUNDLE/tokenizer)
   --goldens DIR         golden files (default: BUNDLE/goldens, or inference-server/tests/goldens)
   --device DEV          cuda, cuda:N or cpu (default cuda:0)
@@ -84,7 +84,8 @@ if [ -n "$bundle" ]; then
   goldens=${goldens:-$bundle/goldens}
 else
   repo=$(cd "$here/.." && pwd)
-  binary=${binary:-$repo/target/cuda/release/llama-server}
+  cache=${LLAMA_OPERATOR_CACHE:-$HOME/.cache/llama-operator}
+  binary=${binary:-${LLAMA_CUDA_TARGET_DIR:-$cache/cuda-target}/release/llama-server}
   goldens=${goldens:-$repo/inference-server/tests/goldens}
   tokenizer=${tokenizer:-$("$repo/scripts/setup-tokenizer.sh")}
 fi
