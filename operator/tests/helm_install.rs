@@ -8,8 +8,9 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use llama_operator::api::{ComputeQuota, LlamaDeployment};
+use llama_operator::build::karpenter_node_pool_resource;
 use llama_operator::config::OperatorConfig;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -319,12 +320,23 @@ async fn upgrade_configuration(
         "--reuse-values",
         "--set",
         "config.drainSeconds=90",
+        // A shared pool whose deployments live 18 seconds, for shared_quota_expiry.
+        "--set-json",
+        r#"config.sharedQuota={"StandardNCADSA100v4Family":96}"#,
+        // (`--set` passes fractions as strings, which the schema refuses.)
+        "--set-json",
+        "config.sharedQuotaHours=0.005",
         "--wait",
         "--timeout",
         "120s",
     ])?;
     let text = config.sync().await?;
-    assert_eq!(OperatorConfig::parse(&text)?.drain_seconds, 90, "{text}");
+    let parsed = OperatorConfig::parse(&text)?;
+    assert_eq!(parsed.drain_seconds, 90, "{text}");
+    assert_eq!(
+        parsed.shared_quota["StandardNCADSA100v4Family"], 96,
+        "{text}"
+    );
     assert_eq!(
         deployments.get(RELEASE).await?.metadata.generation,
         generation,
@@ -340,6 +352,34 @@ async fn upgrade_configuration(
     .map_err(|e| anyhow::anyhow!("drainSeconds not applied: {e}\n{}", op.log_text()))?;
     let history = release.helm(&["history", RELEASE])?;
     assert!(history.contains("Upgrade complete"), "{history}");
+    Ok(())
+}
+
+/// The shared pool the upgrade configured: a deployment without dedicated quota borrows it and
+/// is deleted when its time is up.
+async fn shared_quota_expiry(op: &OperatorProcess) -> anyhow::Result<()> {
+    let env = TestEnv::new("helm-shared").await?;
+    let quota = "apiVersion: llama-operator.io/v1alpha1\nkind: ComputeQuota\nmetadata: {name: default}\nspec:\n  limits: [{family: StandardNCADSA100v4Family, cores: 0}]\n";
+    ensure_ok(env.run_kubectl(&["apply", "-f", "-"], Some(quota))?)?;
+    let borrowed = QUICKSTART
+        .replace("name: quickstart", "name: borrowed")
+        .replace(
+            "  nodePool:",
+            "  quota: {useSharedQuota: true}\n  nodePool:",
+        );
+    ensure_ok(env.run_kubectl(&["apply", "--server-side", "-f", "-"], Some(&borrowed))?)?;
+    let lds: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait_for(Duration::from_secs(30), || async {
+        let status = lds.get("borrowed").await.ok()?.status?;
+        (status.quota_source? == llama_operator::api::QuotaSource::Shared).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("not admitted on shared quota: {e}\n{}", op.log_text()))?;
+    wait_for(Duration::from_secs(60), || async {
+        lds.get_opt("borrowed").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("not deleted at expiry: {e}\n{}", op.log_text()))?;
     Ok(())
 }
 
@@ -361,6 +401,61 @@ async fn delete(work: &TestEnv, op: &OperatorProcess) -> anyhow::Result<()> {
         .list(&ListParams::default().labels(&selector))
         .await?;
     assert!(nodes.items.is_empty(), "nodes left: {:?}", nodes.items);
+    Ok(())
+}
+
+/// The other paths to the API: a Karpenter NodePool (with Karpenter's published CRDs) created,
+/// listed and released, and a referenced PersistentVolumeClaim looked up.
+async fn karpenter_pool_and_claim_reference(
+    work: &TestEnv,
+    op: &OperatorProcess,
+) -> anyhow::Result<()> {
+    testenv::install_crds_from(&work.client, &testenv::karpenter_crds_dir()?).await?;
+    let lds: Api<LlamaDeployment> = Api::namespaced(work.client.clone(), &work.namespace);
+    let pool = QUICKSTART
+        .replace("name: quickstart", "name: pool")
+        .replace("provider: kwok", "provider: karpenter");
+    ensure_ok(work.run_kubectl(&["apply", "--server-side", "-f", "-"], Some(&pool))?)?;
+    let pools: Api<DynamicObject> =
+        Api::all_with(work.client.clone(), &karpenter_node_pool_resource());
+    let selector = format!(
+        "llama-operator.io/deployment-namespace={},llama-operator.io/deployment=pool",
+        work.namespace
+    );
+    let listed = || async {
+        pools
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()
+            .map(|l| l.items.len())
+    };
+    wait_for(Duration::from_secs(30), || async {
+        (listed().await? == 1).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no NodePool: {e}\n{}", op.log_text()))?;
+    lds.delete("pool", &DeleteParams::default()).await?;
+    wait_for(Duration::from_secs(30), || async {
+        let gone = lds.get_opt("pool").await.ok()?.is_none();
+        (gone && listed().await? == 0).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("NodePool not released: {e}\n{}", op.log_text()))?;
+
+    let claim = QUICKSTART
+        .replace("name: quickstart", "name: weights")
+        .replace(
+            "{type: demo}",
+            "{type: pvc, pvc: {claimName: no-such-claim}}",
+        );
+    ensure_ok(work.run_kubectl(&["apply", "--server-side", "-f", "-"], Some(&claim))?)?;
+    wait_for(Duration::from_secs(30), || async {
+        let ld = lds.get("weights").await.ok()?;
+        let reason = testenv::llama::condition(&ld, "Ready")?.1;
+        (reason == "PersistentVolumeClaimNotFound").then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("claim not looked up: {e}\n{}", op.log_text()))?;
     Ok(())
 }
 
@@ -438,7 +533,9 @@ async fn helm_install_runs_the_operator_as_its_service_account_then_upgrade_and_
     let work = TestEnv::new("helm-workload").await?;
     deploy_and_switch_to_user_keys(&work, &op).await?;
     upgrade_configuration(&release, &config, &work, &op).await?;
+    shared_quota_expiry(&op).await?;
     delete(&work, &op).await?;
+    karpenter_pool_and_claim_reference(&work, &op).await?;
 
     // Not one call was refused: the chart's RBAC covers everything the operator did.
     let log = op.log_text();

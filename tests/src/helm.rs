@@ -6,9 +6,13 @@ use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The chart in this repository.
+/// The chart in this repository, or a copy at `LLAMA_CHART_DIR` (scripts/check-rbac.sh runs the
+/// install test on copies with one RBAC verb removed).
 pub fn chart_dir() -> PathBuf {
-    control_plane::workspace_root().join("charts/llama-operator")
+    match std::env::var_os("LLAMA_CHART_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => control_plane::workspace_root().join("charts/llama-operator"),
+    }
 }
 
 /// The directory of the built `helm`: `LLAMA_HELM_BIN`, or what `scripts/build-helm.sh` prints
