@@ -40,7 +40,10 @@ LABEL org.opencontainers.image.title="llama-server-cuda" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=tokenizer /tokenizer/ /usr/share/llama-server/tokenizer/
 COPY --from=build /out/llama-server /usr/local/bin/llama-server
+# The GPU image serves on the GPU: LLAMA_SERVER_DEVICE=cuda (a pod without a usable GPU exits 1
+# at start with a message saying so).
 ENV LLAMA_SERVER_TOKENIZER_DIR=/usr/share/llama-server/tokenizer \
+    LLAMA_SERVER_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # The base image has no user 65532; a numeric USER needs no passwd entry.
