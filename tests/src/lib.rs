@@ -11,6 +11,7 @@
 //! ```
 
 pub mod argocd;
+pub mod chart_install;
 pub mod control_plane;
 pub mod helm;
 pub mod kubeconfig;

@@ -8,8 +8,8 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-const USAGE: &str =
-    "usage: dev-cluster [--operator BINARY] [--server BINARY] [--apply FILE]... [--exit]";
+const USAGE: &str = "usage: dev-cluster [--operator BINARY] [--chart DIR] [--server BINARY] \
+                     [--apply FILE]... [--exit]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
     let mut exit = false;
     let mut operator = None;
     let mut server = None;
+    let mut chart = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -29,6 +30,10 @@ async fn main() -> ExitCode {
                 Some(path) => operator = Some(std::path::PathBuf::from(path)),
                 None => return usage("--operator needs the llama-operator binary"),
             },
+            "--chart" => match args.next() {
+                Some(path) => chart = Some(std::path::PathBuf::from(path)),
+                None => return usage("--chart needs the chart directory"),
+            },
             "--server" => match args.next() {
                 Some(path) => server = Some(std::path::PathBuf::from(path)),
                 None => return usage("--server needs the llama-server binary"),
@@ -40,7 +45,7 @@ async fn main() -> ExitCode {
             other => return usage(&format!("unexpected argument {other:?}")),
         }
     }
-    match run(&manifests, exit, operator, server).await {
+    match run(&manifests, exit, operator, server, chart).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dev-cluster: {err:#}");
@@ -63,6 +68,7 @@ async fn run(
     exit: bool,
     operator: Option<std::path::PathBuf>,
     server: Option<std::path::PathBuf>,
+    chart: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     println!("==> building or locating the control-plane binaries (first run: ~20 min on 2 cores)");
@@ -74,12 +80,36 @@ async fn run(
         t0,
     );
     let client = testenv::client_for(&plane.kubeconfig).await?;
-    let crds = testenv::install_crds(&client).await?;
-    step(
-        &format!("CRDs installed and Established: {}", crds.join(", ")),
-        t0,
-    );
-    if let Some(binary) = &operator {
+    // With a chart, the CRDs come from the chart's crds/ (helm installs them first).
+    if chart.is_none() {
+        let crds = testenv::install_crds(&client).await?;
+        step(
+            &format!("CRDs installed and Established: {}", crds.join(", ")),
+            t0,
+        );
+    }
+    if let (Some(binary), Some(chart)) = (&operator, &chart) {
+        let notes = testenv::chart_install::helm_install(plane, chart)?;
+        step(
+            &format!(
+                "helm install {} {} --namespace {} (CRDs, ServiceAccount, RBAC, config)",
+                testenv::chart_install::RELEASE,
+                chart.display(),
+                testenv::chart_install::NAMESPACE
+            ),
+            t0,
+        );
+        print!("{notes}");
+        let log = testenv::chart_install::run_operator_as_chart(plane, binary)?;
+        step(
+            &format!(
+                "llama-operator running as the chart's ServiceAccount, with the chart's arguments \
+                 and configuration (log: {})",
+                log.display()
+            ),
+            t0,
+        );
+    } else if let Some(binary) = &operator {
         let log = plane.dir.join("llama-operator.log");
         let file = std::fs::File::create(&log)?;
         let mut cmd = std::process::Command::new(binary);
