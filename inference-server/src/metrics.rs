@@ -206,6 +206,20 @@ impl Metrics {
         text
     }
 
+    /// Counts a prompt or completion flagged by content safety.
+    pub fn count_filtered(&self, stage: &'static str) {
+        self.content_filtered
+            .get_or_create(&StageLabels { stage })
+            .inc();
+    }
+
+    /// Counts a request refused with 429 by `limit` (`requests`, `tokens` or `queue`).
+    pub fn count_rate_limited(&self, limit: &'static str) {
+        self.rate_limited
+            .get_or_create(&LimitLabels { limit })
+            .inc();
+    }
+
     /// Counts one answered request.
     pub fn count_request(&self, route: &str, status: u16) {
         self.requests

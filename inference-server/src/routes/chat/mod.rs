@@ -81,11 +81,7 @@ async fn handle(state: Arc<AppState>, request: Request, dialect: Dialect) -> Res
         Ok(receivers) => receivers,
         Err(error) => {
             if error.status == StatusCode::TOO_MANY_REQUESTS {
-                state
-                    .metrics
-                    .rate_limited
-                    .get_or_create(&crate::metrics::LimitLabels { limit: "queue" })
-                    .inc();
+                state.metrics.count_rate_limited("queue");
             }
             return error.into_response();
         }
@@ -153,20 +149,12 @@ async fn prepare(
             .collect::<Vec<_>>()
             .join("\n");
         if let Some(flag) = filter.check(&prompt_text) {
-            state
-                .metrics
-                .content_filtered
-                .get_or_create(&crate::metrics::StageLabels { stage: "prompt" })
-                .inc();
+            state.metrics.count_filtered("prompt");
             return Err(ApiError::content_filter(flag.category));
         }
     }
     if let Some(description) = guard_flags(state, &request, None).await {
-        state
-            .metrics
-            .content_filtered
-            .get_or_create(&crate::metrics::StageLabels { stage: "prompt" })
-            .inc();
+        state.metrics.count_filtered("prompt");
         return Err(ApiError::content_filter(&description));
     }
     let text = engine
@@ -196,21 +184,12 @@ async fn prepare(
         .limiter
         .admit(prompt.len() as u64, Instant::now())
         .map_err(|refusal| {
-            state
-                .metrics
-                .rate_limited
-                .get_or_create(&crate::metrics::LimitLabels {
-                    limit: refusal.limit.label(),
-                })
-                .inc();
+            state.metrics.count_rate_limited(refusal.limit.label());
             ApiError::rate_limited(
                 format!(
                     "Rate limit of {} per minute exceeded for this deployment; retry after {} \
                      seconds.",
-                    match refusal.limit {
-                        crate::rate_limit::Limit::Requests => "requests",
-                        crate::rate_limit::Limit::Tokens => "tokens",
-                    },
+                    refusal.limit.label(),
                     refusal.retry_after
                 ),
                 refusal.retry_after,
@@ -323,13 +302,7 @@ async fn collect(
                     content.push_str(&emission.content);
                     logprobs.extend(emission.logprobs);
                     if choice.is_flagged() {
-                        state
-                            .metrics
-                            .content_filtered
-                            .get_or_create(&crate::metrics::StageLabels {
-                                stage: "completion",
-                            })
-                            .inc();
+                        state.metrics.count_filtered("completion");
                         outcome = Some((choice.finish(&flagged_completion(prepared)), None));
                         break;
                     }
@@ -354,13 +327,7 @@ async fn collect(
             && emission.tool_calls.is_none()
             && let Some(_) = guard_flags(state, r, Some(&content)).await
         {
-            state
-                .metrics
-                .content_filtered
-                .get_or_create(&crate::metrics::StageLabels {
-                    stage: "completion",
-                })
-                .inc();
+            state.metrics.count_filtered("completion");
             content.clear();
             emission.finish_reason = Some("content_filter");
         }

@@ -128,13 +128,7 @@ async fn drive(
                 first_token.get_or_insert_with(Instant::now);
                 let mut emission = choices[index].push(&output);
                 if choices[index].is_flagged() {
-                    state
-                        .metrics
-                        .content_filtered
-                        .get_or_create(&crate::metrics::StageLabels {
-                            stage: "completion",
-                        })
-                        .inc();
+                    state.metrics.count_filtered("completion");
                     emission.finish_reason = Some("content_filter");
                 }
                 emission
@@ -155,13 +149,7 @@ async fn drive(
             if (window_full || emission.finish_reason.is_some()) && !pending[index].is_empty() {
                 let candidate = format!("{}{}", released[index], pending[index]);
                 if guard_flags(&state, r, Some(&candidate)).await.is_some() {
-                    state
-                        .metrics
-                        .content_filtered
-                        .get_or_create(&crate::metrics::StageLabels {
-                            stage: "completion",
-                        })
-                        .inc();
+                    state.metrics.count_filtered("completion");
                     pending[index].clear();
                     emission.finish_reason = Some("content_filter");
                     emission.tool_calls = None;
