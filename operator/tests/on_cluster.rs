@@ -367,6 +367,22 @@ async fn existing_nodes_without_room_are_reported_not_retried() -> anyhow::Resul
     }))?;
     let nodes = Api::<Node>::all(env.client.clone());
     nodes.create(&Default::default(), &node).await?;
+    // The node lifecycle controller taints a new node `not-ready` until kwok reports it Ready; the
+    // scheduler's message would then name that taint instead of the GPU shortage this test is about.
+    let node_name = format!("{}-existing-gpu", env.namespace);
+    wait_for(Duration::from_secs(60), || async {
+        let node = nodes.get(&node_name).await.ok()?;
+        let ready = node.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        let only_gpu_taint = node
+            .spec?
+            .taints
+            .unwrap_or_default()
+            .iter()
+            .all(|t| t.key == "nvidia.com/gpu");
+        (ready && only_gpu_taint).then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("existing node never became Ready: {e}"))?;
     let body = format!(
         "  model: Meta-Llama-3.2-1B-Instruct\n  source: {{type: demo}}\n  compute: {{instanceType: Standard_NC24ads_A100_v4, instanceCount: 2}}\n  nodePool: {{provider: existing, nodeSelector: {{pool: {}}}}}\n",
         env.namespace

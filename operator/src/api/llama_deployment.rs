@@ -1,6 +1,6 @@
 //! `LlamaDeployment`: one Meta Llama model served on dedicated GPU instances.
 
-use super::{LlamaDeploymentStatus, ModelName};
+use super::{AUTOSCALING_ANNOTATION, AutoscalingSpec, LlamaDeploymentStatus, ModelName};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
         label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
-    printcolumn(name = "Instances", type_ = "integer", json_path = ".spec.compute.instanceCount"),
+    printcolumn(name = "Instances", type_ = "integer", json_path = ".status.instances.desired"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.instances.ready"),
     printcolumn(name = "Quota", type_ = "string", json_path = ".status.quotaSource"),
     printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
@@ -194,9 +194,11 @@ pub struct SecretRef {
 
 /// The GPU instances the model runs on.
 ///
-/// With `minInstances` < `maxInstances` the operator's autoscaler moves `instanceCount` between
-/// the bounds following load; otherwise `instanceCount` is left to you, `kubectl scale`, an HPA or
-/// KEDA (all through the scale subresource).
+/// With `minInstances` < `maxInstances` the operator's autoscaler decides the count between the
+/// bounds from the instances' load (see `autoscaling`; `instanceCount` is then only the starting
+/// count, and the decision is in `status.autoscaling`). Otherwise, or with the annotation
+/// `llama-operator.io/autoscaling: disabled`, `instanceCount` is left to you, `kubectl scale`,
+/// an HPA or KEDA (all through the scale subresource).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -226,6 +228,27 @@ pub struct ComputeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_instances: Option<i32>,
+
+    /// Per-instance load targets and timing of the autoscaler (used only while it is on).
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+}
+
+impl ComputeSpec {
+    /// The autoscaling bounds, when the operator's autoscaler is on for this spec: both bounds
+    /// set, `minInstances` < `maxInstances`, and not turned off by annotation.
+    pub fn autoscaling_bounds(
+        &self,
+        annotations: &BTreeMap<String, String>,
+    ) -> Option<(i32, i32)> {
+        let off = annotations
+            .get(AUTOSCALING_ANNOTATION)
+            .is_some_and(|v| v.eq_ignore_ascii_case("disabled"));
+        match (self.min_instances, self.max_instances) {
+            (Some(min), Some(max)) if min < max && !off => Some((min, max)),
+            _ => None,
+        }
+    }
 }
 
 fn default_instance_count() -> i32 {
@@ -239,6 +262,7 @@ impl Default for ComputeSpec {
             instance_count: default_instance_count(),
             min_instances: None,
             max_instances: None,
+            autoscaling: AutoscalingSpec::default(),
         }
     }
 }

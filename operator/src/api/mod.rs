@@ -3,11 +3,13 @@
 //! These Rust types are the source of truth; `crds/` holds the CustomResourceDefinitions generated
 //! from them by the `crdgen` binary, and a test fails when the two drift apart.
 
+mod autoscaling;
 mod compute_quota;
 mod llama_deployment;
 mod model;
 mod status;
 
+pub use autoscaling::{AUTOSCALING_ANNOTATION, AutoscalingSpec, AutoscalingStatus, ObservedLoad};
 pub use compute_quota::{
     ComputeQuota, ComputeQuotaSpec, ComputeQuotaStatus, FamilyLimit, FamilyUsage, QuotaHolder,
 };

@@ -32,6 +32,11 @@ pub struct LlamaDeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<InstanceCounts>,
 
+    /// The autoscaler's view: observed load, recommendation and last decision. Present while
+    /// autoscaling is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<super::AutoscalingStatus>,
+
     /// Label selector of the server pods, for the scale subresource (HPA, KEDA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,

@@ -18,7 +18,7 @@ pub use labels::{
     DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, POOL_LABEL, POOL_TAINT, pod_labels, pool_id,
     selector_labels, selector_string,
 };
-pub use node::{KWOK_PROVISIONER_LABEL, kwok_node, kwok_node_name};
+pub use node::{KWOK_PROVISIONER_LABEL, kwok_node, kwok_node_name, kwok_pool_indices};
 pub use pdb::server_pdb;
 pub use secret::{KeyPair, generated_keys_secret, generated_secret_name};
 pub use service::{endpoint_url, server_service};

@@ -8,6 +8,7 @@ use crate::api::LlamaDeployment;
 use crate::validate::Plan;
 use k8s_openapi::api::core::v1::Node;
 use serde_json::json;
+use std::collections::BTreeSet;
 
 /// Label on nodes the operator itself created for a kwok pool (and so may delete).
 pub const KWOK_PROVISIONER_LABEL: &str = "llama-operator.io/provisioner";
@@ -15,6 +16,48 @@ pub const KWOK_PROVISIONER_LABEL: &str = "llama-operator.io/provisioner";
 /// Name of instance `index` of a pool.
 pub fn kwok_node_name(pool: &str, index: i32) -> String {
     format!("llama-{pool}-{index}")
+}
+
+/// The index in a node name of `pool`, if the name is one of its nodes.
+fn kwok_node_index(pool: &str, name: &str) -> Option<i32> {
+    name.strip_prefix(&format!("llama-{pool}-"))?.parse().ok()
+}
+
+/// The node indices a kwok pool keeps for `instances` instances: every node of the pool that
+/// holds a server pod (a scale-down releases only nodes its pods have left), then the pool's
+/// empty nodes, then new indices, lowest first, until there are `instances`.
+pub fn kwok_pool_indices(
+    pool: &str,
+    instances: i32,
+    existing: &[String],
+    occupied: &BTreeSet<String>,
+) -> BTreeSet<i32> {
+    let want = usize::try_from(instances).unwrap_or(0);
+    let mut keep: BTreeSet<i32> = occupied
+        .iter()
+        .filter_map(|n| kwok_node_index(pool, n))
+        .collect();
+    let mut empty: Vec<i32> = existing
+        .iter()
+        .filter(|n| !occupied.contains(*n))
+        .filter_map(|n| kwok_node_index(pool, n))
+        .collect();
+    empty.sort_unstable();
+    let mut empty = empty.into_iter();
+    let mut next = 0;
+    while keep.len() < want {
+        let index = match empty.next() {
+            Some(i) => i,
+            None => {
+                while keep.contains(&next) || existing.contains(&kwok_node_name(pool, next)) {
+                    next += 1;
+                }
+                next
+            }
+        };
+        keep.insert(index);
+    }
+    keep
 }
 
 /// Node `index` of the deployment's pool, with the instance type's capacity, marked for kwok.
@@ -78,6 +121,27 @@ pub fn kwok_node(
 mod tests {
     use super::*;
     use crate::build::fixtures::{CHAT, ld, plan};
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn pool_indices_keep_occupied_nodes_and_fill_lowest_first() {
+        let empty = BTreeSet::new();
+        assert_eq!(kwok_pool_indices("p", 3, &[], &empty), BTreeSet::from([0, 1, 2]));
+        // Scale-down from 3 to 1 while the pods on 0 and 2 terminate: nothing occupied goes.
+        let existing = names(&["llama-p-0", "llama-p-1", "llama-p-2"]);
+        let busy: BTreeSet<String> = names(&["llama-p-0", "llama-p-2"]).into_iter().collect();
+        assert_eq!(kwok_pool_indices("p", 1, &existing, &busy), BTreeSet::from([0, 2]));
+        // Once only the pod on 1 remains, the others are released.
+        let busy: BTreeSet<String> = names(&["llama-p-1"]).into_iter().collect();
+        assert_eq!(kwok_pool_indices("p", 1, &existing, &busy), BTreeSet::from([1]));
+        // Scale-up reuses empty nodes before adding new indices; other pools' nodes are ignored.
+        let existing = names(&["llama-p-1", "llama-p-4", "llama-q-0"]);
+        let busy: BTreeSet<String> = names(&["llama-p-4", "llama-q-0"]).into_iter().collect();
+        assert_eq!(kwok_pool_indices("p", 4, &existing, &busy), BTreeSet::from([0, 1, 2, 4]));
+    }
 
     #[test]
     fn node_has_instance_capacity_pool_label_and_taints() {

@@ -1,6 +1,7 @@
 //! The LlamaDeployment controller: watches, context, error policy.
 
 pub mod conditions;
+mod autoscaling;
 mod dereference;
 pub mod observe;
 mod reconcile;
@@ -34,6 +35,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub quota: crate::quota::QuotaKeeper,
+    /// Reads instances' metrics for deployments that autoscale.
+    pub autoscaler: crate::autoscale::Autoscaler,
     /// Deployments to reconcile again (waiting for quota another one released).
     pub retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<LlamaDeployment>>,
     retrigger_rx:
@@ -55,6 +58,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             quota: Default::default(),
+            autoscaler: Default::default(),
             retrigger,
             retrigger_rx: std::sync::Mutex::new(Some(rx)),
             client,

@@ -1,13 +1,14 @@
 //! One reconcile: dereference → validate → build → apply → prune → observe → status.
 
 use super::Context;
+use super::autoscaling;
 use super::conditions;
 use super::dereference;
 use super::observe::{Observed, Transition, download_failure, status_for, status_for_invalid};
 use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, QuotaSource};
 use crate::build::{
     self, DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, KWOK_PROVISIONER_LABEL, POOL_LABEL,
-    endpoint_url, kwok_node, kwok_node_name, pool_id, selector_string,
+    endpoint_url, kwok_node, kwok_node_name, kwok_pool_indices, pool_id, selector_string,
 };
 use crate::error::Error;
 use crate::quota::cost::{Accrued, accrue};
@@ -117,6 +118,20 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
         next_event = Some(Duration::from_secs_f64(until_next.max(0.5)));
     }
 
+    // Autoscaling: the count the load calls for takes the place of spec.compute.instanceCount.
+    let mut plan = plan;
+    let scaling = autoscaling::evaluate(ctx, ld, ns).await?;
+    if let Some(scaling) = &scaling {
+        plan.instances = scaling.instances;
+        if let Some(change) = &scaling.change {
+            publish(ctx, ld, EventType::Normal, change.reason, "Autoscale", change.message.clone()).await;
+        }
+        if !scaling.newly_missing.is_empty() {
+            publish(ctx, ld, EventType::Warning, "MetricsUnavailable", "Autoscale",
+                format!("no metrics from {}: the autoscaler will not scale down while an instance does not answer", scaling.newly_missing.join(", "))).await;
+        }
+    }
+
     // Quota: admitted (maybe capped) or waiting; nothing is built without it.
     let admission = ctx.quota.admit(client, ld, &plan, &config, now).await?;
     for (type_, event_reason) in [
@@ -150,16 +165,15 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
             .await;
         }
     }
-    let mut plan = plan;
     match admission.decision {
         crate::quota::ledger::Decision::Exceeded { .. } => return Ok(Action::await_change()),
         crate::quota::ledger::Decision::Admitted { instances, .. } => plan.instances = instances,
     }
     let mut view = ld.clone();
     view.status = Some(admission.status);
-    view.status
-        .get_or_insert_with(Default::default)
-        .expiry_warning_hours = expiry_warning;
+    let view_status = view.status.get_or_insert_with(Default::default);
+    view_status.expiry_warning_hours = expiry_warning;
+    view_status.autoscaling = scaling.as_ref().map(|s| s.status.clone());
     let ld = &view;
     let pool = pool_id(ns, &name, &plan);
 
@@ -173,11 +187,21 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     apply_object(client, ns, &config_map).await?;
     let node_pools: Api<DynamicObject> =
         Api::all_with(client.clone(), &build::karpenter_node_pool_resource());
+    let nodes = pool_nodes(client, ns, &name).await?;
+    let mut wanted = BTreeSet::new();
     match plan.provider {
         NodePoolProvider::Kwok => {
-            let nodes: Api<Node> = Api::all(client.clone());
-            for index in 0..plan.instances {
-                apply_with(&nodes, &kwok_node(ld, &plan, &pool, index)?).await?;
+            let existing: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.labels().get(POOL_LABEL) == Some(&pool))
+                .map(|n| n.name_any())
+                .collect();
+            let occupied = occupied_nodes(client, ns, &name).await?;
+            let api: Api<Node> = Api::all(client.clone());
+            for index in kwok_pool_indices(&pool, plan.instances, &existing, &occupied) {
+                let node = kwok_node(ld, &plan, &pool, index)?;
+                wanted.insert(kwok_node_name(&pool, index));
+                apply_with(&api, &node).await?;
             }
         }
         NodePoolProvider::Karpenter => {
@@ -215,21 +239,14 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
         delete_if_exists::<Secret>(client, ns, &build::generated_secret_name(&name)).await?;
     }
     let rolled_out = rollout_complete(&applied);
-    let nodes = pool_nodes(client, ns, &name).await?;
-    let wanted: BTreeSet<String> = if plan.provider == NodePoolProvider::Kwok {
-        (0..plan.instances)
-            .map(|i| kwok_node_name(&pool, i))
-            .collect()
-    } else {
-        BTreeSet::new()
-    };
     for node in nodes
         .iter()
         .filter(|n| n.labels().contains_key(KWOK_PROVISIONER_LABEL))
     {
         let node_name = node.name_any();
         let same_pool = node.labels().get(POOL_LABEL) == Some(&pool);
-        // Old pools go once the servers have moved; surplus nodes of this pool at once.
+        // Old pools go once the servers have moved; nodes of this pool once they are empty
+        // (kwok_pool_indices keeps every node that holds a server pod).
         if !wanted.contains(&node_name) && (same_pool || rolled_out) {
             tracing::info!(node = %node_name, "releasing node");
             delete_cluster_scoped::<Node>(client, &node_name).await?;
@@ -284,6 +301,9 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     }
     if let Some(next) = next_event {
         wait = wait.min(next);
+    }
+    if let Some(scaling) = &scaling {
+        wait = wait.min(scaling.next.max(Duration::from_millis(200)));
     }
     Ok(Action::requeue(wait))
 }
@@ -370,6 +390,22 @@ async fn pool_nodes(client: &kube::Client, ns: &str, name: &str) -> Result<Vec<N
         .list(&ListParams::default().labels(&selector))
         .await?
         .items)
+}
+
+/// The nodes that server pods of the deployment are bound to, terminating ones included.
+async fn occupied_nodes(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<BTreeSet<String>, kube::Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    Ok(pods
+        .list(&ListParams::default().labels(&selector_string(name)))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.spec?.node_name)
+        .collect())
 }
 
 /// Start times of the server pods that run (they accrue core-hours).
