@@ -372,7 +372,11 @@ async fn existing_nodes_without_room_are_reported_not_retried() -> anyhow::Resul
     let node_name = format!("{}-existing-gpu", env.namespace);
     wait_for(Duration::from_secs(60), || async {
         let node = nodes.get(&node_name).await.ok()?;
-        let ready = node.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        let ready = node
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
         let only_gpu_taint = node
             .spec?
             .taints

@@ -237,10 +237,7 @@ pub struct ComputeSpec {
 impl ComputeSpec {
     /// The autoscaling bounds, when the operator's autoscaler is on for this spec: both bounds
     /// set, `minInstances` < `maxInstances`, and not turned off by annotation.
-    pub fn autoscaling_bounds(
-        &self,
-        annotations: &BTreeMap<String, String>,
-    ) -> Option<(i32, i32)> {
+    pub fn autoscaling_bounds(&self, annotations: &BTreeMap<String, String>) -> Option<(i32, i32)> {
         let off = annotations
             .get(AUTOSCALING_ANNOTATION)
             .is_some_and(|v| v.eq_ignore_ascii_case("disabled"));

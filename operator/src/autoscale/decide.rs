@@ -134,10 +134,7 @@ pub fn decide(
         status.scale_down_pending_to = None;
     } else if bounded < current && complete {
         let since = status.scale_down_pending_since.as_ref().map(|t| t.0);
-        let to = status
-            .scale_down_pending_to
-            .unwrap_or(bounded)
-            .max(bounded);
+        let to = status.scale_down_pending_to.unwrap_or(bounded).max(bounded);
         match since {
             Some(since)
                 if now.duration_since(since).as_secs_f64()
@@ -174,10 +171,7 @@ pub fn decide(
             message.push_str(&format!(" (capped at maxInstances {high})"));
         }
         if target < current {
-            message.push_str(&format!(
-                " for {} s",
-                spec.scale_down_stabilization_seconds
-            ));
+            message.push_str(&format!(" for {} s", spec.scale_down_stabilization_seconds));
         }
         ScaleChange {
             from: current,
@@ -245,7 +239,10 @@ mod tests {
         assert_eq!(d.status.desired_instances, 4);
         assert_eq!(d.status.recommended_instances, 13);
         assert!(
-            d.change.expect("change").message.ends_with("(capped at maxInstances 4)"),
+            d.change
+                .expect("change")
+                .message
+                .ends_with("(capped at maxInstances 4)"),
         );
     }
 
@@ -263,10 +260,22 @@ mod tests {
         l.kv_cache_percent = 90.0;
         let d = decide(&spec("{}"), (1, 10), 2, None, l, at(0));
         assert_eq!(d.status.desired_instances, 5);
-        assert!(d.change.expect("change").message.contains("9 queued requests"));
+        assert!(
+            d.change
+                .expect("change")
+                .message
+                .contains("9 queued requests")
+        );
         let mut l = load(1.0, 1, &[]);
         l.tokens_per_second = Some(250.0);
-        let d = decide(&spec("targetTokensPerSecond: 100"), (1, 10), 1, None, l, at(0));
+        let d = decide(
+            &spec("targetTokensPerSecond: 100"),
+            (1, 10),
+            1,
+            None,
+            l,
+            at(0),
+        );
         assert_eq!(d.status.desired_instances, 3);
     }
 
@@ -298,10 +307,24 @@ mod tests {
         let up = decide(&s, (1, 5), 1, None, load(24.0, 1, &[]), at(0));
         let quiet = decide(&s, (1, 5), 1, Some(&up.status), load(0.0, 3, &[]), at(10));
         assert!(quiet.status.scale_down_pending_since.is_some());
-        let busy = decide(&s, (1, 5), 1, Some(&quiet.status), load(24.0, 3, &[]), at(30));
+        let busy = decide(
+            &s,
+            (1, 5),
+            1,
+            Some(&quiet.status),
+            load(24.0, 3, &[]),
+            at(30),
+        );
         assert_eq!(busy.status.scale_down_pending_since, None);
         let quiet = decide(&s, (1, 5), 1, Some(&busy.status), load(0.0, 3, &[]), at(50));
-        let still = decide(&s, (1, 5), 1, Some(&quiet.status), load(0.0, 3, &[]), at(80));
+        let still = decide(
+            &s,
+            (1, 5),
+            1,
+            Some(&quiet.status),
+            load(0.0, 3, &[]),
+            at(80),
+        );
         assert_eq!(still.status.desired_instances, 3);
     }
 
@@ -309,13 +332,27 @@ mod tests {
     fn missing_metrics_are_not_idleness() {
         let s = spec("scaleDownStabilizationSeconds: 0");
         let up = decide(&s, (1, 5), 1, None, load(24.0, 1, &[]), at(0));
-        let d = decide(&s, (1, 5), 1, Some(&up.status), load(0.0, 2, &["pod-c"]), at(10));
+        let d = decide(
+            &s,
+            (1, 5),
+            1,
+            Some(&up.status),
+            load(0.0, 2, &["pod-c"]),
+            at(10),
+        );
         assert_eq!(d.status.desired_instances, 3);
         assert!(d.change.is_none());
         let none = decide(&s, (1, 5), 1, Some(&up.status), load(0.0, 0, &[]), at(10));
         assert_eq!(none.status.desired_instances, 3);
         // Scale-up still works on the instances that answer.
-        let d = decide(&s, (1, 5), 1, Some(&up.status), load(40.0, 2, &["pod-c"]), at(20));
+        let d = decide(
+            &s,
+            (1, 5),
+            1,
+            Some(&up.status),
+            load(40.0, 2, &["pod-c"]),
+            at(20),
+        );
         assert_eq!(d.status.desired_instances, 5);
     }
 

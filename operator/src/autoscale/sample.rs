@@ -117,14 +117,18 @@ llama_server_kv_cache_budget_tokens 4096
 
     #[test]
     fn a_missing_load_gauge_is_an_error_not_zero() {
-        let err = Sample::parse("llama_server_queue_depth 0\nllama_server_completion_tokens_total 1\n")
-            .expect_err("must fail");
+        let err =
+            Sample::parse("llama_server_queue_depth 0\nllama_server_completion_tokens_total 1\n")
+                .expect_err("must fail");
         assert_eq!(err, SampleError::Missing("llama_server_requests_in_flight"));
         let err = Sample::parse(
             "llama_server_requests_in_flight NaN\nllama_server_queue_depth 0\nllama_server_completion_tokens_total 1\n",
         )
         .expect_err("must fail");
-        assert!(err.to_string().contains("llama_server_requests_in_flight"), "{err}");
+        assert!(
+            err.to_string().contains("llama_server_requests_in_flight"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -120,7 +120,10 @@ status: {phase: Running, podIP: "fd00::5"}
         let t = targets(&pods);
         assert_eq!(
             t.iter().map(|t| t.url.as_str()).collect::<Vec<_>>(),
-            ["http://10.246.0.7:9000/metrics", "http://[fd00::5]:8080/metrics"]
+            [
+                "http://10.246.0.7:9000/metrics",
+                "http://[fd00::5]:8080/metrics"
+            ]
         );
         assert_eq!(t[0].uid, "u1");
     }

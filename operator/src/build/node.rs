@@ -129,18 +129,30 @@ mod tests {
     #[test]
     fn pool_indices_keep_occupied_nodes_and_fill_lowest_first() {
         let empty = BTreeSet::new();
-        assert_eq!(kwok_pool_indices("p", 3, &[], &empty), BTreeSet::from([0, 1, 2]));
+        assert_eq!(
+            kwok_pool_indices("p", 3, &[], &empty),
+            BTreeSet::from([0, 1, 2])
+        );
         // Scale-down from 3 to 1 while the pods on 0 and 2 terminate: nothing occupied goes.
         let existing = names(&["llama-p-0", "llama-p-1", "llama-p-2"]);
         let busy: BTreeSet<String> = names(&["llama-p-0", "llama-p-2"]).into_iter().collect();
-        assert_eq!(kwok_pool_indices("p", 1, &existing, &busy), BTreeSet::from([0, 2]));
+        assert_eq!(
+            kwok_pool_indices("p", 1, &existing, &busy),
+            BTreeSet::from([0, 2])
+        );
         // Once only the pod on 1 remains, the others are released.
         let busy: BTreeSet<String> = names(&["llama-p-1"]).into_iter().collect();
-        assert_eq!(kwok_pool_indices("p", 1, &existing, &busy), BTreeSet::from([1]));
+        assert_eq!(
+            kwok_pool_indices("p", 1, &existing, &busy),
+            BTreeSet::from([1])
+        );
         // Scale-up reuses empty nodes before adding new indices; other pools' nodes are ignored.
         let existing = names(&["llama-p-1", "llama-p-4", "llama-q-0"]);
         let busy: BTreeSet<String> = names(&["llama-p-4", "llama-q-0"]).into_iter().collect();
-        assert_eq!(kwok_pool_indices("p", 4, &existing, &busy), BTreeSet::from([0, 1, 2, 4]));
+        assert_eq!(
+            kwok_pool_indices("p", 4, &existing, &busy),
+            BTreeSet::from([0, 1, 2, 4])
+        );
     }
 
     #[test]

@@ -76,14 +76,7 @@ pub async fn evaluate(
         .filter(|p| !was_missing.contains(p))
         .cloned()
         .collect();
-    let decision = autoscale::decide(
-        spec,
-        bounds,
-        compute.instance_count,
-        previous,
-        load,
-        now,
-    );
+    let decision = autoscale::decide(spec, bounds, compute.instance_count, previous, load, now);
     if let Some(change) = &decision.change {
         tracing::info!(from = change.from, to = change.to, message = %change.message, "autoscaling");
     }

@@ -1,7 +1,7 @@
 //! The LlamaDeployment controller: watches, context, error policy.
 
-pub mod conditions;
 mod autoscaling;
+pub mod conditions;
 mod dereference;
 pub mod observe;
 mod reconcile;

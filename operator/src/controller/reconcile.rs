@@ -124,7 +124,15 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     if let Some(scaling) = &scaling {
         plan.instances = scaling.instances;
         if let Some(change) = &scaling.change {
-            publish(ctx, ld, EventType::Normal, change.reason, "Autoscale", change.message.clone()).await;
+            publish(
+                ctx,
+                ld,
+                EventType::Normal,
+                change.reason,
+                "Autoscale",
+                change.message.clone(),
+            )
+            .await;
         }
         if !scaling.newly_missing.is_empty() {
             publish(ctx, ld, EventType::Warning, "MetricsUnavailable", "Autoscale",
