@@ -31,6 +31,11 @@ pub enum StartError {
         name: String,
         source: std::io::Error,
     },
+    #[error("cannot prepare kwok's stages from {path}: {source}")]
+    Stages {
+        path: PathBuf,
+        source: crate::kwok_stages::StagesError,
+    },
     #[error("{name} exited during start-up ({status}); last log lines:\n{log}")]
     Exited {
         name: String,
@@ -228,11 +233,12 @@ impl ControlPlane {
         let sched_pid = launch(&dir, "kube-scheduler", sched)?;
 
         let kwok_kubeconfig = component_kubeconfig("kwok", &pki.kwok)?;
+        let stages = write_kwok_stages(&bin_dir.join("kwok-stages.yaml"), &dir)?;
         let mut kwok = Command::new(bin_dir.join("kwok"));
         kwok.arg("--kubeconfig")
             .arg(&kwok_kubeconfig)
             .arg("--config")
-            .arg(bin_dir.join("kwok-stages.yaml"))
+            .arg(&stages)
             .args(["--node-lease-duration-seconds=40"])
             .args(["--manage-all-nodes=false"])
             .args(["--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake"])
@@ -351,6 +357,26 @@ fn wait_until(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Writes into `dir` the stages of `installed` (those the build script installs) with the pod
+/// runner's pods left out of `pod-ready` (see [`crate::kwok_stages`]); returns the new file.
+fn write_kwok_stages(installed: &Path, dir: &Path) -> Result<PathBuf, StartError> {
+    let text = std::fs::read_to_string(installed).map_err(|source| StartError::Io {
+        path: installed.to_path_buf(),
+        source,
+    })?;
+    let stages =
+        crate::kwok_stages::exclude_runner_pods(&text).map_err(|source| StartError::Stages {
+            path: installed.to_path_buf(),
+            source,
+        })?;
+    let path = dir.join("kwok-stages.yaml");
+    std::fs::write(&path, stages).map_err(|source| StartError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
 }
 
 /// The last lines of a component's log.

@@ -15,14 +15,17 @@ pub mod chart_install;
 pub mod control_plane;
 pub mod helm;
 pub mod kubeconfig;
+pub mod kwok_stages;
 pub mod llama;
 pub mod local_server;
 pub mod operator;
 pub mod pki;
+pub mod pod_runner;
 pub mod processes;
 
 pub use control_plane::ControlPlane;
 pub use operator::OperatorProcess;
+pub use pod_runner::PodRunner;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};

@@ -3,12 +3,16 @@
 //!
 //! The pods of the test cluster are kwok's: nothing runs inside them. This stands in for the
 //! server container of one pod, on this machine only, so that the demo and the tests can send a
-//! chat completion to exactly the configuration the operator produced.
+//! chat completion to exactly the configuration the operator produced. (To run every pod of a
+//! deployment, each behind its pod IP and readiness, see [`crate::pod_runner`].)
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use crate::pod_runner::{PodFields, prepare, server_command};
+use anyhow::Context as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 /// A running server and how to call it.
@@ -18,13 +22,12 @@ pub struct LocalServer {
     pub key: String,
     pub dir: PathBuf,
     pub log: PathBuf,
-    child: std::process::Child,
+    pid: u32,
 }
 
 impl Drop for LocalServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::processes::stop(self.pid, Duration::ZERO);
     }
 }
 
@@ -58,8 +61,9 @@ pub fn tokenizer_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
-/// Starts `binary` with the configuration and keys of LlamaDeployment `namespace/name` and
-/// waits until it is ready.
+/// Starts `binary` as the server container of LlamaDeployment `namespace/name` — the pod
+/// template of its Deployment, with the volumes (ConfigMap, keys Secret) and arguments the
+/// operator wrote — listening on a free loopback port, and waits until it is ready.
 pub async fn start_for(
     client: &kube::Client,
     namespace: &str,
@@ -67,58 +71,59 @@ pub async fn start_for(
     binary: &Path,
     workdir: &Path,
 ) -> anyhow::Result<LocalServer> {
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let config = config_maps.get(&format!("{name}-server")).await?;
-    let text = config
-        .data
-        .as_ref()
-        .and_then(|d| d.get("server.yaml"))
-        .ok_or_else(|| anyhow::anyhow!("ConfigMap {name}-server has no server.yaml"))?;
-    let mut yaml: serde_yaml::Value = serde_yaml::from_str(text)?;
-    // The in-pod paths become local ones; everything else is exactly what the operator wrote.
-    let dir = workdir.join(format!("{namespace}-{name}"));
-    let keys_dir = dir.join("keys");
-    std::fs::create_dir_all(&keys_dir)?;
-    yaml["auth"]["keysDir"] = serde_yaml::Value::from(keys_dir.display().to_string());
-    let config_path = dir.join("server.yaml");
-    std::fs::write(&config_path, serde_yaml::to_string(&yaml)?)?;
+    let deployment = deployments
+        .get(name)
+        .await
+        .with_context(|| format!("Deployment {namespace}/{name}"))?;
+    let spec = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .with_context(|| format!("Deployment {namespace}/{name} has no pod template"))?;
 
     let secret_name = format!("{name}-keys");
     let secret = secrets.get(&secret_name).await?;
-    let data = secret.data.unwrap_or_default();
-    let mut key = String::new();
-    for file in ["primaryKey", "secondaryKey"] {
-        if let Some(value) = data.get(file) {
-            let text = String::from_utf8(value.0.clone())?;
-            if file == "primaryKey" {
-                key = text.clone();
-            }
-            std::fs::write(keys_dir.join(file), text)?;
-        }
-    }
+    let key = secret
+        .data
+        .unwrap_or_default()
+        .get("primaryKey")
+        .map(|v| String::from_utf8(v.0.clone()))
+        .transpose()?
+        .unwrap_or_default();
     anyhow::ensure!(!key.is_empty(), "Secret {secret_name} has no primaryKey");
 
+    // The in-pod paths become local ones; everything else is exactly what the operator wrote.
+    let dir = workdir.join(format!("{namespace}-{name}"));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    let fields = PodFields {
+        name: format!("{name}-local"),
+        namespace: namespace.to_owned(),
+        host_ip: "127.0.0.1".into(),
+        ..PodFields::default()
+    };
+    let container = prepare(
+        client,
+        &fields,
+        &spec,
+        &dir,
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+    )
+    .await
+    .with_context(|| format!("the server container of {namespace}/{name}"))?;
     let log = dir.join("llama-server.log");
-    let file = std::fs::File::create(&log)?;
-    let child = std::process::Command::new(binary)
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("LLAMA_SERVER_TOKENIZER_DIR", tokenizer_dir()?)
-        .env("TMPDIR", &dir)
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .spawn()?;
+    let pid = crate::processes::spawn(
+        "llama-server",
+        server_command(binary, &container, &tokenizer_dir()?, &dir, &log)?,
+    )?;
     let server = LocalServer {
         endpoint: format!("http://127.0.0.1:{port}"),
         key,
         dir,
         log,
-        child,
+        pid,
     };
     let http = reqwest::Client::new();
     for _ in 0..600 {

@@ -2,9 +2,30 @@
 
 use crate::TestEnv;
 use crate::processes;
-use std::path::Path;
+use anyhow::Context as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+/// The `llama-operator` binary: `$LLAMA_OPERATOR_BIN`, or the workspace's debug build, brought
+/// up to date with `cargo build` (for tests outside the operator crate, which have no
+/// `CARGO_BIN_EXE_llama-operator`).
+pub fn operator_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("LLAMA_OPERATOR_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let root = crate::control_plane::workspace_root();
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "llama-operator", "--bin", "llama-operator"])
+        .current_dir(&root)
+        .status()
+        .context("run cargo build -p llama-operator")?;
+    anyhow::ensure!(status.success(), "cargo build -p llama-operator failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug/llama-operator"))
+}
 
 /// A running operator process; stopped (SIGTERM) when dropped.
 pub struct OperatorProcess {

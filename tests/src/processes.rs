@@ -69,6 +69,28 @@ pub fn exited(pid: u32) -> Option<String> {
     }
 }
 
+/// The exit status of the supervised child `pid`, once it has exited.
+pub fn exit_status(pid: u32) -> Option<std::process::ExitStatus> {
+    let mut children = CHILDREN.lock().ok()?;
+    let (_, child) = children.iter_mut().find(|(_, c)| c.id() == pid)?;
+    child.try_wait().ok().flatten()
+}
+
+/// Sends `signal` (e.g. `libc::SIGSTOP`) to the supervised child `pid`, if it is still one.
+pub fn signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
+    let children = CHILDREN
+        .lock()
+        .map_err(|_| std::io::Error::other("children lock poisoned"))?;
+    if !children.iter().any(|(_, c)| c.id() == pid) {
+        return Err(std::io::Error::other(format!(
+            "process {pid} is not a supervised child"
+        )));
+    }
+    // Sent while the lock is held, so the child cannot be reaped (and its pid reused) meanwhile.
+    send_signal(pid, signal);
+    Ok(())
+}
+
 /// Stops one supervised child: SIGTERM, then SIGKILL after `grace`.
 pub fn stop(pid: u32, grace: Duration) {
     let taken = CHILDREN.lock().ok().and_then(|mut children| {
