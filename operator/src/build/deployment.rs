@@ -26,12 +26,14 @@ pub fn server_deployment(
     let spec = &ld.spec;
     let it = &plan.instance;
 
+    // spec.nodePool.nodeSelector: labels existing nodes must have, or that provisioned nodes
+    // carry; either way the pods select them too.
     let mut node_selector = serde_json::Map::new();
+    for (k, v) in &spec.node_pool.node_selector {
+        node_selector.insert(k.clone(), json!(v));
+    }
     match plan.provider {
         NodePoolProvider::Existing => {
-            for (k, v) in &spec.node_pool.node_selector {
-                node_selector.insert(k.clone(), json!(v));
-            }
             node_selector.insert("node.kubernetes.io/instance-type".into(), json!(it.name));
         }
         NodePoolProvider::Kwok | NodePoolProvider::Karpenter => {
@@ -214,8 +216,10 @@ mod tests {
         let pod = &y["spec"]["template"]["spec"];
         assert_eq!(
             pod["nodeSelector"],
-            serde_yaml::from_str::<serde_yaml::Value>("{llama-operator.io/pool: chat-0123456789}")
-                .expect("yaml")
+            serde_yaml::from_str::<serde_yaml::Value>(
+                "{llama-operator.io/pool: chat-0123456789, team: a}"
+            )
+            .expect("yaml")
         );
         assert_eq!(pod["tolerations"][1]["value"], "chat-0123456789");
         let c = &pod["containers"][0];

@@ -205,8 +205,19 @@ impl QuotaKeeper {
                         true,
                         "QuotaLimit",
                         format!(
-                            "spec.compute.instanceCount {} is capped at {instances}: {family} quota has room for no more (ceil({} × instances) × {cores} cores each)",
-                            plan.instances, config.surge_factor
+                            "{} {} is capped at {instances}: {family} quota has room for no more (ceil({} × instances) × {cores} cores each)",
+                            if ld
+                                .spec
+                                .compute
+                                .autoscaling_bounds(ld.annotations())
+                                .is_some()
+                            {
+                                "the autoscaler's instance count"
+                            } else {
+                                "spec.compute.instanceCount"
+                            },
+                            plan.instances,
+                            config.surge_factor
                         ),
                         generation,
                         now,
