@@ -72,7 +72,6 @@ pub async fn start_for(
     workdir: &Path,
 ) -> anyhow::Result<LocalServer> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let deployment = deployments
         .get(name)
         .await
@@ -82,16 +81,7 @@ pub async fn start_for(
         .and_then(|s| s.template.spec)
         .with_context(|| format!("Deployment {namespace}/{name} has no pod template"))?;
 
-    let secret_name = format!("{name}-keys");
-    let secret = secrets.get(&secret_name).await?;
-    let key = secret
-        .data
-        .unwrap_or_default()
-        .get("primaryKey")
-        .map(|v| String::from_utf8(v.0.clone()))
-        .transpose()?
-        .unwrap_or_default();
-    anyhow::ensure!(!key.is_empty(), "Secret {secret_name} has no primaryKey");
+    let key = primary_key(client, namespace, name).await?;
 
     // The in-pod paths become local ones; everything else is exactly what the operator wrote.
     let dir = workdir.join(format!("{namespace}-{name}"));
@@ -146,18 +136,52 @@ pub async fn start_for(
 impl LocalServer {
     /// Sends one chat completion with the deployment's primary key; returns the JSON answer.
     pub async fn chat(&self, content: &str, max_tokens: u32) -> anyhow::Result<serde_json::Value> {
-        let response = reqwest::Client::new()
-            .post(format!("{}/chat/completions", self.endpoint))
-            .header("api-key", &self.key)
-            .json(&serde_json::json!({
-                "messages": [{"role": "user", "content": content}],
-                "max_tokens": max_tokens,
-            }))
-            .send()
-            .await?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await?;
-        anyhow::ensure!(status.is_success(), "HTTP {status}: {body}");
-        Ok(body)
+        chat(&self.endpoint, &self.key, content, max_tokens).await
     }
+}
+
+/// The primary key of LlamaDeployment `namespace/name` (its `<name>-keys` Secret).
+pub async fn primary_key(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret_name = format!("{name}-keys");
+    let secret = secrets
+        .get(&secret_name)
+        .await
+        .with_context(|| format!("Secret {namespace}/{secret_name}"))?;
+    let key = secret
+        .data
+        .unwrap_or_default()
+        .get("primaryKey")
+        .map(|v| String::from_utf8(v.0.clone()))
+        .transpose()?
+        .unwrap_or_default();
+    anyhow::ensure!(!key.is_empty(), "Secret {secret_name} has no primaryKey");
+    Ok(key)
+}
+
+/// POSTs one chat completion to `endpoint` (e.g. `http://10.246.1.1:8080`) with `key`; returns
+/// the JSON answer, or an error with the status and body of any other answer than 2xx.
+pub async fn chat(
+    endpoint: &str,
+    key: &str,
+    content: &str,
+    max_tokens: u32,
+) -> anyhow::Result<serde_json::Value> {
+    let response = reqwest::Client::new()
+        .post(format!("{endpoint}/chat/completions"))
+        .header("api-key", key)
+        .json(&serde_json::json!({
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+        }))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await?;
+    anyhow::ensure!(status.is_success(), "HTTP {status}: {body}");
+    Ok(body)
 }

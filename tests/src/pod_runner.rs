@@ -60,6 +60,8 @@ pub struct RunnerPod {
     pub name: String,
     /// The pod's uid.
     pub uid: String,
+    /// The pod's labels (e.g. `llama-operator.io/deployment`).
+    pub labels: BTreeMap<String, String>,
     /// Its pod IP, in [`POD_CIDR`].
     pub ip: Ipv4Addr,
     /// The port its server listens on (the container's).
@@ -104,6 +106,8 @@ impl PodRunner {
         namespace: &str,
         server_binary: &Path,
     ) -> anyhow::Result<Self> {
+        let binary = std::fs::canonicalize(server_binary)
+            .with_context(|| format!("llama-server binary {}", server_binary.display()))?;
         let tokenizer_dir = tokio::task::spawn_blocking(|| {
             ensure_local_route()?;
             crate::local_server::tokenizer_dir()
@@ -124,7 +128,7 @@ impl PodRunner {
         let shared = Arc::new(Shared {
             client,
             namespace: namespace.to_owned(),
-            binary: server_binary.to_path_buf(),
+            binary,
             tokenizer_dir,
             events: dir.join("pod-runner.log"),
             dir,
@@ -135,7 +139,8 @@ impl PodRunner {
         Ok(Self { shared, task })
     }
 
-    /// The pods running now, by name.
+    /// The pods the runner has taken on, sorted by name: from the moment it has their address
+    /// until their server has stopped (`pid` is set while the server process runs).
     pub fn pods(&self) -> Vec<RunnerPod> {
         self.shared
             .lock()
@@ -143,7 +148,7 @@ impl PodRunner {
             .unwrap_or_default()
     }
 
-    /// The running pod `name`, if the runner runs it.
+    /// Pod `name`, while the runner has it (see [`PodRunner::pods`]).
     pub fn pod(&self, name: &str) -> Option<RunnerPod> {
         self.shared.pod(name)
     }

@@ -5,7 +5,7 @@
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use testenv::local_server::{server_binary, start_for};
+use testenv::local_server::{chat, primary_key, server_binary, start_for};
 use testenv::operator::operator_binary;
 use testenv::pod_runner::{POD_RUNNER_LABEL, PodRunner, RunnerPod};
 use testenv::{OperatorProcess, TestEnv, llama, wait_for};
@@ -82,22 +82,6 @@ fn accepts(ip: &str, port: u16) -> bool {
         .ok()
         .map(|ip: std::net::IpAddr| SocketAddr::from((ip, port)))
         .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
-}
-
-async fn chat(endpoint: &str, key: &str) -> anyhow::Result<serde_json::Value> {
-    let response = reqwest::Client::new()
-        .post(format!("{endpoint}/chat/completions"))
-        .header("api-key", key)
-        .json(&serde_json::json!({
-            "messages": [{"role": "user", "content": "Hello!"}],
-            "max_tokens": 4,
-        }))
-        .send()
-        .await?;
-    let status = response.status();
-    let body: serde_json::Value = response.json().await?;
-    anyhow::ensure!(status == 200, "HTTP {status}: {body}");
-    Ok(body)
 }
 
 fn diagnostics(runner: &PodRunner, op: &OperatorProcess) -> String {
@@ -187,17 +171,9 @@ async fn real_servers_run_behind_simulated_pods() -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("EndpointSlice of chat: {:?}", ips))?;
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let key = secrets
-        .get("chat-keys")
-        .await?
-        .data
-        .and_then(|d| d.get("primaryKey").cloned())
-        .map(|v| String::from_utf8(v.0))
-        .transpose()?
-        .context("chat-keys has no primaryKey")?;
+    let key = primary_key(&env.client, &env.namespace, "chat").await?;
     for address in slices.keys() {
-        let answer = chat(&format!("http://{address}:8080"), &key).await?;
+        let answer = chat(&format!("http://{address}:8080"), &key, "Hello!", 4).await?;
         assert_eq!(answer["model"], "Meta-Llama-3.2-1B-Instruct");
     }
     let refused = reqwest::Client::new()
@@ -284,7 +260,7 @@ async fn real_servers_run_behind_simulated_pods() -> anyhow::Result<()> {
         .iter()
         .find(|p| p.name != paused.name && p.name != crashed.name)
         .context("no replacement pod")?;
-    chat(&replacement.endpoint, &key).await?;
+    chat(&replacement.endpoint, &key, "Hello!", 4).await?;
 
     // Deleting the deployment stops every server.
     let ld: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);

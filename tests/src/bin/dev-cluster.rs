@@ -4,12 +4,16 @@
 //! `--exit`). With `--server BINARY`, once the deployments are Ready it starts a real
 //! `llama-server` for each, configured from the deployment's own ConfigMap and keys Secret (it
 //! stands in for the pod, whose container kwok does not run), and sends it a chat completion.
+//! With `--pod-runner` as well, deployments whose `nodePool.nodeSelector` carries
+//! `llama-operator.io/pod-runner` get a real server per pod instead, on the pod's IP, run by
+//! `testenv::pod_runner` (needs root or CAP_NET_ADMIN for the pod IPs' local route; see
+//! docs/testing.md).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 const USAGE: &str = "usage: dev-cluster [--operator BINARY] [--chart DIR] [--server BINARY] \
-                     [--apply FILE]... [--exit]";
+                     [--pod-runner] [--apply FILE]... [--exit]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -18,6 +22,7 @@ async fn main() -> ExitCode {
     let mut operator = None;
     let mut server = None;
     let mut chart = None;
+    let mut pod_runner = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -26,6 +31,7 @@ async fn main() -> ExitCode {
                 None => return usage("--apply needs a file"),
             },
             "--exit" => exit = true,
+            "--pod-runner" => pod_runner = true,
             "--operator" => match args.next() {
                 Some(path) => operator = Some(std::path::PathBuf::from(path)),
                 None => return usage("--operator needs the llama-operator binary"),
@@ -45,7 +51,10 @@ async fn main() -> ExitCode {
             other => return usage(&format!("unexpected argument {other:?}")),
         }
     }
-    match run(&manifests, exit, operator, server, chart).await {
+    if pod_runner && (server.is_none() || operator.is_none()) {
+        return usage("--pod-runner needs --operator and --server");
+    }
+    match run(&manifests, exit, operator, server, chart, pod_runner).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dev-cluster: {err:#}");
@@ -69,6 +78,7 @@ async fn run(
     operator: Option<std::path::PathBuf>,
     server: Option<std::path::PathBuf>,
     chart: Option<std::path::PathBuf>,
+    pod_runner: bool,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     println!("==> building or locating the control-plane binaries (first run: ~20 min on 2 cores)");
@@ -137,6 +147,19 @@ async fn run(
         }
         step(&format!("applied {file}"), t0);
     }
+    let mut runners = Vec::new();
+    if let (true, Some(binary)) = (pod_runner, &server) {
+        for namespace in runner_namespaces(&client).await? {
+            runners.push(testenv::PodRunner::start(client.clone(), &namespace, binary).await?);
+            step(
+                &format!(
+                    "pod runner serving the opted-in pods of namespace {namespace} (pod IPs in {})",
+                    testenv::pod_runner::POD_CIDR
+                ),
+                t0,
+            );
+        }
+    }
     if operator.is_some() && !manifests.is_empty() {
         println!("==> waiting for every LlamaDeployment to be Ready (simulated GPU nodes, pods)");
         let out = plane
@@ -180,6 +203,10 @@ async fn run(
             else {
                 continue;
             };
+            if pod_runner && opts_in(&ld) {
+                chat_through_pods(&client, &runners, &ns, &name, t0).await?;
+                continue;
+            }
             println!(
                 "==> starting llama-server for {ns}/{name} from its ConfigMap and keys Secret \
                  (a local process standing in for the pod: kwok runs no containers)"
@@ -217,5 +244,75 @@ async fn run(
     );
     tokio::signal::ctrl_c().await?;
     println!("==> stopping");
+    Ok(())
+}
+
+/// Whether a deployment's pods select the pod runner's nodes.
+fn opts_in(ld: &llama_operator::api::LlamaDeployment) -> bool {
+    ld.spec
+        .node_pool
+        .node_selector
+        .contains_key(testenv::pod_runner::POD_RUNNER_LABEL)
+}
+
+/// The namespaces with deployments that opt in to the pod runner.
+async fn runner_namespaces(client: &kube::Client) -> anyhow::Result<Vec<String>> {
+    let deployments: kube::Api<llama_operator::api::LlamaDeployment> =
+        kube::Api::all(client.clone());
+    let mut namespaces: Vec<String> = deployments
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .filter(|ld| opts_in(ld))
+        .filter_map(|ld| ld.metadata.namespace.clone())
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    Ok(namespaces)
+}
+
+/// Prints the servers the pod runner runs for deployment `ns/name` and sends a chat completion
+/// to each.
+async fn chat_through_pods(
+    client: &kube::Client,
+    runners: &[testenv::PodRunner],
+    ns: &str,
+    name: &str,
+    t0: Instant,
+) -> anyhow::Result<()> {
+    let key = testenv::local_server::primary_key(client, ns, name).await?;
+    let pods: Vec<testenv::pod_runner::RunnerPod> = runners
+        .iter()
+        .flat_map(|r| r.pods())
+        .filter(|p| {
+            p.labels
+                .get(llama_operator::build::DEPLOYMENT_NAME_LABEL)
+                .map(String::as_str)
+                == Some(name)
+        })
+        .collect();
+    anyhow::ensure!(
+        !pods.is_empty(),
+        "the pod runner runs no pod of {ns}/{name}"
+    );
+    for pod in &pods {
+        println!(
+            "==> {ns}/{name}: pod {} runs llama-server at {} (log: {})",
+            pod.name,
+            pod.endpoint,
+            pod.log.display()
+        );
+        let answer =
+            testenv::local_server::chat(&pod.endpoint, &key, "Hello! Who are you?", 16).await?;
+        step(&format!("chat completion answered by pod {}", pod.name), t0);
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    }
+    println!(
+        "Call it yourself (the Service's EndpointSlice lists the same addresses):\n  curl -s \
+         {}/chat/completions -H 'api-key: {key}' -d \
+         '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":16}}'",
+        pods[0].endpoint
+    );
     Ok(())
 }

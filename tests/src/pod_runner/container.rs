@@ -165,7 +165,8 @@ pub fn command(
         .create(true)
         .append(true)
         .open(log)?;
-    let mut cmd = Command::new(binary);
+    // Absolute: a relative path would be looked up from the pod's directory.
+    let mut cmd = Command::new(std::path::absolute(binary)?);
     cmd.args(&container.args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -89,8 +89,18 @@ fn check_reachable() -> Result<(), String> {
 #[derive(Debug)]
 pub struct IpLease {
     ip: Ipv4Addr,
-    // The lock on `<temp>/llama-pod-runner-ips/<ip>`; the kernel releases it if the process dies.
+    /// `<temp>/llama-pod-runner-ips/<ip>`, removed when the lease ends.
+    path: PathBuf,
+    // The lock on `path`; the kernel releases it if the process dies.
     _lock: File,
+}
+
+impl Drop for IpLease {
+    fn drop(&mut self) {
+        // Removed while still locked: whoever opened it meanwhile finds, once it has the lock,
+        // that the path no longer names its file (see `acquire`), and moves on.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl IpLease {
@@ -101,22 +111,27 @@ impl IpLease {
         std::fs::create_dir_all(&dir).map_err(NetworkError::Lease)?;
         // Start each process at a different place, so binaries rarely contend for a lock.
         let start = std::process::id().wrapping_mul(2_654_435_761) % HOSTS;
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % HOSTS;
         for attempt in 0..HOSTS {
-            let offset = NEXT.fetch_add(1, Ordering::Relaxed);
-            let index = (start + offset + attempt) % HOSTS;
-            let ip = host(index);
+            let ip = host((start + offset + attempt) % HOSTS);
+            let path = dir.join(ip.to_string());
             let file = File::options()
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .open(dir.join(ip.to_string()))
+                .open(&path)
                 .map_err(NetworkError::Lease)?;
-            if !try_lock(&file) {
+            if !try_lock(&file) || !still_named(&file, &path) {
                 continue;
             }
-            // Something outside the runner may hold the address; skip it then.
+            // Something outside the runner may hold the address; skip it then (the file stays:
+            // removing it is only safe for the holder of a lease).
             if TcpListener::bind(SocketAddr::from((ip, port))).is_ok() {
-                return Ok(Self { ip, _lock: file });
+                return Ok(Self {
+                    ip,
+                    path,
+                    _lock: file,
+                });
             }
         }
         Err(NetworkError::Exhausted)
@@ -136,6 +151,15 @@ fn host(index: u32) -> Ipv4Addr {
     let (subnet, host) = (index / 254, index % 254);
     let octet = |n: u32| u8::try_from(n + 1).unwrap_or(u8::MAX);
     Ipv4Addr::new(FIRST_OCTETS[0], FIRST_OCTETS[1], octet(subnet), octet(host))
+}
+
+/// Whether `path` still names the open `file` (a lease that ended removes its file).
+fn still_named(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(open), Ok(named)) => (open.dev(), open.ino()) == (named.dev(), named.ino()),
+        _ => false,
+    }
 }
 
 #[allow(unsafe_code)]
@@ -158,24 +182,33 @@ mod tests {
     }
 
     #[test]
-    fn a_locked_address_is_not_leased_twice() {
-        let dir = lock_dir();
-        std::fs::create_dir_all(&dir).expect("dir");
+    fn a_locked_file_is_not_locked_twice_and_a_removed_one_is_noticed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("10.246.1.1");
         let open = || {
             File::options()
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .open(dir.join("lock-test"))
+                .open(&path)
                 .expect("open")
         };
         let first = open();
-        assert!(try_lock(&first));
+        assert!(try_lock(&first) && still_named(&first, &path));
+        let waiting = open();
         assert!(
-            !try_lock(&open()),
+            !try_lock(&waiting),
             "a second open file description must not get the lock"
         );
+        // The lease ends: its file is removed, then unlocked.
+        std::fs::remove_file(&path).expect("remove");
         drop(first);
-        assert!(try_lock(&open()));
+        assert!(try_lock(&waiting), "the old file's lock is free");
+        assert!(
+            !still_named(&waiting, &path),
+            "but it is no longer the lease file"
+        );
+        let next = open();
+        assert!(try_lock(&next) && still_named(&next, &path));
     }
 }

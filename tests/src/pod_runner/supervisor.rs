@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ const MAX_GRACE: Duration = Duration::from_secs(30);
 /// (doubled per restart, up to [`MAX_BACKOFF`]).
 const RETRY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A server that ran this long before exiting is restarted after the shortest delay again.
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
 
 /// Runs `pod` until `stop` turns true; returns the pod's uid.
 pub async fn run(shared: Arc<Shared>, pod: Pod, mut stop: watch::Receiver<bool>) -> String {
@@ -102,9 +105,16 @@ impl Supervisor {
             fields.uid.get(..8).unwrap_or(&fields.uid)
         ));
         let listen = SocketAddr::from((lease.ip(), port));
+        // A fresh connection per probe, as the kubelet's.
+        let http = reqwest::Client::builder()
+            .timeout(PROBE_TIMEOUT)
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| e.to_string())?;
         shared.register(RunnerPod {
             name: name.clone(),
             uid: fields.uid.clone(),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
             ip: lease.ip(),
             port,
             endpoint: format!("http://{listen}"),
@@ -115,11 +125,6 @@ impl Supervisor {
             restarts: 0,
             paused: false,
         });
-        let http = reqwest::Client::builder()
-            .timeout(PROBE_TIMEOUT)
-            .pool_max_idle_per_host(0)
-            .build()
-            .map_err(|e| e.to_string())?;
         Ok(Self {
             pods: Api::namespaced(shared.client.clone(), &shared.namespace),
             observed: Observed::new(listen.ip(), host_ip, container_name, image),
@@ -162,6 +167,7 @@ impl Supervisor {
         let mut backoff = RETRY;
         loop {
             let started = now();
+            let running_since = Instant::now();
             let pid = match self.shared.spawn(&self.name, || {
                 container::command(
                     &self.shared.binary,
@@ -175,7 +181,9 @@ impl Supervisor {
                 Ok(Some(pid)) => pid,
                 Ok(None) => return,
                 Err(err) => {
-                    self.waiting("RunContainerError", err.to_string()).await;
+                    let binary = self.shared.binary.display();
+                    self.waiting("RunContainerError", format!("cannot start {binary}: {err}"))
+                        .await;
                     if stopped(stop, backoff).await {
                         return;
                     }
@@ -199,7 +207,10 @@ impl Supervisor {
                 }
                 Exit::Exited(status) => {
                     processes::stop(pid, Duration::ZERO);
-                    let code = status.code().unwrap_or(128 + 9);
+                    let code = status
+                        .code()
+                        .or_else(|| status.signal().map(|signal| 128 + signal))
+                        .unwrap_or(-1);
                     self.shared.note(
                         &self.name,
                         &format!("llama-server exited on its own ({status}); restarting"),
@@ -219,11 +230,15 @@ impl Supervisor {
                         p.paused = false;
                         p.restarts += 1;
                     });
-                    self.waiting(
-                        "CrashLoopBackOff",
-                        format!("back-off restarting ({status})"),
-                    )
-                    .await;
+                    // Reported even when the last crash looked the same: the count changed.
+                    self.observed.state = State::Waiting {
+                        reason: "CrashLoopBackOff".into(),
+                        message: format!("back-off restarting ({status})"),
+                    };
+                    self.report().await;
+                    if running_since.elapsed() > BACKOFF_RESET {
+                        backoff = RETRY;
+                    }
                     if stopped(stop, backoff).await {
                         return;
                     }
@@ -307,14 +322,21 @@ impl Supervisor {
         drop(self.lease);
     }
 
+    /// Reports the container waiting; a retry that fails the same way reports nothing new.
     async fn waiting(&mut self, reason: &str, message: String) {
-        self.shared
-            .note(&self.name, &format!("{reason}: {message}"));
-        self.observed.set_ready(false);
-        self.observed.state = State::Waiting {
+        let state = State::Waiting {
             reason: reason.into(),
             message,
         };
+        let changed = self.observed.set_ready(false) | (self.observed.state != state);
+        if !changed {
+            return;
+        }
+        if let State::Waiting { reason, message } = &state {
+            self.shared
+                .note(&self.name, &format!("{reason}: {message}"));
+        }
+        self.observed.state = state;
         self.report().await;
     }
 
