@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::time::Instant;
@@ -15,6 +16,21 @@ pub struct DeploymentLabels {
 }
 
 type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AutoscaleLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `up` or `down`.
+    pub direction: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -33,6 +49,11 @@ pub struct Metrics {
     /// `llama_deployment_core_hours_total` and `llama_deployment_cost_total`.
     pub core_hours: Family<DeploymentLabels, FloatCounter>,
     pub cost: Family<DeploymentLabels, FloatCounter>,
+    /// `llama_deployment_autoscaler_desired_instances`, `..._requests_in_flight` and
+    /// `..._scale_events_total{direction}`.
+    pub autoscaler_desired: Family<AutoscaleLabels, Gauge>,
+    pub autoscaler_in_flight: Family<AutoscaleLabels, FloatGauge>,
+    pub autoscaler_events: Family<ScaleLabels, Counter>,
     pub registry: Registry,
     /// Deployments whose counters were initialised from their checkpointed status.
     seen: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
@@ -73,9 +94,30 @@ impl Default for Metrics {
             "Estimated cost, in the instance type's currency",
             cost.clone(),
         );
+        let autoscaler_desired = Family::<AutoscaleLabels, Gauge>::default();
+        let autoscaler_in_flight = Family::<AutoscaleLabels, FloatGauge>::default();
+        let autoscaler_events = Family::<ScaleLabels, Counter>::default();
+        deployments.register(
+            "autoscaler_desired_instances",
+            "Instances the autoscaler wants (before a quota cap)",
+            autoscaler_desired.clone(),
+        );
+        deployments.register(
+            "autoscaler_requests_in_flight",
+            "Requests in flight over the instances, as the autoscaler last read them",
+            autoscaler_in_flight.clone(),
+        );
+        deployments.register(
+            "autoscaler_scale_events",
+            "Autoscaler decisions that changed the instance count, by direction",
+            autoscaler_events.clone(),
+        );
         Self {
             core_hours,
             cost,
+            autoscaler_desired,
+            autoscaler_in_flight,
+            autoscaler_events,
             api_requests,
             runs,
             failures,
@@ -140,6 +182,36 @@ impl Metrics {
             .inc_by((after_cost - from_cost).max(0.0));
     }
 
+    /// Records an autoscaler evaluation: the count it wants, the load it read, and a change.
+    pub fn record_autoscale(
+        &self,
+        namespace: &str,
+        name: &str,
+        desired: i32,
+        in_flight: f64,
+        change: Option<&str>,
+    ) {
+        let labels = AutoscaleLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        self.autoscaler_desired
+            .get_or_create(&labels)
+            .set(i64::from(desired));
+        self.autoscaler_in_flight
+            .get_or_create(&labels)
+            .set(in_flight);
+        if let Some(direction) = change {
+            self.autoscaler_events
+                .get_or_create(&ScaleLabels {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    direction: direction.to_owned(),
+                })
+                .inc();
+        }
+    }
+
     /// Drops a deleted deployment's series.
     pub fn forget_deployment(&self, namespace: &str, name: &str, instance_type: &str) {
         if let Ok(mut seen) = self.seen.lock() {
@@ -152,6 +224,19 @@ impl Metrics {
         };
         self.core_hours.remove(&labels);
         self.cost.remove(&labels);
+        let labels = AutoscaleLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        self.autoscaler_desired.remove(&labels);
+        self.autoscaler_in_flight.remove(&labels);
+        for direction in ["up", "down"] {
+            self.autoscaler_events.remove(&ScaleLabels {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                direction: direction.into(),
+            });
+        }
     }
 
     /// The text exposition format.
@@ -174,5 +259,31 @@ impl Drop for ReconcileTimer<'_> {
         self.metrics
             .duration
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn autoscaler_series_appear_and_go_with_the_deployment() {
+        let m = Metrics::default();
+        m.record_autoscale("team-a", "chat", 3, 21.5, Some("up"));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"llama_deployment_autoscaler_desired_instances{namespace="team-a",name="chat"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"llama_deployment_autoscaler_requests_in_flight{namespace="team-a",name="chat"} 21.5"#
+        ));
+        assert!(text.contains(
+            r#"llama_deployment_autoscaler_scale_events_total{namespace="team-a",name="chat",direction="up"} 1"#
+        ));
+        m.forget_deployment("team-a", "chat", "Standard_NC24ads_A100_v4");
+        assert!(!m.encode().contains("team-a"));
     }
 }

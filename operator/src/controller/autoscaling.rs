@@ -80,6 +80,16 @@ pub async fn evaluate(
     if let Some(change) = &decision.change {
         tracing::info!(from = change.from, to = change.to, message = %change.message, "autoscaling");
     }
+    ctx.metrics.record_autoscale(
+        ns,
+        &ld.name_any(),
+        decision.status.desired_instances,
+        decision.status.load.requests_in_flight,
+        decision
+            .change
+            .as_ref()
+            .map(|c| if c.to > c.from { "up" } else { "down" }),
+    );
     Ok(Some(Scaling {
         instances: decision.status.desired_instances,
         status: decision.status,
