@@ -31,7 +31,7 @@ mod supervisor;
 mod volumes;
 
 pub(crate) use container::{PodFields, command as server_command, prepare};
-pub use network::{POD_CIDR, ensure_local_route};
+pub use network::{NetworkError, POD_CIDR, ensure_local_route};
 pub use supervisor::{FAILURE_THRESHOLD, PROBE_PERIOD};
 
 use anyhow::Context as _;
