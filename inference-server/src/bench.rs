@@ -7,18 +7,31 @@
 //!
 //! - **prefill**: one prompt of each `--prefill-tokens` length in one step, until its first
 //!   token is sampled; reported as prompt tokens per second and as the time to first token;
-//! - **decode**: `--decode-tokens` steps of every `--batch` size, each sequence holding a
-//!   `--prompt-tokens` prompt; reported as tokens per second over the batch and per stream.
+//! - **decode**: every `--batch` size of sequences, each with a `--prompt-tokens` prompt, is
+//!   prefilled once (not timed); then one unrecorded warm-up window and `--repeats` timed
+//!   windows of `--decode-tokens` steps follow one another on the same sequences (so the
+//!   context grows by `--decode-tokens` a window). Reported as tokens per second over the
+//!   batch and per stream.
 //!
 //! Decoding one token reads every weight once, so with `--bandwidth-gbs` (the device's measured
 //! memory bandwidth) each decode line also shows its share of the bandwidth ceiling,
 //! `bandwidth / weight bytes` steps per second.
+//!
+//! The report also carries what the memory target of a deployment is judged by: the process's
+//! peak resident set (`VmHWM`, read at the end, so it covers loading and every measurement),
+//! the bytes of the model's files, the weights' bytes in memory and the key/value cache the
+//! largest measurement held. `--model` takes a Hugging Face directory or a `.gguf` file, whose
+//! tokenizer files lie beside it (as the server reads them).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
+
+mod memory;
+
+pub use memory::{model_file_bytes, peak_rss_bytes};
 
 use crate::device::{DeviceError, DeviceSpec, parse_dtype};
 use crate::engine::{EngineError, LlamaConfig, LlamaModel, SequenceStep};
@@ -38,7 +51,8 @@ pub struct BenchArgs {
     /// Device to run on: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// A model directory in the Hugging Face layout (written by generate-model or fetch).
+    /// A model directory in the Hugging Face layout (written by generate-model or fetch), or a
+    /// llama.cpp `.gguf` file with the tokenizer files in its directory.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Generate a random-weight model of this shape instead (in a temporary directory).
@@ -47,7 +61,8 @@ pub struct BenchArgs {
     /// Seed of the generated model and of the prompts.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Tokenizer files for `--shape`; defaults to $LLAMA_SERVER_TOKENIZER_DIR.
+    /// Tokenizer files; defaults to the model directory (the directory of a `.gguf` file), and
+    /// for `--shape` to $LLAMA_SERVER_TOKENIZER_DIR.
     #[arg(long)]
     pub tokenizer_dir: Option<PathBuf>,
     /// Dtype to run in; defaults to f32 on the CPU and bf16 on a GPU (as `serve` does).
@@ -110,6 +125,8 @@ pub struct Measurement {
     pub tokens_per_second: f64,
     /// Tokens per second of one sequence (decode: steps per second).
     pub per_stream_tokens_per_second: f64,
+    /// Every measured run's interval, in the order run (the warm-up run excluded).
+    pub runs_seconds: Vec<f64>,
     /// Share of the bandwidth ceiling (decode, with `--bandwidth-gbs`).
     pub ceiling_fraction: Option<f64>,
 }
@@ -121,8 +138,21 @@ pub struct BenchReport {
     pub device: String,
     pub dtype: String,
     pub parameters: u64,
-    /// Bytes of weights one decode step reads: parameters × dtype size.
+    /// Bytes of weights one decode step reads: the weights as held in memory (quantized blocks
+    /// at their packed size).
     pub weight_bytes: u64,
+    /// Bytes of the model's files on disk: the `.gguf` file, or a directory's safetensors.
+    pub model_file_bytes: u64,
+    /// Threads the CPU kernels run on (`RAYON_NUM_THREADS`, else the physical cores).
+    pub threads: usize,
+    /// Bytes one token takes in the key/value cache.
+    pub kv_bytes_per_token: u64,
+    /// Tokens the largest measurement held in key/value caches at once, all sequences.
+    pub kv_tokens: u64,
+    /// `kv_tokens × kv_bytes_per_token`: the cache the largest measurement needed.
+    pub kv_budget_bytes: u64,
+    /// The process's peak resident set at the end of the run (Linux `VmHWM`).
+    pub peak_rss_bytes: Option<u64>,
     pub bandwidth_gbs: Option<f64>,
     /// `bandwidth / weight_bytes`: decode steps per second if memory were the only limit.
     pub ceiling_tokens_per_second: Option<f64>,
@@ -153,12 +183,14 @@ impl BenchReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "llama-server bench: {} ({:.3} B parameters, {:.3} GB in {}) on {}; median of {} runs",
+            "llama-server bench: {} ({:.3} B parameters, {:.3} GB of weights, computing in {}) \
+             on {} with {} threads; median of {} runs",
             self.model,
             self.parameters as f64 / 1e9,
             self.weight_bytes as f64 / 1e9,
             self.dtype,
             self.device,
+            self.threads,
             self.repeats
         );
         if let (Some(bandwidth), Some(ceiling)) =
@@ -198,7 +230,35 @@ impl BenchReport {
                     .map_or_else(|| "-".to_owned(), |f| format!("{:.1}%", 100.0 * f))
             );
         }
+        let mb = |bytes: u64| bytes as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "peak RSS {} MB; model files {:.0} MB, key/value cache {:.0} MB ({} tokens)",
+            self.peak_rss_bytes
+                .map_or_else(|| "unknown".to_owned(), |b| format!("{:.0}", mb(b))),
+            mb(self.model_file_bytes),
+            mb(self.kv_budget_bytes),
+            self.kv_tokens
+        );
         out
+    }
+}
+
+/// The directory the tokenizer files are read from: `--tokenizer-dir`, else the model
+/// directory, or the directory holding a `.gguf` file.
+fn tokenizer_dir_of(args: &BenchArgs, model: &Path) -> PathBuf {
+    if let Some(dir) = &args.tokenizer_dir {
+        return dir.clone();
+    }
+    match model.parent() {
+        Some(parent) if model.is_file() => {
+            if parent.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                parent.to_path_buf()
+            }
+        }
+        _ => model.to_path_buf(),
     }
 }
 
@@ -273,15 +333,21 @@ fn measure_all(
     device: &candle_core::Device,
     dtype: DType,
 ) -> Result<BenchReport, BenchError> {
+    if !dir.exists() {
+        return Err(BenchError::Invalid(format!(
+            "model {}: no such file or directory",
+            dir.display()
+        )));
+    }
     let model = LlamaModel::load(dir, dtype, device)?;
-    let tokenizer = LlamaTokenizer::from_dir(dir)?;
+    let tokenizer = LlamaTokenizer::from_dir(&tokenizer_dir_of(args, dir))?;
     let longest = args
         .prefill_tokens
         .iter()
         .copied()
         .max()
         .unwrap_or(0)
-        .max(args.prompt_tokens + args.decode_tokens + 1);
+        .max(decode_length(args));
     if longest >= model.context_length() {
         return Err(BenchError::Invalid(format!(
             "{longest} tokens do not fit the model's context of {}",
@@ -289,7 +355,7 @@ fn measure_all(
         )));
     }
     let parameters = parameter_count(model.config());
-    let weight_bytes = parameters * dtype.size_in_bytes() as u64;
+    let weight_bytes = model.weight_bytes();
     let ceiling = args
         .bandwidth_gbs
         .map(|gbs| gbs * 1e9 / weight_bytes as f64);
@@ -301,7 +367,8 @@ fn measure_all(
     };
     let mut measurements = Vec::new();
     for &prompt in &args.prefill_tokens {
-        let seconds = median(args.repeats, || bench.prefill(prompt))?;
+        let runs = timed_runs(args.repeats, || bench.prefill(prompt))?;
+        let seconds = median(&runs);
         tracing::info!(prompt, seconds, "prefill measured");
         for metric in ["prefill", "time_to_first_token"] {
             let tokens = if metric == "prefill" { prompt } else { 1 };
@@ -313,14 +380,14 @@ fn measure_all(
                 seconds,
                 tokens_per_second: tokens as f64 / seconds,
                 per_stream_tokens_per_second: tokens as f64 / seconds,
+                runs_seconds: runs.clone(),
                 ceiling_fraction: None,
             });
         }
     }
     for &batch in &args.batch {
-        let seconds = median(args.repeats, || {
-            bench.decode(batch, args.prompt_tokens, args.decode_tokens)
-        })?;
+        let runs = bench.decode(batch, args.prompt_tokens, args.decode_tokens, args.repeats)?;
+        let seconds = median(&runs);
         tracing::info!(batch, seconds, "decode measured");
         let per_stream = args.decode_tokens as f64 / seconds;
         measurements.push(Measurement {
@@ -331,15 +398,35 @@ fn measure_all(
             seconds,
             tokens_per_second: (batch * args.decode_tokens) as f64 / seconds,
             per_stream_tokens_per_second: per_stream,
+            runs_seconds: runs,
             ceiling_fraction: ceiling.map(|c| per_stream / c),
         });
     }
+    // Every decode sequence ends holding its prompt and every sampled token but the last; a
+    // prefill holds its prompt.
+    let kv_tokens = args
+        .batch
+        .iter()
+        .map(|&batch| batch * (decode_length(args) - 1))
+        .chain(args.prefill_tokens.iter().copied())
+        .max()
+        .unwrap_or(0) as u64;
     Ok(BenchReport {
         model: name.to_owned(),
         device: args.device.to_string(),
         dtype: format!("{dtype:?}").to_ascii_lowercase(),
         parameters,
         weight_bytes,
+        model_file_bytes: model_file_bytes(dir).map_err(|source| BenchError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?,
+        threads: candle_core::utils::get_num_threads(),
+        kv_bytes_per_token: model.kv_bytes_per_token(),
+        kv_tokens,
+        kv_budget_bytes: kv_tokens * model.kv_bytes_per_token(),
+        // Read last, so the peak covers loading and every measurement.
+        peak_rss_bytes: peak_rss_bytes(),
         bandwidth_gbs: args.bandwidth_gbs,
         ceiling_tokens_per_second: ceiling,
         repeats: args.repeats,
@@ -347,17 +434,28 @@ fn measure_all(
     })
 }
 
-/// Runs `measure` once to warm up, then `repeats` times; the median in seconds.
-fn median(
+/// Tokens a decode sequence ends with: its prompt, the token its prefill samples, and the
+/// tokens of the warm-up window and of every measured window.
+fn decode_length(args: &BenchArgs) -> usize {
+    args.prompt_tokens + 1 + (args.repeats + 1) * args.decode_tokens
+}
+
+/// Runs `measure` once to warm up, then `repeats` times; each measured run in seconds.
+fn timed_runs(
     repeats: usize,
     mut measure: impl FnMut() -> Result<Duration, BenchError>,
-) -> Result<f64, BenchError> {
+) -> Result<Vec<f64>, BenchError> {
     measure()?;
-    let mut runs = (0..repeats)
+    (0..repeats)
         .map(|_| measure().map(|d| d.as_secs_f64()))
-        .collect::<Result<Vec<_>, _>>()?;
-    runs.sort_by(f64::total_cmp);
-    Ok(runs[runs.len() / 2])
+        .collect()
+}
+
+/// The median of runs (the upper one of an even count); 0 for none.
+fn median(runs: &[f64]) -> f64 {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 struct Bench<'a> {
@@ -416,24 +514,38 @@ impl<'a> Bench<'a> {
         Ok(elapsed)
     }
 
-    /// `batch` sequences with `prompt`-token prompts, prefilled together (not timed), then
-    /// `steps` decode steps (timed).
-    fn decode(&self, batch: usize, prompt: usize, steps: usize) -> Result<Duration, BenchError> {
+    /// `batch` sequences with `prompt`-token prompts, prefilled together (not timed), then a
+    /// warm-up window and `repeats` timed windows of `steps` decode steps each; the windows'
+    /// seconds. (Prefilling once keeps long prompts at large batches affordable.)
+    fn decode(
+        &self,
+        batch: usize,
+        prompt: usize,
+        steps: usize,
+        repeats: usize,
+    ) -> Result<Vec<f64>, BenchError> {
+        let generate = 1 + (repeats + 1) * steps;
         let mut sequences = (0..batch)
-            .map(|i| self.sequence(i, prompt, steps + 1))
+            .map(|i| self.sequence(i, prompt, generate))
             .collect::<Result<Vec<_>, _>>()?;
         self.step(&mut sequences)?;
-        let started = Instant::now();
-        for _ in 0..steps {
-            self.step(&mut sequences)?;
-        }
-        let elapsed = started.elapsed();
-        if sequences.iter().any(|s| s.generated_tokens() != steps + 1) {
+        let mut window = || -> Result<f64, BenchError> {
+            let started = Instant::now();
+            for _ in 0..steps {
+                self.step(&mut sequences)?;
+            }
+            Ok(started.elapsed().as_secs_f64())
+        };
+        window()?;
+        let runs = (0..repeats)
+            .map(|_| window())
+            .collect::<Result<Vec<_>, _>>()?;
+        if sequences.iter().any(|s| s.generated_tokens() != generate) {
             return Err(BenchError::Invalid(
                 "a sequence stopped before the measured steps ended".into(),
             ));
         }
-        Ok(elapsed)
+        Ok(runs)
     }
 }
 
@@ -452,9 +564,30 @@ mod tests {
     #[test]
     fn the_median_skips_the_warm_up_run() {
         let mut runs = [5.0, 1.0, 3.0, 2.0].into_iter();
-        let seconds = median(3, || {
+        let measured = timed_runs(3, || {
             Ok(Duration::from_secs_f64(runs.next().unwrap_or(f64::NAN)))
         });
-        assert_eq!(seconds.ok(), Some(2.0));
+        let measured = measured.ok().unwrap_or_default();
+        assert_eq!(measured, [1.0, 3.0, 2.0]);
+        assert_eq!(median(&measured), 2.0);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn a_gguf_file_reads_its_tokenizer_beside_it() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let file = scratch.path().join("model.gguf");
+        std::fs::write(&file, b"").expect("write");
+        let args = Cli::parse_from(["bench", "--model", "x"]).bench;
+        assert_eq!(tokenizer_dir_of(&args, &file), scratch.path());
+        assert_eq!(tokenizer_dir_of(&args, scratch.path()), scratch.path());
+        let args = Cli::parse_from(["bench", "--model", "x", "--tokenizer-dir", "/t"]).bench;
+        assert_eq!(tokenizer_dir_of(&args, &file), PathBuf::from("/t"));
     }
 }

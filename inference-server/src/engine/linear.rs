@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 
-use super::error::Result;
+use super::error::{EngineError, Result};
+use super::q8_0::Q8Matrix;
 
 /// A bias-free linear layer `y = x Wᵀ`.
 #[derive(Debug, Clone)]
@@ -15,6 +16,8 @@ pub enum Linear {
     Dense(candle_nn::Linear),
     /// Quantized blocks; the input is quantized on the fly by candle's kernels, like llama.cpp.
     Quantized(QMatMul),
+    /// Q8_0 blocks on an AVX2 CPU, multiplied by the engine's own kernels ([`Q8Matrix`]).
+    Q8_0(Arc<Q8Matrix>),
 }
 
 impl Linear {
@@ -24,14 +27,27 @@ impl Linear {
     }
 
     /// A layer over a GGUF tensor: float types are expanded to dense `dtype` weights (candle's
-    /// quantized kernels gain nothing on them), block-quantized types stay quantized.
+    /// quantized kernels gain nothing on them), block-quantized types stay quantized (Q8_0 on
+    /// an AVX2 CPU in the engine's own layout).
     pub fn from_qtensor(weight: Arc<QTensor>, dtype: DType) -> Result<Self> {
         if is_float(weight.dtype()) {
             Ok(Self::dense(
                 weight.dequantize(&weight.device())?.to_dtype(dtype)?,
             ))
+        } else if let Some(matrix) = Q8Matrix::from_qtensor(&weight)? {
+            Ok(Self::Q8_0(Arc::new(matrix)))
         } else {
             Ok(Self::Quantized(QMatMul::QTensor(weight)))
+        }
+    }
+
+    /// Bytes the weight occupies in memory (quantized blocks at their packed size).
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Self::Dense(linear) => dense_bytes(linear.weight()),
+            Self::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes() as u64,
+            Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => dense_bytes(t),
+            Self::Q8_0(matrix) => matrix.bytes(),
         }
     }
 
@@ -41,6 +57,7 @@ impl Linear {
             Self::Dense(linear) => Ok(linear.forward(x)?),
             // The quantized CPU kernel reads its input as one contiguous slice.
             Self::Quantized(matmul) => Ok(matmul.forward(&x.contiguous()?)?),
+            Self::Q8_0(matrix) => q8_0_forward(matrix, x),
         }
     }
 }
@@ -52,6 +69,8 @@ pub enum Embedding {
     Dense(Tensor),
     /// Quantized rows, expanded to f32 one looked-up row at a time.
     Quantized(Arc<QTensor>),
+    /// Q8_0 rows in the engine's own layout (shared with a tied output projection).
+    Q8_0(Arc<Q8Matrix>),
 }
 
 impl Embedding {
@@ -62,6 +81,8 @@ impl Embedding {
             Ok(Self::Dense(
                 table.dequantize(&table.device())?.to_dtype(dtype)?,
             ))
+        } else if let Some(matrix) = Q8Matrix::from_qtensor(&table)? {
+            Ok(Self::Q8_0(Arc::new(matrix)))
         } else {
             Ok(Self::Quantized(table))
         }
@@ -72,6 +93,23 @@ impl Embedding {
         match self {
             Self::Dense(table) => Ok(table.index_select(ids, 0)?),
             Self::Quantized(table) => Ok(table.embedding(ids)?.to_dtype(dtype)?),
+            Self::Q8_0(table) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let rows = table.rows_f32(&ids)?;
+                Ok(
+                    Tensor::from_vec(rows, (ids.len(), table.cols()), &Device::Cpu)?
+                        .to_dtype(dtype)?,
+                )
+            }
+        }
+    }
+
+    /// Bytes the table occupies in memory (quantized blocks at their packed size).
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Self::Dense(table) => dense_bytes(table),
+            Self::Quantized(table) => table.storage_size_in_bytes() as u64,
+            Self::Q8_0(table) => table.bytes(),
         }
     }
 
@@ -80,8 +118,47 @@ impl Embedding {
         match self {
             Self::Dense(table) => Linear::dense(table.clone()),
             Self::Quantized(table) => Linear::Quantized(QMatMul::QTensor(Arc::clone(table))),
+            Self::Q8_0(table) => Linear::Q8_0(Arc::clone(table)),
         }
     }
+}
+
+/// `x Wᵀ` through the Q8_0 kernels: `x` (`[…, in]`, any float dtype) is read as f32, the
+/// result has `x`'s leading dimensions and dtype.
+fn q8_0_forward(matrix: &Q8Matrix, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, leading)) = dims.split_last() else {
+        return Err(EngineError::InvalidInput(
+            "a linear layer's input needs a dimension".into(),
+        ));
+    };
+    if k != matrix.cols() {
+        return Err(EngineError::InvalidInput(format!(
+            "input of {k} features for a layer of {}",
+            matrix.cols()
+        )));
+    }
+    let m = leading.iter().product::<usize>();
+    let input = x.to_dtype(DType::F32)?.contiguous()?;
+    let out = {
+        let (storage, layout) = input.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Err(EngineError::InvalidInput(
+                "Q8_0 kernels run on the CPU only".into(),
+            ));
+        };
+        let start = layout.start_offset();
+        let values = &cpu.as_slice::<f32>()?[start..start + m * k];
+        matrix.matmul(values, m)?
+    };
+    let mut shape = leading.to_vec();
+    shape.push(matrix.rows());
+    Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
+}
+
+/// Bytes of a dense tensor's elements.
+fn dense_bytes(tensor: &Tensor) -> u64 {
+    (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64
 }
 
 /// Whether a GGUF tensor type is a plain float type rather than quantized blocks.
@@ -109,7 +186,7 @@ mod tests {
         let q = Arc::new(QTensor::quantize(&weight, GgmlDType::Q8_0)?);
         let dense = Linear::dense(weight.clone()).forward(&x)?;
         let quantized = Linear::from_qtensor(Arc::clone(&q), DType::F32)?;
-        assert!(matches!(quantized, Linear::Quantized(_)));
+        assert!(matches!(quantized, Linear::Quantized(_) | Linear::Q8_0(_)));
         let diff = (dense - quantized.forward(&x)?)?.abs()?.max_all()?;
         assert!(diff.to_scalar::<f32>()? < 1e-2, "{diff}");
 

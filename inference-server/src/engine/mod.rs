@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;
+pub mod q8_0;
 pub mod rope;
 pub mod weights;
 

@@ -223,18 +223,78 @@ impl LlamaModel {
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
 
-        let mut logits = Vec::with_capacity(batch.len());
+        // The rows whose logits are wanted go through the output projection together: it is
+        // the largest matrix (a fifth of a 1B model), so one pass over it serves the whole batch.
+        let mut wanted = Vec::with_capacity(batch.len());
+        let mut counts = Vec::with_capacity(batch.len());
         let mut offset = 0;
         for step in batch.iter() {
             let len = step.tokens.len();
             let rows = match step.logits {
-                LogitsFor::Last => x.narrow(0, offset + len - 1, 1)?,
-                LogitsFor::All => x.narrow(0, offset, len)?,
+                LogitsFor::Last => offset + len - 1..offset + len,
+                LogitsFor::All => offset..offset + len,
             };
-            logits.push(self.lm_head.forward(&rows)?.to_dtype(DType::F32)?);
+            counts.push(rows.len());
+            wanted.extend(rows.map(|row| row as u32));
             offset += len;
         }
+        let rows = if wanted.len() == total {
+            x
+        } else {
+            let count = wanted.len();
+            x.index_select(&Tensor::from_vec(wanted, count, &self.device)?, 0)?
+        };
+        let all = self.lm_head.forward(&rows)?.to_dtype(DType::F32)?;
+        let mut logits = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        for count in counts {
+            logits.push(all.narrow(0, start, count)?);
+            start += count;
+        }
         Ok(logits)
+    }
+
+    /// Bytes the weights occupy in memory (quantized blocks at their packed size; a tied
+    /// output projection counted once, with the embedding table).
+    pub fn weight_bytes(&self) -> u64 {
+        let dense = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|layer| {
+                let attn = &layer.self_attn;
+                let mlp = &layer.mlp;
+                dense(&layer.input_layernorm)
+                    + dense(&layer.post_attention_layernorm)
+                    + [
+                        &attn.q_proj,
+                        &attn.k_proj,
+                        &attn.v_proj,
+                        &attn.o_proj,
+                        &mlp.gate_proj,
+                        &mlp.up_proj,
+                        &mlp.down_proj,
+                    ]
+                    .iter()
+                    .map(|linear| linear.bytes())
+                    .sum::<u64>()
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.bytes()
+        };
+        self.embed_tokens.bytes() + layers + dense(&self.norm) + head
+    }
+
+    /// Bytes one token occupies in a sequence's key/value cache: keys and values of every
+    /// layer, in the compute dtype.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (2 * self.config.num_hidden_layers
+            * self.config.kv_heads()
+            * self.config.head_dim()
+            * self.dtype.size_in_bytes()) as u64
     }
 
     /// Rejects a batch before any cache is touched.
