@@ -22,7 +22,9 @@ LLAMA_CONTROL_PLANE_BIN=$(scripts/build-control-plane.sh)
 export LLAMA_CONTROL_PLANE_BIN
 LLAMA_TOKENIZER_DIR=$(scripts/setup-tokenizer.sh)
 export LLAMA_TOKENIZER_DIR
-cargo build -p llama-server --bins
+# The servers and the load generator as a user would run them: release builds.
+cargo build --release -p llama-server --bins
+export LLAMA_SERVER_BIN="$root/target/release/llama-server" LLAMA_LOAD_BIN="$root/target/release/llama-load"
 cargo bench -p llama-operator --bench autoscaling_trace
 "$VENV/bin/python" scripts/plot-autoscaling-trace.py docs/benchmarks/autoscaling-trace.csv docs/benchmarks/autoscaling-trace.png
 echo "bench-autoscaling: wrote docs/benchmarks/autoscaling.md, autoscaling-trace.csv and autoscaling-trace.png"

@@ -27,7 +27,7 @@ def main(src: str, out: str) -> None:
     inst.set_yticks(range(0, int(max(col("nodes") + col("desired_instances"))) + 2))
     inst.legend(loc="upper right")
     inst.grid(alpha=0.3)
-    fig.suptitle("llama-operator autoscaling: a step of load, real servers behind kwok pods")
+    fig.suptitle("llama-operator autoscaling: steps of load, real servers behind kwok pods")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

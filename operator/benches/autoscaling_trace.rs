@@ -15,14 +15,11 @@ mod common;
 use common::{Load, cluster, spec};
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use testenv::llama::{apply, wait_ready};
 
-const IDLE_BEFORE: u64 = 20;
-const LOAD_SECONDS: u64 = 90;
-const CLIENTS: usize = 12;
+/// The load steps: (start second, clients, seconds). They overlap: 6 clients, then 8 more.
+const STEPS: [(u64, usize, u64); 2] = [(15, 6, 80), (55, 8, 40)];
 const TARGET_IN_FLIGHT: u32 = 4;
 const SCRAPE_INTERVAL: u64 = 5;
 const STABILIZATION: u64 = 60;
@@ -37,6 +34,14 @@ struct Row {
     nodes: usize,
 }
 
+/// What happened after one load step began.
+#[derive(Default)]
+struct StepTimes {
+    clients_after: usize,
+    decided: Option<(Duration, i32)>,
+    serving: Option<Duration>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let c = cluster("autoscale-trace").await?;
@@ -47,55 +52,73 @@ async fn main() -> anyhow::Result<()> {
     wait_ready(&c.env, &c.op, "trace", 180).await?;
     let (endpoint, key) = c.endpoint("trace").await?;
 
-    let clients = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    let mut load: Option<Load> = None;
-    let mut load_started = None;
-    let mut load_stopped = None;
-    let (mut decided_up, mut serving, mut decided_down, mut released) = (None, None, None, None);
-    let mut peak_ready = 1;
-    let mut report = String::new();
+    let mut loads: Vec<Option<Load>> = STEPS.iter().map(|_| None).collect();
+    let mut steps: Vec<StepTimes> = Vec::new();
+    let mut reports = Vec::new();
+    let load_end = STEPS
+        .iter()
+        .map(|(at, _, secs)| at + secs)
+        .max()
+        .unwrap_or(0);
+    let (mut decided_down, mut released) = (None, None);
     loop {
         let t = start.elapsed();
-        if load.is_none() && load_started.is_none() && t >= Duration::from_secs(IDLE_BEFORE) {
-            load = Some(Load::run_for(&endpoint, &key, CLIENTS, LOAD_SECONDS)?);
-            clients.store(CLIENTS, Ordering::Relaxed);
-            load_started = Some(t);
+        for (i, (at, clients, secs)) in STEPS.iter().enumerate() {
+            if steps.len() == i && t >= Duration::from_secs(*at) {
+                loads[i] = Some(Load::run_for(&endpoint, &key, *clients, *secs)?);
+                let before: usize = STEPS[..i].iter().map(|s| s.1).sum();
+                steps.push(StepTimes {
+                    clients_after: before + clients,
+                    ..Default::default()
+                });
+            }
         }
-        if let (Some(began), None) = (load_started, load_stopped)
-            && t >= began + Duration::from_secs(LOAD_SECONDS)
-            && let Some(l) = load.take()
-        {
-            report = tokio::task::spawn_blocking(move || l.report()).await??;
-            clients.store(0, Ordering::Relaxed);
-            load_stopped = Some(start.elapsed());
-        }
+        let clients: usize = STEPS
+            .iter()
+            .filter(|(at, _, secs)| {
+                t >= Duration::from_secs(*at) && t < Duration::from_secs(at + secs)
+            })
+            .map(|s| s.1)
+            .sum();
         let (counts, auto) = c.state("trace").await.unwrap_or_default();
         let nodes = c.nodes("trace").await.unwrap_or(0);
         let row = Row {
             t: t.as_secs_f64(),
-            clients: clients.load(Ordering::Relaxed),
+            clients,
             in_flight: auto.load.requests_in_flight,
             desired: auto.desired_instances,
             ready: counts.ready,
             nodes,
         };
-        if load_started.is_some() && load_stopped.is_none() {
-            if decided_up.is_none() && row.desired > 1 {
-                decided_up = Some(t);
+        // Each step: the first decision above the count before it, then all of those serving.
+        let before = steps
+            .len()
+            .checked_sub(2)
+            .and_then(|i| steps[i].decided.map(|d| d.1))
+            .unwrap_or(1);
+        let current = steps.len().saturating_sub(1);
+        if let Some(step) = steps.last_mut()
+            && t < Duration::from_secs(load_end)
+        {
+            let began = Duration::from_secs(STEPS[current].0);
+            if step.decided.is_none() && row.desired > before {
+                step.decided = Some((t - began, row.desired));
             }
-            if serving.is_none() && row.ready > 1 {
-                serving = Some(t);
+            if let (Some((_, want)), None) = (step.decided, step.serving)
+                && row.ready >= want
+            {
+                step.serving = Some(t - began);
             }
-            peak_ready = peak_ready.max(row.ready);
         }
-        if load_stopped.is_some() {
+        if t >= Duration::from_secs(load_end) {
+            let quiet = Duration::from_secs(load_end);
             if decided_down.is_none() && row.desired == 1 {
-                decided_down = Some(t);
+                decided_down = Some(t - quiet);
             }
             if released.is_none() && row.desired == 1 && row.nodes == 1 && row.ready == 1 {
-                released = Some(t);
+                released = Some(t - quiet);
             }
         }
         eprintln!(
@@ -104,16 +127,19 @@ async fn main() -> anyhow::Result<()> {
         );
         rows.push(row);
         if let Some(done) = released
-            && t >= done + Duration::from_secs(15)
+            && t >= Duration::from_secs(load_end) + done + Duration::from_secs(15)
         {
             break;
         }
         anyhow::ensure!(
-            t < Duration::from_secs(IDLE_BEFORE + LOAD_SECONDS + STABILIZATION + 180),
+            t < Duration::from_secs(load_end + STABILIZATION + 180),
             "the trace did not return to one instance:\n{}",
             c.op.log_text()
         );
         tokio::time::sleep(Duration::from_secs(1).saturating_sub(start.elapsed() - t)).await;
+    }
+    for load in loads.into_iter().flatten() {
+        reports.push(tokio::task::spawn_blocking(move || load.report()).await??);
     }
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -129,9 +155,11 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(root.join("docs/benchmarks/autoscaling-trace.csv"), csv)?;
 
-    let since = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-        (Some(a), Some(b)) => format!("{:.1} s", b.saturating_sub(a).as_secs_f64()),
-        _ => "not reached".to_owned(),
+    let secs = |d: Option<Duration>| {
+        d.map_or_else(
+            || "not reached".to_owned(),
+            |d| format!("{:.1} s", d.as_secs_f64()),
+        )
     };
     let machine = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -155,39 +183,42 @@ the pod runner starts a real `llama-server` (the demo model, CPU) for each serve
     writeln!(
         md,
         "Settings: minInstances 1, maxInstances 4, targetRequestsInFlight {TARGET_IN_FLIGHT}, scrapeIntervalSeconds {SCRAPE_INTERVAL}, \
-scaleDownStabilizationSeconds {STABILIZATION}. Load: {CLIENTS} clients for {LOAD_SECONDS} s after {IDLE_BEFORE} s idle.\n"
+scaleDownStabilizationSeconds {STABILIZATION}. Load steps (start, clients, duration): {STEPS:?}; every server is the release build.\n"
     )?;
     writeln!(
         md,
         "![instances and load over time](autoscaling-trace.png)\n"
     )?;
-    writeln!(md, "| step | time |\n|---|---|")?;
     writeln!(
         md,
-        "| load increase → scale-up decision | {} |",
-        since(load_started, decided_up)
+        "| load step | instances decided | load increase → decision | load increase → all decided instances serving (Ready: /health/ready answers) |\n|---|---|---|---|"
+    )?;
+    for (i, step) in steps.iter().enumerate() {
+        writeln!(
+            md,
+            "| {} → {} clients at {} s | {} | {} | {} |",
+            STEPS[..i].iter().map(|s| s.1).sum::<usize>(),
+            step.clients_after,
+            STEPS[i].0,
+            step.decided
+                .map_or_else(|| "-".to_owned(), |d| d.1.to_string()),
+            secs(step.decided.map(|d| d.0)),
+            secs(step.serving),
+        )?;
+    }
+    writeln!(
+        md,
+        "\n| load removed | time |\n|---|---|\n| → scale-down decision (stabilization window {STABILIZATION} s) | {} |\n| → back to 1 instance on 1 node (emptied nodes deleted) | {} |",
+        secs(decided_down),
+        secs(released)
     )?;
     writeln!(
         md,
-        "| load increase → first new instance serving (Ready: its /health/ready answers) | {} |",
-        since(load_started, serving)
+        "\nThe load generator's summaries (one per step; all of it goes to the first instance's endpoint):\n"
     )?;
-    writeln!(md, "| instances at peak | {peak_ready} |")?;
-    writeln!(
-        md,
-        "| load removed → scale-down decision (stabilization window {STABILIZATION} s) | {} |",
-        since(load_stopped, decided_down)
-    )?;
-    writeln!(
-        md,
-        "| load removed → back to 1 instance on 1 node (emptied nodes deleted) | {} |",
-        since(load_stopped, released)
-    )?;
-    writeln!(
-        md,
-        "\nThe load generator's summary over the load step:\n\n```text\n{}```\n",
-        report
-    )?;
+    for report in &reports {
+        writeln!(md, "```text\n{report}```\n")?;
+    }
     writeln!(
         md,
         "Raw samples (one per second): [autoscaling-trace.csv](autoscaling-trace.csv)."

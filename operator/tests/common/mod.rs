@@ -123,8 +123,11 @@ impl Cluster {
     }
 }
 
-/// The `llama-load` binary (built on first use).
+/// The `llama-load` binary: `$LLAMA_LOAD_BIN`, or the debug build (built on first use).
 pub fn load_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("LLAMA_LOAD_BIN") {
+        return Ok(PathBuf::from(path));
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let path = root.join("target/debug/llama-load");
     if !path.exists() {
