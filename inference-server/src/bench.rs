@@ -183,8 +183,8 @@ impl BenchReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "llama-server bench: {} ({:.3} B parameters, {:.3} GB of weights, computing in {}) \
-             on {} with {} threads; median of {} runs",
+            "llama-server bench: {} ({:.3} B parameters, {:.3} GB in {}) on {} with {} threads; \
+             median of {} runs",
             self.model,
             self.parameters as f64 / 1e9,
             self.weight_bytes as f64 / 1e9,

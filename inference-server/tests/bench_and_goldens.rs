@@ -178,7 +178,8 @@ fn bench_measures_prefill_and_decode_on_the_tiny_shape() {
             "ceiling"
         ]
     );
-    let rows: Vec<Vec<&str>> = lines[3..]
+    assert!(lines[lines.len() - 1].starts_with("peak RSS "), "{stdout}");
+    let rows: Vec<Vec<&str>> = lines[3..lines.len() - 1]
         .iter()
         .map(|l| l.split_whitespace().collect())
         .collect();
@@ -204,6 +205,21 @@ fn bench_measures_prefill_and_decode_on_the_tiny_shape() {
     // tiny: 128256 × 64 tied embeddings, 2 layers, a final norm.
     assert_eq!(report["parameters"], 8_282_432);
     assert_eq!(report["weight_bytes"], 4 * 8_282_432);
+    assert!(report["threads"].as_u64().is_some_and(|t| t >= 1));
+    assert!(report["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0));
+    // The safetensors file: the weights and its header.
+    assert!(
+        report["model_file_bytes"]
+            .as_u64()
+            .is_some_and(|b| b > 4 * 8_282_432)
+    );
+    // Decode sequences end with 12 prompt tokens, the first sample and three 5-step windows
+    // (warm-up and two measured), the last sample not cached: 27 tokens, 3 of them at once.
+    assert_eq!(report["kv_tokens"], 3 * 27);
+    let per_token = report["kv_bytes_per_token"]
+        .as_u64()
+        .expect("bytes per token");
+    assert_eq!(report["kv_budget_bytes"].as_u64(), Some(3 * 27 * per_token));
     let ceiling = report["ceiling_tokens_per_second"]
         .as_f64()
         .expect("ceiling");
@@ -214,6 +230,7 @@ fn bench_measures_prefill_and_decode_on_the_tiny_shape() {
         let tokens = m["tokens"].as_f64().expect("tokens");
         // Real work was timed: more than nothing, less than the whole test budget.
         assert!(seconds > 1e-6 && seconds < 60.0, "{m}");
+        assert_eq!(m["runs_seconds"].as_array().map(Vec::len), Some(2), "{m}");
         assert!(
             (rate * seconds - tokens).abs() < 1e-6 * tokens.max(1.0),
             "{m}"
