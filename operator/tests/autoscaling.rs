@@ -131,7 +131,10 @@ async fn a_scale_up_beyond_quota_is_capped_with_the_condition() -> anyhow::Resul
     let ld = wait_ready(&c.env, &c.op, "capped", 120).await?;
     // One instance fits: no cap before the load.
     let limited = condition(&ld, "ScaleLimitedByQuota");
-    assert!(limited.as_ref().is_none_or(|l| l.0 != "True"), "{limited:?}");
+    assert!(
+        limited.as_ref().is_none_or(|l| l.0 != "True"),
+        "{limited:?}"
+    );
     let (endpoint, key) = c.endpoint("capped").await?;
     let _load = Load::start(&endpoint, &key, 8)?;
     let (counts, auto, (status, _, message)) = c
