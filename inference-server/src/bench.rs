@@ -5,10 +5,11 @@
 //! calls, as the engine thread does. Measured, each as the median of `--repeats` runs after one
 //! unrecorded warm-up run:
 //!
-//! - **prefill**: one prompt of each `--prefill-tokens` length in one step, until its first
-//!   token is sampled; reported as prompt tokens per second and as the time to first token;
+//! - **prefill**: one prompt of each `--prefill-tokens` length, fed in steps of at most
+//!   `--prefill-chunk-tokens` as the server feeds it, until its first token is sampled;
+//!   reported as prompt tokens per second and as the time to first token;
 //! - **decode**: every `--batch` size of sequences, each with a `--prompt-tokens` prompt, is
-//!   prefilled once (not timed); then one unrecorded warm-up window and `--repeats` timed
+//!   prefilled once (not timed, in chunks as above); then one unrecorded warm-up window and `--repeats` timed
 //!   windows of `--decode-tokens` steps follow one another on the same sequences (so the
 //!   context grows by `--decode-tokens` a window). Reported as tokens per second over the
 //!   batch and per stream.
@@ -80,6 +81,10 @@ pub struct BenchArgs {
     /// Prompt lengths to measure prefill and time to first token at, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128,512")]
     pub prefill_tokens: Vec<usize>,
+    /// Prompt tokens fed per forward step, shared by the prefilling sequences oldest first
+    /// (the server's `prefillChunkTokens`, 512 by default).
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk_tokens: usize,
     /// Measured runs of each line (the median is reported), after one warm-up run.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -269,7 +274,8 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport, BenchError> {
             "--repeats, --decode-tokens and every --batch must be at least 1".into(),
         ));
     }
-    if args.prompt_tokens == 0 || args.prefill_tokens.contains(&0) {
+    if args.prompt_tokens == 0 || args.prefill_tokens.contains(&0) || args.prefill_chunk_tokens == 0
+    {
         return Err(BenchError::Invalid("prompts need at least 1 token".into()));
     }
     let device = args.device.open()?;
@@ -363,6 +369,7 @@ fn measure_all(
         model: &model,
         tokenizer: &tokenizer,
         seed: args.seed,
+        chunk: args.prefill_chunk_tokens,
         vocab: model.config().vocab_size.min(ORDINARY_TOKENS),
     };
     let mut measurements = Vec::new();
@@ -462,6 +469,8 @@ struct Bench<'a> {
     model: &'a LlamaModel,
     tokenizer: &'a LlamaTokenizer,
     seed: u64,
+    /// Prompt tokens per step (`--prefill-chunk-tokens`).
+    chunk: usize,
     vocab: usize,
 }
 
@@ -490,10 +499,9 @@ impl<'a> Bench<'a> {
         Ok(ActiveSequence::new(self.model, self.tokenizer, request)?)
     }
 
-    /// One step of every sequence, as the engine thread runs it.
+    /// One decode step of every sequence, as the engine thread runs it.
     fn step(&self, sequences: &mut [ActiveSequence<'a>]) -> Result<(), BenchError> {
-        let mut steps: Vec<SequenceStep<'_>> =
-            sequences.iter_mut().map(|s| s.step(usize::MAX)).collect();
+        let mut steps: Vec<SequenceStep<'_>> = sequences.iter_mut().map(|s| s.step(1)).collect();
         let logits = self.model.forward(&mut steps)?;
         drop(steps);
         for (sequence, logits) in sequences.iter_mut().zip(&logits) {
@@ -502,11 +510,44 @@ impl<'a> Bench<'a> {
         Ok(())
     }
 
+    /// Feeds every prompt as the engine thread does, at most `chunk` prompt tokens a step
+    /// shared oldest first, until each prompt is in and its first token sampled.
+    fn prefill_all(&self, sequences: &mut [ActiveSequence<'a>]) -> Result<(), BenchError> {
+        while sequences.iter().any(ActiveSequence::in_prefill) {
+            let mut budget = self.chunk;
+            let mut fed = Vec::new();
+            let mut steps = Vec::new();
+            for sequence in sequences.iter_mut() {
+                if budget == 0 {
+                    break;
+                }
+                if sequence.in_prefill() {
+                    let take = sequence.next_step_tokens(budget);
+                    budget -= take;
+                    steps.push(sequence.step(take));
+                    fed.push(true);
+                } else {
+                    fed.push(false);
+                }
+            }
+            let logits = self.model.forward(&mut steps)?;
+            drop(steps);
+            let stepped = sequences
+                .iter_mut()
+                .zip(fed)
+                .filter_map(|(sequence, fed)| fed.then_some(sequence));
+            for (sequence, logits) in stepped.zip(&logits) {
+                sequence.advance(logits)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A `prompt`-token prompt until its first token is sampled.
     fn prefill(&self, prompt: usize) -> Result<Duration, BenchError> {
         let mut sequence = [self.sequence(0, prompt, 1)?];
         let started = Instant::now();
-        self.step(&mut sequence)?;
+        self.prefill_all(&mut sequence)?;
         let elapsed = started.elapsed();
         if sequence[0].generated_tokens() != 1 {
             return Err(BenchError::Invalid("prefill sampled no token".into()));
@@ -514,7 +555,7 @@ impl<'a> Bench<'a> {
         Ok(elapsed)
     }
 
-    /// `batch` sequences with `prompt`-token prompts, prefilled together (not timed), then a
+    /// `batch` sequences with `prompt`-token prompts, prefilled in chunks (not timed), then a
     /// warm-up window and `repeats` timed windows of `steps` decode steps each; the windows'
     /// seconds. (Prefilling once keeps long prompts at large batches affordable.)
     fn decode(
@@ -528,7 +569,7 @@ impl<'a> Bench<'a> {
         let mut sequences = (0..batch)
             .map(|i| self.sequence(i, prompt, generate))
             .collect::<Result<Vec<_>, _>>()?;
-        self.step(&mut sequences)?;
+        self.prefill_all(&mut sequences)?;
         let mut window = || -> Result<f64, BenchError> {
             let started = Instant::now();
             for _ in 0..steps {

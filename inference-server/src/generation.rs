@@ -200,7 +200,7 @@ impl<'t> ActiveSequence<'t> {
         let finish = (max_tokens == 0).then_some(FinishReason::Length);
         Ok(Self {
             tokenizer,
-            cache: model.new_cache(),
+            cache: model.new_cache_with_limit(request.prompt.len() + max_tokens),
             sampler: Sampler::new(request.sampling)?,
             stream: tokenizer.decode_stream(request.skip_special_tokens),
             stops: StopStrings::new(&request.stop),

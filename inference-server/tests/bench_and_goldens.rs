@@ -149,6 +149,9 @@ fn bench_measures_prefill_and_decode_on_the_tiny_shape() {
             "5",
             "--prefill-tokens",
             "8,40",
+            // The 40-token prompt and the three 12-token ones go in over several steps.
+            "--prefill-chunk-tokens",
+            "16",
             "--repeats",
             "2",
             "--bandwidth-gbs",

@@ -2,7 +2,8 @@
 //!
 //! Every sequence owns its cache, so a scheduler can add a sequence to the running batch or
 //! drop it between two forward steps without touching the others. Each layer's buffer grows
-//! by doubling, so appending a token copies only that token, not the whole history.
+//! by doubling, so appending a token copies only that token, not the whole history; a cache
+//! that knows the most tokens it will hold ([`KvCache::with_limit`]) never grows past them.
 
 use candle_core::Tensor;
 
@@ -18,6 +19,9 @@ pub struct KvCache {
     /// `len` positions are filled.
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// The most tokens the owner expects to append: doubling stops there (more still fits,
+    /// by doubling again).
+    limit: Option<usize>,
 }
 
 impl KvCache {
@@ -26,6 +30,17 @@ impl KvCache {
         Self {
             layers: vec![None; layers],
             len: 0,
+            limit: None,
+        }
+    }
+
+    /// An empty cache that expects at most `tokens` tokens: its buffers grow by doubling but
+    /// never past `tokens` (a sequence's prompt plus its `max_tokens`), so no memory is held
+    /// for tokens that never come.
+    pub fn with_limit(layers: usize, tokens: usize) -> Self {
+        Self {
+            limit: Some(tokens),
+            ..Self::new(layers)
         }
     }
 
@@ -65,7 +80,12 @@ impl KvCache {
         };
         let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0));
         if capacity < needed {
-            let new_capacity = needed.max(capacity * 2).max(MIN_CAPACITY);
+            let doubled = (capacity * 2).max(MIN_CAPACITY);
+            let target = match self.limit {
+                Some(limit) if needed <= limit => doubled.min(limit),
+                _ => doubled,
+            };
+            let new_capacity = needed.max(target);
             let shape = (kv_heads, new_capacity, head_dim);
             let k_buf = Tensor::zeros(shape, k.dtype(), k.device())?;
             let v_buf = Tensor::zeros(shape, v.dtype(), v.device())?;
@@ -105,6 +125,7 @@ impl KvCache {
         Ok(Self {
             layers,
             len: self.len,
+            limit: self.limit,
         })
     }
 
@@ -162,6 +183,25 @@ mod tests {
         assert!(cache.append(2, &tokens(0.0, 1)?, &tokens(0.0, 1)?).is_err());
         cache.clear();
         assert!(cache.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_limited_cache_grows_to_its_limit_and_past_it_only_when_needed() -> Result<()> {
+        let capacity = |cache: &KvCache| {
+            cache.layers[0]
+                .as_ref()
+                .map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
+        };
+        let mut cache = KvCache::with_limit(1, 100);
+        cache.append(0, &tokens(0.0, 5)?, &tokens(0.0, 5)?)?;
+        assert_eq!(capacity(&cache), MIN_CAPACITY);
+        cache.append(0, &tokens(0.0, 70)?, &tokens(0.0, 70)?)?;
+        // Doubling would give 128; the limit stops it at 100.
+        assert_eq!(capacity(&cache), 100);
+        // Past the limit, doubling again.
+        cache.append(0, &tokens(0.0, 30)?, &tokens(0.0, 30)?)?;
+        assert_eq!((cache.len(), capacity(&cache)), (105, 200));
         Ok(())
     }
 }

@@ -189,6 +189,11 @@ impl LlamaModel {
         KvCache::new(self.config.num_hidden_layers)
     }
 
+    /// A fresh cache for a sequence that will hold at most `tokens` tokens.
+    pub fn new_cache_with_limit(&self, tokens: usize) -> KvCache {
+        KvCache::with_limit(self.config.num_hidden_layers, tokens)
+    }
+
     /// Runs one step for a batch of sequences and appends their tokens to their caches.
     ///
     /// Returns, per sequence in order, f32 logits of shape `[rows, vocab_size]` where `rows` is 1
