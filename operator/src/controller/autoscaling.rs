@@ -77,6 +77,15 @@ pub async fn evaluate(
         .cloned()
         .collect();
     let decision = autoscale::decide(spec, bounds, compute.instance_count, previous, load, now);
+    tracing::debug!(
+        recommended = decision.status.recommended_instances,
+        desired = decision.status.desired_instances,
+        reporting = decision.status.load.instances_reporting,
+        missing = ?decision.status.load.instances_missing,
+        pending_since = ?decision.status.scale_down_pending_since.as_ref().map(|t| t.0),
+        previous_evaluation = ?previous.and_then(|p| p.last_evaluation_time.as_ref()).map(|t| t.0),
+        "autoscaler evaluation"
+    );
     if let Some(change) = &decision.change {
         tracing::info!(from = change.from, to = change.to, message = %change.message, "autoscaling");
     }
