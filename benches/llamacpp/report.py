@@ -121,6 +121,16 @@ def quant_section(quant, ours, theirs, batches, prefills):
             f"{eight_o['tokens_per_second'] / one_o['tokens_per_second']:.2f}× | "
             f"{eight_t['tokens_per_second'] / one_t['tokens_per_second']:.2f}× | |"
         )
+    longest = max(prefills)
+    pre_o, pre_t = find(ours, "prefill", prompt=longest), find(theirs, "prefill", prompt=longest)
+    if one_o and one_t and pre_o and pre_t:
+        # Decoding N streams runs the same matrix products as prefilling N tokens; once the
+        # batch is compute-bound its aggregate rate cannot pass the prefill rate.
+        lines.append(
+            f"| prefill ({longest}) ÷ decode, 1 stream: the most batching can gain "
+            f"| {pre_o['tokens_per_second'] / one_o['tokens_per_second']:.2f}× "
+            f"| {pre_t['tokens_per_second'] / one_t['tokens_per_second']:.2f}× | |"
+        )
     lines.append("")
     lines.append(
         f"Key/value cache: llama-server {ours['kv_bytes_per_token'] / 1024:.0f} KiB a token "
@@ -211,7 +221,8 @@ def main():
     steps = decode["tokens"] // decode["batch"] if decode else "?"
     out.append(
         f"- **decode**: N streams, each with a {decode['prompt_tokens'] if decode else '?'}-token "
-        "prompt, prefilled together once (not timed); then a warm-up window and "
+        "prompt, prefilled once (not timed; llama-server feeds at most 512 prompt tokens a "
+        "forward call, as its server does, llama.cpp one prompt a `llama_decode`); then a warm-up window and "
         f"{first_ours['repeats']} timed windows of {steps} steps follow one another on the same "
         "streams (so the context grows from the prompt by one window each), every step feeding "
         "one token of every stream and sampling the next (greedy). Aggregate tokens/s counts "
@@ -222,8 +233,10 @@ def main():
         "— the continuous batching llama.cpp's own server does."
     )
     out.append(
-        "- **prefill** and **time to first token**: one prompt in one forward call until its "
-        "first token is sampled (llama.cpp: one `llama_decode`, logits of the last token only)."
+        "- **prefill** and **time to first token**: one prompt until its first token is sampled, "
+        "in one forward call (llama-server's 512-token prefill chunk holds the longest prompt; "
+        "llama.cpp: one `llama_decode` with `n_ubatch` ≥ the prompt, logits of the last token "
+        "only)."
     )
     out.append(
         "- **peak RSS**: the process's `VmHWM` at the end of its run (loading and every "
@@ -233,8 +246,9 @@ def main():
     out.append(
         "- llama.cpp runs with its defaults otherwise: the file memory-mapped, flash attention "
         f"`auto` (on for the CPU), f16 key/value cache; llama-server computes in "
-        f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache and the "
-        "quantized matrices multiplied by candle's quantized CPU kernels."
+        f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache; Q8_0 matrices "
+        "are multiplied by the engine's own AVX2 kernels (`inference-server/src/engine/q8_0.rs`), "
+        "Q4_K and Q6_K ones by candle's quantized CPU kernels."
     )
     out += ["", "## Results", ""]
     for q in quants:
