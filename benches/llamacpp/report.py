@@ -176,6 +176,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--command", required=True, help="the command that produced the run")
     parser.add_argument("--rustc", required=True)
+    parser.add_argument("--note", default="", help="a paragraph to print under the title")
     args = parser.parse_args()
     quants = [q for q in args.quants.split(",") if q]
     runs = {
@@ -199,6 +200,8 @@ def main():
         f"(llama-server at {commit}); the raw numbers of every run are in "
         f"[`{raw_dir}/`]({raw_dir}/). Issue #3 asked for this comparison."
     )
+    if args.note:
+        out += ["", f"**Note.** {args.note}"]
     out += ["", "## Machine", ""]
     out.append(f"- CPU: {cpu}, {cores} cores ({flags}); memory {mem}; Linux {platform.release()}")
     out.append(f"- {args.rustc}; llama-server {first_ours['device']}, {first_ours['threads']} threads")
