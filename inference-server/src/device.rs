@@ -121,12 +121,37 @@ impl DeviceSpec {
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(_) if !cuda_built() => Err(DeviceError::CudaNotBuilt(self)),
-            Self::Cuda(ordinal) => Device::new_cuda(ordinal).map_err(|err| DeviceError::NoGpu {
+            Self::Cuda(ordinal) => open_cuda(ordinal).map_err(|err| DeviceError::NoGpu {
                 spec: self,
                 reason: without_backtrace(err),
             }),
         }
     }
+}
+
+/// Opens GPU `ordinal` with one stream of its own that every thread's work goes to (candle's
+/// default is the calling thread's per-thread stream, which the loading thread and the engine
+/// thread would not share). With everything on one stream, the order of the stream is the only
+/// synchronisation needed, so cudarc's per-tensor event tracking (an event recorded and waited
+/// on for every operand of every kernel: most of the cost of a small kernel launch) is off.
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda_with_stream(ordinal)?;
+    if let Device::Cuda(cuda) = &device {
+        // SAFETY: cudarc requires, once tracking is off, that no tensor is used on another
+        // stream than the one it was made on. This device has a single stream, which every
+        // tensor created through it (weights, caches, activations) is made and used on.
+        #[allow(unsafe_code)]
+        unsafe {
+            cuda.disable_event_tracking();
+        }
+    }
+    Ok(device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    Device::new_cuda(ordinal)
 }
 
 /// The message of a candle error, without the backtrace candle attaches when `RUST_BACKTRACE`

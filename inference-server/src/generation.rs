@@ -1,7 +1,7 @@
 //! Text generation: prompt tokens in, completion out, for one sequence or a batch that runs
 //! in lockstep (sequences leave the batch as they finish).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::{KvCache, LlamaModel, LogitsFor, SequenceStep};
@@ -74,7 +74,9 @@ pub struct Completion {
     /// `token_ids.len()`.
     pub completion_tokens: usize,
     pub finish_reason: FinishReason,
-    /// Sum of the sampled tokens' log-probabilities under the model.
+    /// Sum of the sampled tokens' log-probabilities under the model, when the request asked
+    /// for `logprobs` (a `best_of` ranking asks for them); 0 otherwise, since the full
+    /// softmax over the vocabulary costs about as much per token as a small model's step.
     pub cumulative_logprob: f64,
 }
 
@@ -240,10 +242,15 @@ impl<'t> ActiveSequence<'t> {
             let take = self.next_step_tokens(chunk);
             self.input = self.prompt[self.fed..self.fed + take].to_vec();
         }
+        let logits = if self.logprobs.is_none() && self.sampler.is_plain_greedy() {
+            LogitsFor::Argmax
+        } else {
+            LogitsFor::Last
+        };
         SequenceStep {
             tokens: &self.input,
             cache: &mut self.cache,
-            logits: LogitsFor::Last,
+            logits,
         }
     }
 
@@ -267,7 +274,8 @@ impl<'t> ActiveSequence<'t> {
         self.generated.len()
     }
 
-    /// Takes this step's logits (`[1, vocab]`). While the prompt is still being fed, only
+    /// Takes this step's logits (`[1, vocab]`, or the `[1, 1]` id the step asked for with
+    /// [`LogitsFor::Argmax`]). While the prompt is still being fed, only
     /// records progress and returns `None`; afterwards samples a token, decides whether the
     /// sequence is done and returns the token with the text that became final.
     pub fn advance(&mut self, logits: &Tensor) -> Result<Option<TokenOutput>> {
@@ -277,9 +285,21 @@ impl<'t> ActiveSequence<'t> {
                 return Ok(None);
             }
         }
-        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let token = self.sampler.sample(&logits)?;
-        let (logprob, top) = log_probability(&logits, token, self.logprobs.unwrap_or(0));
+        let (token, logprob, top) = if logits.dtype() == DType::U32 {
+            // The device's argmax (LogitsFor::Argmax): greedy, nothing else wanted.
+            let token = logits.flatten_all()?.to_vec1::<u32>()?.first().copied();
+            let token = token.ok_or_else(|| EngineError::InvalidInput("no token id".into()))?;
+            self.sampler.record(token);
+            (token, 0.0, Vec::new())
+        } else {
+            let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            let token = self.sampler.sample(&logits)?;
+            let (logprob, top) = match self.logprobs {
+                Some(top) => log_probability(&logits, token, top),
+                None => (0.0, Vec::new()),
+            };
+            (token, logprob, top)
+        };
         self.cumulative_logprob += f64::from(logprob);
         self.generated.push(token);
         let mut emitted = String::new();

@@ -92,22 +92,41 @@ impl Sampler {
         if logits.is_empty() {
             return Err(EngineError::InvalidInput("no logits to sample from".into()));
         }
-        let mut logits = logits.to_vec();
-        self.apply_penalties(&mut logits);
-        let token = if self.params.temperature == 0.0 {
-            argmax(&logits)
+        let penalised;
+        let logits = if self.has_penalties() {
+            let mut copy = logits.to_vec();
+            self.apply_penalties(&mut copy);
+            penalised = copy;
+            &penalised[..]
         } else {
-            self.sample_top_p(&logits)
+            logits
         };
-        *self.counts.entry(token).or_insert(0) += 1;
+        let token = if self.params.temperature == 0.0 {
+            argmax(logits)
+        } else {
+            self.sample_top_p(logits)
+        };
+        self.record(token);
         Ok(token)
+    }
+
+    /// Whether the next token is simply the most likely one: greedy, with no penalties to
+    /// apply first (so it can be picked without the logits, as the device's argmax).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.temperature == 0.0 && !self.has_penalties()
+    }
+
+    /// Records a token picked elsewhere (the device's argmax) for the penalties of later steps.
+    pub fn record(&mut self, token: u32) {
+        *self.counts.entry(token).or_insert(0) += 1;
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
-        if presence == 0.0 && frequency == 0.0 {
-            return;
-        }
         for (&token, &count) in &self.counts {
             if let Some(logit) = logits.get_mut(token as usize) {
                 *logit -= presence + frequency * count as f32;

@@ -142,7 +142,13 @@ fn greedy_continuations_match_transformers() {
 
 #[test]
 fn batched_sequences_of_different_lengths_match_running_alone() {
-    for loaded in load_all() {
+    // Both ways decoding sequences attend: one by one on views of their rows (the CPU
+    // default), and gathered into one padded batch (the GPU default).
+    for (batched, mut loaded) in [false, true]
+        .into_iter()
+        .flat_map(|b| load_all().into_iter().map(move |l| (b, l)))
+    {
+        loaded.model.set_batched_decode(batched);
         let prompts: Vec<Vec<u32>> = prompts(&loaded.golden)
             .iter()
             .map(|p| ids(&p["input_ids"]))
@@ -173,7 +179,11 @@ fn batched_sequences_of_different_lengths_match_running_alone() {
                 inputs[i] = vec![token];
             }
         }
-        assert_eq!(outputs, expected, "{}", loaded.name);
+        assert_eq!(
+            outputs, expected,
+            "{} (batched decode {batched})",
+            loaded.name
+        );
     }
 }
 
@@ -217,4 +227,92 @@ fn sequences_can_join_a_running_batch() {
     }
     assert_eq!(outputs[0], expected[first][..40]);
     assert_eq!(outputs[1], expected[second][..30]);
+}
+
+#[test]
+fn a_prompt_joins_two_decoding_sequences_with_batched_decode() {
+    // Two sequences decode as one padded batch while a third prompt is prefilled in the same
+    // forward steps, in chunks: every continuation is still the reference one, and the
+    // logits agree with the one-by-one path.
+    let mut loaded = load_all().remove(0);
+    let prompts: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect();
+    let expected: Vec<Vec<u32>> = crate::prompts(&loaded.golden)
+        .iter()
+        .map(|p| ids(&p["greedy"]))
+        .collect();
+    let run = |model: &LlamaModel| {
+        let order = [1, 0, 2];
+        let mut caches: Vec<_> = order.iter().map(|_| model.new_cache()).collect();
+        let mut inputs: Vec<Vec<u32>> = order.iter().map(|&i| prompts[i].clone()).collect();
+        let mut fed = [0usize; 3];
+        let mut outputs = vec![Vec::new(); 3];
+        let mut rows = Vec::new();
+        for step in 0..30 {
+            // The third sequence joins at step 5 and feeds its prompt 3 tokens at a time.
+            let active: Vec<usize> = if step < 5 { vec![0, 1] } else { vec![0, 2, 1] };
+            let mut steps = Vec::new();
+            let mut chunks = Vec::new();
+            for &i in &active {
+                let chunk = if i == 2 && fed[2] < inputs[2].len() {
+                    let end = (fed[2] + 3).min(inputs[2].len());
+                    inputs[2][fed[2]..end].to_vec()
+                } else if i == 2 {
+                    inputs[2][inputs[2].len() - 1..].to_vec()
+                } else {
+                    inputs[i].clone()
+                };
+                chunks.push(chunk);
+            }
+            let mut cache_refs: Vec<Option<&mut _>> = caches.iter_mut().map(Some).collect();
+            for (&i, chunk) in active.iter().zip(&chunks) {
+                steps.push(SequenceStep {
+                    tokens: chunk,
+                    cache: cache_refs[i].take().expect("each cache once"),
+                    logits: LogitsFor::Last,
+                });
+            }
+            let logits = model.forward(&mut steps).expect("forward");
+            drop(steps);
+            for ((&i, chunk), row) in active.iter().zip(&chunks).zip(&logits) {
+                let row: Vec<f32> = row.flatten_all().and_then(|t| t.to_vec1()).expect("row");
+                if i == 2 && fed[2] < inputs[2].len() {
+                    fed[2] += chunk.len();
+                    if fed[2] < inputs[2].len() {
+                        continue;
+                    }
+                }
+                let token = argmax(&row);
+                outputs[i].push(token);
+                rows.push(row);
+                if i == 2 {
+                    inputs[2].push(token);
+                } else {
+                    inputs[i] = vec![token];
+                }
+            }
+        }
+        (outputs, rows)
+    };
+    loaded.model.set_batched_decode(true);
+    let (batched, batched_rows) = run(&loaded.model);
+    loaded.model.set_batched_decode(false);
+    let (alone, alone_rows) = run(&loaded.model);
+    for (k, &i) in [1, 0, 2].iter().enumerate() {
+        let n = batched[k].len();
+        assert!(n >= 10, "sequence {k} produced {n} tokens");
+        assert_eq!(batched[k], expected[i][..n], "sequence {k} (prompt {i})");
+    }
+    assert_eq!(batched, alone);
+    let worst = batched_rows
+        .iter()
+        .zip(&alone_rows)
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-4,
+        "batched and one-by-one logits differ by {worst}"
+    );
 }

@@ -1,23 +1,27 @@
-//! The key/value cache of one sequence.
+//! The key/value cache of one sequence: a contiguous run of rows in its model's [`KvPool`].
 //!
 //! Every sequence owns its cache, so a scheduler can add a sequence to the running batch or
-//! drop it between two forward steps without touching the others. Each layer's buffer grows
-//! by doubling, so appending a token copies only that token, not the whole history; a cache
-//! that knows the most tokens it will hold ([`KvCache::with_limit`]) never grows past them.
+//! drop it between two forward steps without touching the others; dropping the cache gives its
+//! rows back. The run grows by doubling (the filled rows are copied to a new run), so appending
+//! a token writes only that token; a cache that knows the most tokens it will hold
+//! ([`KvCache::with_limit`]) never takes more rows than that.
+
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::error::Result;
+use super::error::{EngineError, Result};
+use super::kv_pool::{Extent, KvPool};
 
-/// Smallest buffer, in tokens, a layer allocates.
+/// Smallest run, in tokens, a cache takes.
 const MIN_CAPACITY: usize = 64;
 
 /// Keys and values of every layer for the tokens a sequence has seen so far.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
-    /// Per layer: key and value buffers of shape `[kv_heads, capacity, head_dim]`; the first
-    /// `len` positions are filled.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    pool: Arc<KvPool>,
+    /// The rows this cache holds; the first `len` are filled.
+    extent: Extent,
     len: usize,
     /// The most tokens the owner expects to append: doubling stops there (more still fits,
     /// by doubling again).
@@ -25,23 +29,23 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for a model with `layers` layers.
-    pub fn new(layers: usize) -> Self {
+    /// An empty cache whose rows come from `pool`.
+    pub fn new(pool: Arc<KvPool>) -> Self {
         Self {
-            layers: vec![None; layers],
+            pool,
+            extent: Extent { start: 0, len: 0 },
             len: 0,
             limit: None,
         }
     }
 
-    /// An empty cache that expects at most `tokens` tokens: its buffers grow by doubling but
+    /// An empty cache that expects at most `tokens` tokens: its run grows by doubling but
     /// never past `tokens` (a sequence's prompt plus its `max_tokens`), so no memory is held
     /// for tokens that never come.
-    pub fn with_limit(layers: usize, tokens: usize) -> Self {
-        Self {
-            limit: Some(tokens),
-            ..Self::new(layers)
-        }
+    pub fn with_limit(pool: Arc<KvPool>, tokens: usize) -> Self {
+        let mut cache = Self::new(pool);
+        cache.limit = Some(tokens);
+        cache
     }
 
     /// Tokens cached so far; also the position of the next token.
@@ -51,7 +55,7 @@ impl KvCache {
 
     /// Layers this cache was made for.
     pub fn num_layers(&self) -> usize {
-        self.layers.len()
+        self.pool.num_layers()
     }
 
     /// True before the first forward step.
@@ -59,79 +63,104 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends the keys and values `[kv_heads, new_tokens, head_dim]` (contiguous) of `layer`
-    /// and returns views of that layer's full keys and values. Every layer appends at the
-    /// same offset; the last layer's append advances `len`.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (kv_heads, new_tokens, head_dim) = k.dims3()?;
-        let past = self.len;
-        let needed = past + new_tokens;
-        let last_layer = layer + 1 == self.layers.len();
-        let Some(slot) = self.layers.get_mut(layer) else {
-            return Err(super::error::EngineError::InvalidInput(format!(
-                "layer {layer} is outside a cache of {} layers",
-                self.layers.len()
-            )));
-        };
-        let capacity = slot.as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0));
-        if capacity < needed {
-            let doubled = (capacity * 2).max(MIN_CAPACITY);
+    /// Rows this cache holds (filled or not).
+    pub fn capacity(&self) -> usize {
+        self.extent.len
+    }
+
+    /// Whether this cache's rows are in `pool`.
+    pub(crate) fn uses(&self, pool: &Arc<KvPool>) -> bool {
+        Arc::ptr_eq(&self.pool, pool)
+    }
+
+    /// Makes room for `new` more tokens and returns the pool row of the first of them; the
+    /// cache's rows are `start() .. start() + len()` afterwards as before.
+    pub(crate) fn reserve(&mut self, new: usize) -> Result<usize> {
+        let needed = self.len + new;
+        if self.extent.len < needed {
+            let doubled = (self.extent.len * 2).max(MIN_CAPACITY);
             let target = match self.limit {
                 Some(limit) if needed <= limit => doubled.min(limit),
                 _ => doubled,
             };
-            let new_capacity = needed.max(target);
-            let shape = (kv_heads, new_capacity, head_dim);
-            let k_buf = Tensor::zeros(shape, k.dtype(), k.device())?;
-            let v_buf = Tensor::zeros(shape, v.dtype(), v.device())?;
-            if let Some((old_k, old_v)) = slot.as_ref()
-                && past > 0
-            {
-                k_buf.slice_set(&old_k.narrow(1, 0, past)?.contiguous()?, 1, 0)?;
-                v_buf.slice_set(&old_v.narrow(1, 0, past)?.contiguous()?, 1, 0)?;
+            let run = self.pool.allocate(needed.max(target))?;
+            if let Err(err) = self.pool.copy_rows(self.extent, run, self.len) {
+                self.pool.release(run);
+                return Err(err);
             }
-            *slot = Some((k_buf, v_buf));
+            self.pool.release(std::mem::replace(&mut self.extent, run));
         }
-        let Some((k_buf, v_buf)) = slot.as_ref() else {
-            return Err(super::error::EngineError::InvalidInput(
-                "cache buffer missing".into(),
-            ));
-        };
-        k_buf.slice_set(k, 1, past)?;
-        v_buf.slice_set(v, 1, past)?;
-        let views = (k_buf.narrow(1, 0, needed)?, v_buf.narrow(1, 0, needed)?);
-        if last_layer {
-            self.len = needed;
+        Ok(self.extent.start + self.len)
+    }
+
+    /// The pool row of this cache's first token.
+    pub(crate) fn start(&self) -> usize {
+        self.extent.start
+    }
+
+    /// Records `new` tokens as written (after a forward step wrote their rows).
+    pub(crate) fn advance(&mut self, new: usize) -> Result<()> {
+        if self.len + new > self.extent.len {
+            return Err(EngineError::InvalidInput(format!(
+                "{new} tokens do not fit a cache of {} rows holding {}",
+                self.extent.len, self.len
+            )));
+        }
+        self.len += new;
+        Ok(())
+    }
+
+    /// Writes the keys and values of `new` tokens (`[kv_heads, new, head_dim]`) of one layer
+    /// and returns that layer's whole history, as views into the pool. The length advances
+    /// when the last layer is written.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let new = k.dim(1)?;
+        if layer >= self.num_layers() {
+            return Err(EngineError::InvalidInput(format!(
+                "layer {layer} is outside a cache of {} layers",
+                self.num_layers()
+            )));
+        }
+        let row = self.reserve(new)?;
+        let (keys, values) = self.pool.layer(layer)?;
+        keys.slice_set(&k.contiguous()?, 1, row)?;
+        values.slice_set(&v.contiguous()?, 1, row)?;
+        let (start, total) = (self.extent.start, self.len + new);
+        let views = (
+            keys.narrow(1, start, total)?,
+            values.narrow(1, start, total)?,
+        );
+        if layer + 1 == self.num_layers() {
+            self.advance(new)?;
         }
         Ok(views)
     }
 
-    /// An independent copy (buffers are written in place, so sharing them is not an option):
-    /// what a beam that branches needs.
+    /// An independent copy with rows of its own: what a beam that branches needs.
     pub fn fork(&self) -> Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|slot| match slot {
-                Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            layers,
-            len: self.len,
+        let mut copy = Self {
+            pool: self.pool.clone(),
+            extent: Extent { start: 0, len: 0 },
+            len: 0,
             limit: self.limit,
-        })
+        };
+        if self.extent.len > 0 {
+            copy.extent = self.pool.allocate(self.extent.len)?;
+            self.pool.copy_rows(self.extent, copy.extent, self.len)?;
+            copy.len = self.len;
+        }
+        Ok(copy)
     }
 
-    /// Forgets every cached token, keeping the allocated buffers.
+    /// Forgets every cached token, keeping the rows.
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.pool.release(self.extent);
     }
 }
 
@@ -139,6 +168,10 @@ impl KvCache {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    fn pool(layers: usize) -> Arc<KvPool> {
+        Arc::new(KvPool::new(layers, 2, 3, DType::F32, &Device::Cpu))
+    }
 
     fn tokens(start: f32, n: usize) -> Result<Tensor> {
         Ok(
@@ -148,9 +181,16 @@ mod tests {
         )
     }
 
+    fn values(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
     #[test]
     fn appends_across_growth_keep_every_token_in_order() -> Result<()> {
-        let mut cache = KvCache::new(2);
+        let pool = pool(2);
+        // Another cache in the same pool, so growth has to move past its rows.
+        let mut neighbour = KvCache::new(pool.clone());
+        let mut cache = KvCache::new(pool.clone());
         let mut expected: Vec<Tensor> = Vec::new();
         let mut start = 0.0;
         for n in [5, 1, 70, 1, 200] {
@@ -158,27 +198,17 @@ mod tests {
             start += 1000.0;
             for layer in 0..2 {
                 let (all_k, all_v) = cache.append(layer, &k, &k)?;
+                neighbour.append(layer, &tokens(-1.0, 1)?, &tokens(-1.0, 1)?)?;
                 let mut parts = expected.clone();
                 parts.push(k.clone());
                 let want = Tensor::cat(&parts, 1)?;
                 assert_eq!(all_k.dims3()?, want.dims3()?);
-                assert_eq!(
-                    all_k.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-                    want.flatten_all()?.to_vec1::<f32>()?
-                );
-                assert_eq!(
-                    all_v.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-                    want.flatten_all()?.to_vec1::<f32>()?
-                );
+                assert_eq!(values(&all_k)?, values(&want)?);
+                assert_eq!(values(&all_v)?, values(&want)?);
             }
             expected.push(k);
-            assert_eq!(
-                cache.len(),
-                expected
-                    .iter()
-                    .map(|t| t.dim(1).unwrap_or(0))
-                    .sum::<usize>()
-            );
+            let total: usize = expected.iter().map(|t| t.dim(1).unwrap_or(0)).sum();
+            assert_eq!(cache.len(), total);
         }
         assert!(cache.append(2, &tokens(0.0, 1)?, &tokens(0.0, 1)?).is_err());
         cache.clear();
@@ -188,20 +218,34 @@ mod tests {
 
     #[test]
     fn a_limited_cache_grows_to_its_limit_and_past_it_only_when_needed() -> Result<()> {
-        let capacity = |cache: &KvCache| {
-            cache.layers[0]
-                .as_ref()
-                .map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
-        };
-        let mut cache = KvCache::with_limit(1, 100);
+        let mut cache = KvCache::with_limit(pool(1), 100);
         cache.append(0, &tokens(0.0, 5)?, &tokens(0.0, 5)?)?;
-        assert_eq!(capacity(&cache), MIN_CAPACITY);
+        assert_eq!(cache.capacity(), MIN_CAPACITY);
         cache.append(0, &tokens(0.0, 70)?, &tokens(0.0, 70)?)?;
         // Doubling would give 128; the limit stops it at 100.
-        assert_eq!(capacity(&cache), 100);
+        assert_eq!(cache.capacity(), 100);
         // Past the limit, doubling again.
         cache.append(0, &tokens(0.0, 30)?, &tokens(0.0, 30)?)?;
-        assert_eq!((cache.len(), capacity(&cache)), (105, 200));
+        assert_eq!((cache.len(), cache.capacity()), (105, 200));
+        Ok(())
+    }
+
+    #[test]
+    fn dropped_caches_give_their_rows_back_and_forks_are_independent() -> Result<()> {
+        let pool = pool(1);
+        let mut cache = KvCache::new(pool.clone());
+        cache.append(0, &tokens(0.0, 3)?, &tokens(0.0, 3)?)?;
+        let mut fork = cache.fork()?;
+        fork.append(0, &tokens(500.0, 1)?, &tokens(500.0, 1)?)?;
+        let (k, _) = cache.append(0, &tokens(900.0, 1)?, &tokens(900.0, 1)?)?;
+        let (fk, _) = fork.append(0, &tokens(700.0, 1)?, &tokens(700.0, 1)?)?;
+        // Both share the first three tokens and differ after them.
+        assert_eq!(values(&k.narrow(1, 0, 3)?)?, values(&fk.narrow(1, 0, 3)?)?);
+        assert_eq!(values(&k.narrow(1, 3, 1)?)?, values(&tokens(900.0, 1)?)?);
+        assert_eq!(values(&fk.narrow(1, 3, 1)?)?, values(&tokens(500.0, 1)?)?);
+        drop(cache);
+        drop(fork);
+        assert_eq!(pool.free_rows(), pool.rows());
         Ok(())
     }
 }

@@ -2,19 +2,25 @@
 //! scaling, tied or untied embeddings.
 //!
 //! One forward call runs a batch of sequences. Their new tokens are packed into one row
-//! dimension for the position-independent work (projections, MLP); attention then runs per
-//! sequence against that sequence's own [`KvCache`], at that sequence's own positions.
+//! dimension for the position-independent work (projections, MLP). Every sequence's cache is a
+//! run of rows in the model's [`KvPool`], so each layer writes the new keys and values of the
+//! whole batch at once. Attention then runs at each sequence's own positions: per sequence, on
+//! a view of its rows, for prompt chunks (and on the CPU, where that reads the cache in place);
+//! on a GPU, the sequences that decode one token are gathered into one padded, masked batch,
+//! so a step launches the same kernels for 64 sequences as for one.
 //!
 //! Weights come from a Hugging Face safetensors directory ([`LlamaModel::load`]) or a llama.cpp
 //! GGUF file ([`LlamaModel::load_gguf`], in `gguf/load.rs`); both end in the same structure.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use super::error::{EngineError, Result};
 use super::kv_cache::KvCache;
+use super::kv_pool::KvPool;
 use super::linear::{Embedding, Linear};
 use super::rope::Rope;
 use super::weights::WeightFiles;
@@ -26,6 +32,10 @@ pub enum LogitsFor {
     Last,
     /// Every new token (scoring a prompt, tests).
     All,
+    /// Only the most likely next token (greedy decoding with no penalties or log-probabilities
+    /// wanted): the argmax of the last row is taken on the device and returned as a `[1, 1]`
+    /// u32 tensor, so a step copies one id to the host instead of a vocabulary-sized row.
+    Argmax,
 }
 
 /// One sequence's part of a batched forward step.
@@ -71,6 +81,10 @@ pub struct LlamaModel {
     pub(super) norm: Tensor,
     pub(super) lm_head: Linear,
     pub(super) rope: Rope,
+    /// The key/value rows every cache of this model takes its run from.
+    pub(super) kv_pool: Arc<KvPool>,
+    /// Whether decoding sequences attend as one padded batch (see the module docs).
+    pub(super) batched_decode: bool,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -147,7 +161,38 @@ impl LlamaModel {
             linear("lm_head.weight", config.vocab_size, hidden)?
         };
         let rope = Rope::new(&config, device)?;
-        Ok(Self {
+        Ok(Self::assemble(
+            config,
+            dtype,
+            device,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        ))
+    }
+
+    /// The model from its parts, with an empty key/value pool on `device`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn assemble(
+        config: LlamaConfig,
+        dtype: DType,
+        device: &Device,
+        embed_tokens: Embedding,
+        layers: Vec<DecoderLayer>,
+        norm: Tensor,
+        lm_head: Linear,
+        rope: Rope,
+    ) -> Self {
+        let kv_pool = Arc::new(KvPool::new(
+            config.num_hidden_layers,
+            config.kv_heads(),
+            config.head_dim(),
+            dtype,
+            device,
+        ));
+        Self {
             config,
             dtype,
             device: device.clone(),
@@ -156,7 +201,21 @@ impl LlamaModel {
             norm,
             lm_head,
             rope,
-        })
+            kv_pool,
+            batched_decode: !device.is_cpu(),
+        }
+    }
+
+    /// Chooses how decoding sequences attend: as one padded batch (`true`, the default on a
+    /// GPU) or one by one on views of their rows (the default on the CPU). Both give the same
+    /// results; tests run each on the CPU.
+    pub fn set_batched_decode(&mut self, batched: bool) {
+        self.batched_decode = batched;
+    }
+
+    /// The key/value pool the caches of this model take their rows from.
+    pub fn kv_pool(&self) -> &Arc<KvPool> {
+        &self.kv_pool
     }
 
     /// The model's configuration.
@@ -186,31 +245,39 @@ impl LlamaModel {
 
     /// A fresh, empty cache for one sequence of this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers)
+        KvCache::new(self.kv_pool.clone())
     }
 
     /// A fresh cache for a sequence that will hold at most `tokens` tokens.
     pub fn new_cache_with_limit(&self, tokens: usize) -> KvCache {
-        KvCache::with_limit(self.config.num_hidden_layers, tokens)
+        KvCache::with_limit(self.kv_pool.clone(), tokens)
     }
 
     /// Runs one step for a batch of sequences and appends their tokens to their caches.
     ///
     /// Returns, per sequence in order, f32 logits of shape `[rows, vocab_size]` where `rows` is 1
-    /// for [`LogitsFor::Last`] and the number of new tokens for [`LogitsFor::All`]. Nothing is
-    /// appended to any cache when the inputs are rejected.
+    /// for [`LogitsFor::Last`] and the number of new tokens for [`LogitsFor::All`] (or, for
+    /// [`LogitsFor::Argmax`], the `[1, 1]` u32 id of the most likely token), on the CPU
+    /// whatever the model's device. Nothing is appended to any cache when the inputs are
+    /// rejected.
     pub fn forward(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Tensor>> {
         self.check_batch(batch)?;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
-        for step in batch.iter() {
+        let mut rows = Vec::new();
+        for step in batch.iter_mut() {
             ids.extend_from_slice(step.tokens);
             let start = step.cache.len();
-            positions.extend((start..start + step.tokens.len()).map(|p| p as u32));
+            let new = step.tokens.len();
+            positions.extend((start..start + new).map(|p| p as u32));
+            // Room in the pool first: growing may move the sequence's rows.
+            let first = step.cache.reserve(new)?;
+            rows.extend((first..first + new).map(|r| r as u32));
         }
         let total = ids.len();
         let _span =
             tracing::debug_span!("forward", sequences = batch.len(), tokens = total).entered();
+        let plan = AttentionPlan::new(self, batch, rows)?;
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed_tokens.lookup(&ids, self.dtype)?;
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype)?;
@@ -218,13 +285,16 @@ impl LlamaModel {
 
         for (index, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let attn = self.attention(index, &layer.self_attn, &h, &cos, &sin, batch)?;
+            let attn = self.attention(index, &layer.self_attn, &h, &cos, &sin, &plan)?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             let mlp = &layer.mlp;
             let gated =
                 (candle_nn::ops::silu(&mlp.gate_proj.forward(&h)?)? * mlp.up_proj.forward(&h)?)?;
             x = (x + mlp.down_proj.forward(&gated)?)?;
+        }
+        for step in batch.iter_mut() {
+            step.cache.advance(step.tokens.len())?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
 
@@ -236,7 +306,7 @@ impl LlamaModel {
         for step in batch.iter() {
             let len = step.tokens.len();
             let rows = match step.logits {
-                LogitsFor::Last => offset + len - 1..offset + len,
+                LogitsFor::Last | LogitsFor::Argmax => offset + len - 1..offset + len,
                 LogitsFor::All => offset..offset + len,
             };
             counts.push(rows.len());
@@ -250,10 +320,39 @@ impl LlamaModel {
             x.index_select(&Tensor::from_vec(wanted, count, &self.device)?, 0)?
         };
         let all = self.lm_head.forward(&rows)?.to_dtype(DType::F32)?;
+        let to_host = |t: Tensor| -> Result<Tensor> {
+            Ok(if t.device().is_cpu() {
+                t
+            } else {
+                t.to_device(&Device::Cpu)?
+            })
+        };
+        // Sampling runs on the host: one copy for the whole batch, not one per sequence, and
+        // only ids for the sequences that just want the argmax.
+        let argmax = if batch.iter().any(|s| s.logits == LogitsFor::Argmax) {
+            Some(to_host(all.argmax_keepdim(1)?)?)
+        } else {
+            None
+        };
+        let full = if batch.iter().any(|s| s.logits != LogitsFor::Argmax) {
+            Some(to_host(all)?)
+        } else {
+            None
+        };
         let mut logits = Vec::with_capacity(batch.len());
         let mut start = 0;
-        for count in counts {
-            logits.push(all.narrow(0, start, count)?);
+        for (step, count) in batch.iter().zip(counts) {
+            let source = if step.logits == LogitsFor::Argmax {
+                &argmax
+            } else {
+                &full
+            };
+            let Some(source) = source else {
+                return Err(EngineError::InvalidInput(
+                    "logits missing for a sequence".into(),
+                ));
+            };
+            logits.push(source.narrow(0, start, count)?);
             start += count;
         }
         Ok(logits)
@@ -313,11 +412,9 @@ impl LlamaModel {
                     "sequence {index} has no tokens"
                 )));
             }
-            if step.cache.num_layers() != self.layers.len() {
+            if !step.cache.uses(&self.kv_pool) {
                 return Err(EngineError::InvalidInput(format!(
-                    "sequence {index} has a cache for {} layers, the model has {}",
-                    step.cache.num_layers(),
-                    self.layers.len()
+                    "sequence {index} has a cache made by another model (new_cache of this one)"
                 )));
             }
             if let Some(&bad) = step
@@ -341,7 +438,8 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Self-attention of layer `index` for the packed rows `h` (`[tokens, hidden]`).
+    /// Self-attention of layer `index` for the packed rows `h` (`[tokens, hidden]`): writes
+    /// the new keys and values to the pool, then attends per sequence or as a decode batch.
     fn attention(
         &self,
         index: usize,
@@ -349,41 +447,109 @@ impl LlamaModel {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        batch: &mut [SequenceStep<'_>],
+        plan: &AttentionPlan,
     ) -> Result<Tensor> {
         let total = h.dim(0)?;
         let heads = self.config.num_attention_heads;
         let kv_heads = self.config.kv_heads();
         let head_dim = self.config.head_dim();
-        let q = attn.q_proj.forward(h)?.reshape((total, heads, head_dim))?;
-        let k = attn
-            .k_proj
-            .forward(h)?
-            .reshape((total, kv_heads, head_dim))?;
-        let v = attn
-            .v_proj
-            .forward(h)?
-            .reshape((total, kv_heads, head_dim))?;
-        let q = Rope::apply(&q, cos, sin)?;
-        let k = Rope::apply(&k, cos, sin)?;
-
-        let mut outputs = Vec::with_capacity(batch.len());
-        let mut offset = 0;
-        for step in batch.iter_mut() {
-            let len = step.tokens.len();
-            let past = step.cache.len();
-            let q = q.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
-            let k = k.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
-            let v = v.narrow(0, offset, len)?.transpose(0, 1)?.contiguous()?;
-            let (k, v) = step.cache.append(index, &k, &v)?;
-            outputs.push(self.attend(&q, &k, &v, past)?);
-            offset += len;
+        // Heads first: [heads, tokens, head_dim], the pool's layout for keys and values.
+        let heads_first = |x: Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((total, n, head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let q = Rope::apply(&heads_first(attn.q_proj.forward(h)?, heads)?, cos, sin)?;
+        let k = Rope::apply(&heads_first(attn.k_proj.forward(h)?, kv_heads)?, cos, sin)?;
+        let v = heads_first(attn.v_proj.forward(h)?, kv_heads)?;
+        let (keys, values) = self.kv_pool.layer(index)?;
+        match &plan.write {
+            Write::Contiguous(row) => {
+                keys.slice_set(&k, 1, *row)?;
+                values.slice_set(&v, 1, *row)?;
+            }
+            Write::Scatter(rows) => {
+                keys.scatter_set(rows, &k, 1)?;
+                values.scatter_set(rows, &v, 1)?;
+            }
         }
-        let out = Tensor::cat(&outputs, 0)?;
+
+        let decoded = match &plan.decode {
+            Some(decode) => Some(self.attend_decode_batch(&q, &keys, &values, decode)?),
+            None => None,
+        };
+        let mut outputs = Vec::with_capacity(plan.sequences.len());
+        let mut offset = 0;
+        for seq in &plan.sequences {
+            match seq.decode_index {
+                Some(i) => match &decoded {
+                    Some(out) => outputs.push(out.narrow(0, i, 1)?),
+                    None => {
+                        return Err(EngineError::InvalidInput(
+                            "decode batch missing from the attention plan".into(),
+                        ));
+                    }
+                },
+                None => {
+                    let q = q.narrow(1, offset, seq.new)?;
+                    let k = keys.narrow(1, seq.start, seq.past + seq.new)?;
+                    let v = values.narrow(1, seq.start, seq.past + seq.new)?;
+                    outputs.push(self.attend(&q, &k, &v, seq.past)?);
+                }
+            }
+            offset += seq.new;
+        }
+        let out = match (&decoded, plan.all_decode_in_order) {
+            (Some(out), true) => out.clone(),
+            _ => Tensor::cat(&outputs, 0)?,
+        };
         attn.o_proj.forward(&out)
     }
 
-    /// Causal grouped-query attention of one sequence: `q` is `[heads, new, head_dim]`, `k` and
+    /// Attention of the sequences that decode one token, as one batch (`q` is
+    /// `[heads, tokens, head_dim]`, every packed token): their histories are gathered from the pool into `[kv_heads, batch, longest, head_dim]`, and positions past a
+    /// sequence's length are masked out. Returns `[batch, heads * head_dim]` in the plan's
+    /// order.
+    fn attend_decode_batch(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        decode: &DecodeBatch,
+    ) -> Result<Tensor> {
+        let (heads, _, head_dim) = q.dims3()?;
+        let kv_heads = keys.dim(0)?;
+        let group = heads / kv_heads;
+        let batch = decode.count;
+        let longest = decode.longest;
+        let q = match &decode.query_rows {
+            Some(rows) => q.index_select(rows, 1)?,
+            None => q.clone(),
+        };
+        // [heads, batch, d] → [kv_heads, batch, group, d]; head h = kv * group + r.
+        let q = q
+            .reshape((kv_heads, group, batch, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = keys
+            .index_select(&decode.history_rows, 1)?
+            .reshape((kv_heads, batch, longest, head_dim))?;
+        let v = values
+            .index_select(&decode.history_rows, 1)?
+            .reshape((kv_heads, batch, longest, head_dim))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = scores.broadcast_add(&decode.mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v)?; // [kv_heads, batch, group, head_dim]
+        Ok(out
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((batch, heads * head_dim))?)
+    }
+
+    /// Causal grouped-query attention of one sequence: `q` is `[heads, new, head_dim]` (a view
+    /// is fine), `k` and
     /// `v` are `[kv_heads, past + new, head_dim]`. Returns `[new, heads * head_dim]`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
         let (heads, new, head_dim) = q.dims3()?;
@@ -414,5 +580,133 @@ impl LlamaModel {
             .reshape((heads, new, head_dim))?
             .transpose(0, 1)?
             .reshape((new, heads * head_dim))?)
+    }
+}
+
+/// How one forward step's attention runs, worked out once and used by every layer.
+struct AttentionPlan {
+    sequences: Vec<SequencePlan>,
+    write: Write,
+    decode: Option<DecodeBatch>,
+    /// Every sequence decodes one token, so the decode batch's rows are the packed rows.
+    all_decode_in_order: bool,
+}
+
+/// One sequence's place in the pool and in the step.
+struct SequencePlan {
+    /// Pool row of its first token.
+    start: usize,
+    /// Tokens cached before this step.
+    past: usize,
+    /// Tokens this step adds.
+    new: usize,
+    /// Its row in the decode batch, when it attends there.
+    decode_index: Option<usize>,
+}
+
+/// Where the step's new keys and values go in the pool.
+enum Write {
+    /// One run of rows from this one.
+    Contiguous(usize),
+    /// Row per token, as a `[kv_heads, tokens, head_dim]` index for `scatter_set` on dim 1.
+    Scatter(Tensor),
+}
+
+/// The sequences that decode one token and attend together.
+struct DecodeBatch {
+    count: usize,
+    /// The longest history among them (after this step).
+    longest: usize,
+    /// Their rows among the packed rows, unless they are all of them in order.
+    query_rows: Option<Tensor>,
+    /// Per sequence, the pool rows of its history padded to `longest` (`[count * longest]`).
+    history_rows: Tensor,
+    /// `[1, count, 1, longest]`: 0 where a sequence has a token, -inf on the padding.
+    mask: Tensor,
+}
+
+impl AttentionPlan {
+    /// `rows` holds the pool row of every packed token, in order.
+    fn new(model: &LlamaModel, batch: &[SequenceStep<'_>], rows: Vec<u32>) -> Result<Self> {
+        let device = &model.device;
+        let mut sequences = Vec::with_capacity(batch.len());
+        let mut decoding = Vec::new();
+        let mut offset = 0u32;
+        for step in batch {
+            let new = step.tokens.len();
+            let decodes = model.batched_decode && new == 1;
+            sequences.push(SequencePlan {
+                start: step.cache.start(),
+                past: step.cache.len(),
+                new,
+                decode_index: decodes.then_some(decoding.len()),
+            });
+            if decodes {
+                decoding.push(offset);
+            }
+            offset += new as u32;
+        }
+        // A lone decoding sequence reads its rows in place instead.
+        if decoding.len() < 2 {
+            for seq in &mut sequences {
+                seq.decode_index = None;
+            }
+            decoding.clear();
+        }
+        let write = if rows.windows(2).all(|w| w[1] == w[0] + 1) {
+            Write::Contiguous(rows.first().map_or(0, |&r| r as usize))
+        } else {
+            let (kv_heads, head_dim) = (model.config.kv_heads(), model.config.head_dim());
+            let mut index = Vec::with_capacity(kv_heads * rows.len() * head_dim);
+            for _ in 0..kv_heads {
+                for &row in &rows {
+                    index.extend(std::iter::repeat_n(row, head_dim));
+                }
+            }
+            Write::Scatter(Tensor::from_vec(
+                index,
+                (kv_heads, rows.len(), head_dim),
+                device,
+            )?)
+        };
+        let all_decode_in_order = !decoding.is_empty() && decoding.len() == batch.len();
+        let decode = if decoding.is_empty() {
+            None
+        } else {
+            let members: Vec<&SequencePlan> = sequences
+                .iter()
+                .filter(|s| s.decode_index.is_some())
+                .collect();
+            let longest = members.iter().map(|s| s.past + s.new).max().unwrap_or(1);
+            let count = members.len();
+            let mut history = Vec::with_capacity(count * longest);
+            let mut mask = Vec::with_capacity(count * longest);
+            for seq in &members {
+                let len = seq.past + seq.new;
+                for t in 0..longest {
+                    let row = if t < len { seq.start + t } else { seq.start };
+                    history.push(row as u32);
+                    mask.push(if t < len { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+            let query_rows = if all_decode_in_order {
+                None
+            } else {
+                Some(Tensor::from_vec(decoding.clone(), count, device)?)
+            };
+            Some(DecodeBatch {
+                count,
+                longest,
+                query_rows,
+                history_rows: Tensor::from_vec(history, count * longest, device)?,
+                mask: Tensor::from_vec(mask, (1, count, 1, longest), device)?,
+            })
+        };
+        Ok(Self {
+            sequences,
+            write,
+            decode,
+            all_decode_in_order,
+        })
     }
 }

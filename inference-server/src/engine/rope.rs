@@ -88,28 +88,26 @@ impl Rope {
         Ok(self.inv_freq.flatten_all()?.to_vec1()?)
     }
 
-    /// cos and sin for `positions`, each of shape `[positions.len(), 1, head_dim / 2]` in `dtype`.
+    /// cos and sin for `positions`, each of shape `[positions.len(), head_dim / 2]` in `dtype`.
     pub fn cos_sin(&self, positions: &[u32], dtype: DType) -> Result<(Tensor, Tensor)> {
         let device = self.inv_freq.device();
         let positions: Vec<f32> = positions.iter().map(|&p| p as f32).collect();
         let count = positions.len();
         let positions = Tensor::from_vec(positions, (count, 1), device)?;
-        let angles = positions.broadcast_mul(&self.inv_freq)?.unsqueeze(1)?;
+        let angles = positions.broadcast_mul(&self.inv_freq)?;
         Ok((
             angles.cos()?.to_dtype(dtype)?,
             angles.sin()?.to_dtype(dtype)?,
         ))
     }
 
-    /// Rotates `x` of shape `[tokens, heads, head_dim]` by the angles of its tokens, pairing
-    /// dimension `i` with `i + head_dim/2` (the Hugging Face "rotate half" layout).
+    /// Rotates `x` of shape `[heads, tokens, head_dim]` (contiguous) by the angles of its
+    /// tokens, pairing dimension `i` with `i + head_dim/2` (the Hugging Face "rotate half"
+    /// layout), in one fused kernel (candle-nn's `rope`).
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.dim(2)? / 2;
-        let x1 = x.narrow(2, 0, half)?;
-        let x2 = x.narrow(2, half, half)?;
-        let rotated_1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-        let rotated_2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-        Ok(Tensor::cat(&[rotated_1, rotated_2], 2)?)
+        let (heads, tokens, head_dim) = x.dims3()?;
+        let x = x.reshape((1, heads, tokens, head_dim))?;
+        Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?.reshape((heads, tokens, head_dim))?)
     }
 }
 
@@ -193,19 +191,37 @@ mod tests {
     fn rotation_at_position_zero_is_identity_and_preserves_norm() -> Result<()> {
         let device = Device::Cpu;
         let rope = Rope::new(&config(Some(llama31_scaling())), &device)?;
-        let x = Tensor::arange(0f32, 2.0 * 4.0 * 16.0, &device)?.reshape((2, 4, 16))?;
+        // [heads 4, tokens 2, head_dim 16]: token 0 at position 0, token 1 at 37.
+        let x = Tensor::arange(0f32, 4.0 * 2.0 * 16.0, &device)?.reshape((4, 2, 16))?;
         let (cos, sin) = rope.cos_sin(&[0, 37], DType::F32)?;
         let y = Rope::apply(&x, &cos, &sin)?;
-        let x0: Vec<f32> = x.get(0)?.flatten_all()?.to_vec1()?;
-        let y0: Vec<f32> = y.get(0)?.flatten_all()?.to_vec1()?;
-        assert_eq!(x0, y0);
+        let token =
+            |t: &Tensor, i: usize| -> Result<Tensor> { Ok(t.narrow(1, i, 1)?.contiguous()?) };
+        let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        assert_eq!(values(&token(&x, 0)?)?, values(&token(&y, 0)?)?);
         let norm = |t: &Tensor| -> Result<f32> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?) };
-        let (nx, ny) = (norm(&x.get(1)?)?, norm(&y.get(1)?)?);
+        let (nx, ny) = (norm(&token(&x, 1)?)?, norm(&token(&y, 1)?)?);
         assert!((nx - ny).abs() / nx < 1e-5, "{nx} vs {ny}");
-        assert_ne!(
-            x.get(1)?.flatten_all()?.to_vec1::<f32>()?,
-            y.get(1)?.flatten_all()?.to_vec1::<f32>()?
+        // The fused kernel computes the rotate-half formula.
+        let (x1, x2) = (x.narrow(2, 0, 8)?, x.narrow(2, 8, 8)?);
+        let (c, s) = (cos.unsqueeze(0)?, sin.unsqueeze(0)?);
+        let want = Tensor::cat(
+            &[
+                (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?,
+                (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?,
+            ],
+            2,
+        )?;
+        let worst = values(&y)?
+            .iter()
+            .zip(values(&want)?)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-3,
+            "fused rope differs from the formula by {worst}"
         );
+        assert_ne!(values(&token(&x, 1)?)?, values(&token(&y, 1)?)?);
         Ok(())
     }
 }

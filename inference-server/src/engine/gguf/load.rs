@@ -73,16 +73,16 @@ impl LlamaModel {
             tied = config.tie_word_embeddings,
             "GGUF model loaded"
         );
-        Ok(Self {
+        Ok(Self::assemble(
             config,
             dtype,
-            device: device.clone(),
+            device,
             embed_tokens,
             layers,
             norm,
             lm_head,
             rope,
-        })
+        ))
     }
 }
 

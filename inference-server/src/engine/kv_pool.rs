@@ -1,0 +1,267 @@
+//! The key/value memory of one model: per layer, one key and one value tensor of shape
+//! `[kv_heads, rows, head_dim]` that every sequence's cache ([`super::KvCache`]) takes a
+//! contiguous run of rows (an extent) from.
+//!
+//! One tensor per layer lets a forward step write the new keys and values of every sequence
+//! in the batch with one scatter per layer, and gather the histories of all decoding sequences
+//! with one index-select per layer; on a GPU that turns per-sequence kernel launches into
+//! per-batch ones. A sequence's extent is contiguous, so a single sequence still reads its
+//! history in place (a narrowed view, no copy).
+//!
+//! Rows are handed out first-fit from a free list that merges neighbours; when no free run is
+//! long enough the tensors grow (at least doubling, with the old rows copied to the same
+//! positions), so extents keep their offsets across growth.
+
+use std::sync::{Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::error::{EngineError, Result};
+
+/// Fewest rows the pool allocates when it first grows.
+const MIN_ROWS: usize = 256;
+
+/// A run of rows `[start, start + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extent {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+/// The shared key/value tensors of a model and their free rows.
+#[derive(Debug)]
+pub struct KvPool {
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    /// Per layer `(keys, values)`, each `[kv_heads, rows, head_dim]`; empty until first use.
+    tensors: Vec<(Tensor, Tensor)>,
+    rows: usize,
+    /// Free runs, sorted by start, never adjacent to each other.
+    free: Vec<Extent>,
+}
+
+impl KvPool {
+    /// An empty pool for a model's layer count, key/value heads and head size; nothing is
+    /// allocated until a cache reserves rows.
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            layers,
+            kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+            state: Mutex::new(PoolState::default()),
+        }
+    }
+
+    /// Layers the pool holds keys and values for.
+    pub fn num_layers(&self) -> usize {
+        self.layers
+    }
+
+    /// Rows currently allocated (free or taken): the pool's memory is
+    /// `rows × layers × 2 × kv_heads × head_dim` elements.
+    pub fn rows(&self) -> usize {
+        self.lock().rows
+    }
+
+    /// Rows currently free.
+    pub fn free_rows(&self) -> usize {
+        self.lock().free.iter().map(|e| e.len).sum()
+    }
+
+    /// The key and value tensors of `layer` (`[kv_heads, rows, head_dim]`), sharing the pool's
+    /// storage: writes through them are the pool's.
+    pub(crate) fn layer(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        self.lock().tensors.get(layer).cloned().ok_or_else(|| {
+            EngineError::InvalidInput(format!(
+                "layer {layer} is outside a key/value pool of {} layers (or it is empty)",
+                self.layers
+            ))
+        })
+    }
+
+    /// Takes a free run of `len` rows, growing the pool when none is long enough.
+    pub(crate) fn allocate(&self, len: usize) -> Result<Extent> {
+        let mut state = self.lock();
+        if let Some(extent) = state.take(len) {
+            return Ok(extent);
+        }
+        self.grow(&mut state, len)?;
+        state.take(len).ok_or_else(|| {
+            EngineError::InvalidInput(format!("the key/value pool could not grow to {len} rows"))
+        })
+    }
+
+    /// Gives a run back.
+    pub(crate) fn release(&self, extent: Extent) {
+        if extent.len > 0 {
+            self.lock().put(extent);
+        }
+    }
+
+    /// Copies the first `len` rows of `from` to the start of `to`, in every layer.
+    pub(crate) fn copy_rows(&self, from: Extent, to: Extent, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let tensors = self.lock().tensors.clone();
+        for (k, v) in &tensors {
+            let keys = k.narrow(1, from.start, len)?.contiguous()?;
+            let values = v.narrow(1, from.start, len)?.contiguous()?;
+            k.slice_set(&keys, 1, to.start)?;
+            v.slice_set(&values, 1, to.start)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the tensors so that a free run of `len` rows exists at the end.
+    fn grow(&self, state: &mut PoolState, len: usize) -> Result<()> {
+        let trailing = state
+            .free
+            .last()
+            .filter(|e| e.start + e.len == state.rows)
+            .map_or(0, |e| e.len);
+        let rows = (state.rows * 2)
+            .max(state.rows + len - trailing)
+            .max(MIN_ROWS);
+        let shape = (self.kv_heads, rows, self.head_dim);
+        let mut tensors = Vec::with_capacity(self.layers);
+        for layer in 0..self.layers {
+            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+            if let Some((old_k, old_v)) = state.tensors.get(layer) {
+                k.slice_set(old_k, 1, 0)?;
+                v.slice_set(old_v, 1, 0)?;
+            }
+            tensors.push((k, v));
+        }
+        let added = Extent {
+            start: state.rows,
+            len: rows - state.rows,
+        };
+        state.tensors = tensors;
+        state.rows = rows;
+        state.put(added);
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // A panic elsewhere while holding the lock leaves the free list consistent (every
+        // update is a single push/remove), so the state is still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl PoolState {
+    /// First fit: the lowest free run of at least `len` rows, split if longer.
+    fn take(&mut self, len: usize) -> Option<Extent> {
+        let index = self.free.iter().position(|e| e.len >= len)?;
+        let run = self.free[index];
+        if run.len == len {
+            self.free.remove(index);
+        } else {
+            self.free[index] = Extent {
+                start: run.start + len,
+                len: run.len - len,
+            };
+        }
+        Some(Extent {
+            start: run.start,
+            len,
+        })
+    }
+
+    /// Returns a run to the free list, merging it with free neighbours.
+    fn put(&mut self, extent: Extent) {
+        let index = self.free.partition_point(|e| e.start < extent.start);
+        self.free.insert(index, extent);
+        if index + 1 < self.free.len() {
+            let (here, next) = (self.free[index], self.free[index + 1]);
+            if here.start + here.len == next.start {
+                self.free[index].len += next.len;
+                self.free.remove(index + 1);
+            }
+        }
+        if index > 0 {
+            let (prev, here) = (self.free[index - 1], self.free[index]);
+            if prev.start + prev.len == here.start {
+                self.free[index - 1].len += here.len;
+                self.free.remove(index);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> KvPool {
+        KvPool::new(2, 2, 3, DType::F32, &Device::Cpu)
+    }
+
+    #[test]
+    fn first_fit_splits_and_freed_neighbours_merge() -> Result<()> {
+        let pool = pool();
+        let a = pool.allocate(10)?;
+        let b = pool.allocate(20)?;
+        let c = pool.allocate(5)?;
+        assert_eq!((a.start, b.start, c.start), (0, 10, 30));
+        assert_eq!(pool.rows(), MIN_ROWS);
+        pool.release(a);
+        pool.release(c);
+        // The freed first run is reused by a request that fits it.
+        assert_eq!(pool.allocate(4)?.start, 0);
+        pool.release(Extent { start: 0, len: 4 });
+        pool.release(b);
+        // Everything is free again, as one run.
+        assert_eq!(pool.free_rows(), MIN_ROWS);
+        assert_eq!(
+            pool.lock().free,
+            vec![Extent {
+                start: 0,
+                len: MIN_ROWS
+            }]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn growth_keeps_rows_in_place() -> Result<()> {
+        let pool = pool();
+        let a = pool.allocate(3)?;
+        let (k, _) = pool.layer(1)?;
+        let data = Tensor::arange(0f32, 18.0, &Device::Cpu)?.reshape((2, 3, 3))?;
+        k.slice_set(&data, 1, a.start)?;
+        // Larger than what is free: the pool grows past doubling.
+        let big = pool.allocate(2 * MIN_ROWS)?;
+        assert_eq!(big.start, 3);
+        assert_eq!(pool.rows(), 3 + 2 * MIN_ROWS);
+        let (k, _) = pool.layer(1)?;
+        assert_eq!(
+            k.narrow(1, a.start, 3)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            data.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+}
