@@ -499,8 +499,9 @@ impl LlamaModel {
             }
             offset += seq.new;
         }
-        let out = match (&decoded, plan.all_decode_in_order) {
-            (Some(out), true) => out.clone(),
+        let out = match (&decoded, plan.all_decode_in_order, outputs.len()) {
+            (Some(out), true, _) => out.clone(),
+            (_, _, 1) => outputs.swap_remove(0),
             _ => Tensor::cat(&outputs, 0)?,
         };
         attn.o_proj.forward(&out)
