@@ -1,7 +1,8 @@
 //! GitOps: the example manifests applied with server-side apply, as Argo CD or Flux apply them,
 //! reconcile to Ready; applying the same manifests again changes nothing, because the operator
-//! never writes a LlamaDeployment's spec (only status, and its finalizer in metadata). Scaling
-//! goes through the scale subresource, and a GitOps diff shows it.
+//! never writes a LlamaDeployment's spec (only status, and its finalizer in metadata) — its
+//! autoscaler included, which keeps its count in status. `kubectl scale` (or an HPA, KEDA) goes
+//! through the scale subresource, and a GitOps diff shows it.
 
 use kube::api::Api;
 use llama_operator::api::LlamaDeployment;
@@ -106,11 +107,11 @@ async fn reapplying_the_example_manifests_after_ready_changes_nothing() -> anyho
     let ld = wait_ready(&env, &op, "quickstart", 30).await?;
     assert_eq!(ld.metadata.generation, generation);
 
-    // An autoscaler (or `kubectl scale`) writes spec.compute.instanceCount through the scale
+    // `kubectl scale` (or an HPA, KEDA) writes spec.compute.instanceCount through the scale
     // subresource and so takes that field over: a plain server-side apply of the manifests now
     // conflicts on exactly that field, and a forced one (what GitOps tools do) would set it
-    // back. So with autoscaling, GitOps leaves instanceCount out of Git or ignores it
-    // (docs/install.md).
+    // back. So with those, GitOps leaves instanceCount out of Git or ignores it
+    // (docs/install.md). The operator's own autoscaler writes status only (next test).
     let out = env.run_kubectl(
         &["scale", "llamadeployment/quickstart", "--replicas=2"],
         None,
@@ -144,6 +145,69 @@ async fn reapplying_the_example_manifests_after_ready_changes_nothing() -> anyho
             .collect::<Vec<_>>(),
         ["instanceCount: 2", "instanceCount: 1"],
         "{diff}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_autoscaled_deployment_reapplies_without_a_diff() -> anyhow::Result<()> {
+    let env = TestEnv::new("gitops-autoscaled").await?;
+    env.install_crds().await?;
+    let op = OperatorProcess::start(&env, Path::new(OPERATOR), &[])?;
+    let mut manifest: Value = serde_yaml::from_str(&quickstart_in(&env.namespace)?)?;
+    let compute = &mut manifest["spec"]["compute"];
+    compute["minInstances"] = Value::from(1);
+    compute["maxInstances"] = Value::from(3);
+    compute["autoscaling"] = serde_json::json!({ "scrapeIntervalSeconds": 1 });
+    let manifest = serde_yaml::to_string(&manifest)?;
+
+    let out = env.run_kubectl(
+        &["apply", "--server-side", GITOPS, "-f", "-"],
+        Some(&manifest),
+    )?;
+    anyhow::ensure!(out.success, "{}", out.stderr);
+    wait_ready(&env, &op, "quickstart", 90).await?;
+    // Let the autoscaler evaluate a few times (the kwok pods serve no metrics, so it reports
+    // them missing and holds the count): it writes its state to status, never to spec.
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let evaluated = loop {
+        let ld = api.get("quickstart").await?;
+        let status = serde_json::to_value(&ld.status)?;
+        if status["autoscaling"]["lastEvaluationTime"].is_string() {
+            break ld;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the autoscaler never evaluated: {status}\n{}",
+            op.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ld = api.get("quickstart").await?;
+    assert_eq!(ld.metadata.generation, Some(1), "the spec was changed");
+    assert_ne!(
+        serde_json::to_value(&ld.status)?["autoscaling"]["lastEvaluationTime"],
+        Value::Null
+    );
+    for (manager, subresource, parts) in owners(&ld) {
+        if manager != "gitops" {
+            assert!(
+                !parts.iter().any(|p| p == "f:spec"),
+                "{manager} ({subresource:?}) owns spec fields"
+            );
+        }
+    }
+    assert_eq!(server_side_diff(&env, &manifest, &[])?, None);
+    let out = env.run_kubectl(
+        &["apply", "--server-side", GITOPS, "-f", "-"],
+        Some(&manifest),
+    )?;
+    anyhow::ensure!(out.success, "{}", out.stderr);
+    assert_eq!(
+        api.get("quickstart").await?.metadata.generation,
+        evaluated.metadata.generation
     );
     Ok(())
 }
