@@ -8,6 +8,18 @@ cd "$(dirname "$0")/.."
 t0=$SECONDS
 step() { echo "==> $* ($((SECONDS - t0)) s)"; }
 
+step "pod network of the pod runner (10.246.0.0/16 routed to the loopback device)"
+# Real llama-server processes stand behind the test cluster's pods at addresses in
+# 10.246.0.0/16 (tests/src/pod_runner). As root the pod runner adds the route itself; otherwise
+# it must exist already.
+if ! ip route show table local 2>/dev/null | grep -q '^local 10\.246\.0\.0/16 '; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: the pod runner's tests need 10.246.0.0/16 routed to lo; run once:" >&2
+    echo "  sudo ip route add local 10.246.0.0/16 dev lo" >&2
+    exit 1
+  fi
+fi
+
 step "control-plane binaries (etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok)"
 LLAMA_CONTROL_PLANE_BIN=$(scripts/build-control-plane.sh)
 export LLAMA_CONTROL_PLANE_BIN

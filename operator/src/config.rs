@@ -11,8 +11,13 @@ use std::path::Path;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct OperatorConfig {
-    /// The llama-server image the workloads run.
+    /// The llama-server image the workloads run (default: the CUDA build).
     pub server_image: String,
+    /// The llama-server image of the init container that downloads `url` and `huggingFace`
+    /// sources (`llama-server fetch`). It needs no GPU, and the CUDA build cannot start where
+    /// the NVIDIA driver library is not mounted (a container without a GPU request), so the
+    /// default is the CPU build.
+    pub fetch_image: String,
     /// Instance types added to, or replacing by name, the built-in catalog.
     pub instance_types: Vec<InstanceType>,
     /// Model entries replacing the built-in ones by name.
@@ -61,7 +66,12 @@ impl Default for KarpenterConfig {
 impl Default for OperatorConfig {
     fn default() -> Self {
         Self {
+            // Every catalog instance type is a GPU VM: the CUDA build is what they should run.
             server_image: format!(
+                "ghcr.io/llama-operator/llama-server-cuda:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            fetch_image: format!(
                 "ghcr.io/llama-operator/llama-server:{}",
                 env!("CARGO_PKG_VERSION")
             ),

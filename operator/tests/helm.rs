@@ -186,6 +186,13 @@ fn default_values_render_the_operators_defaults_and_pin_the_server_image() -> an
     assert_eq!(
         config.server_image,
         format!(
+            "ghcr.io/llama-operator/llama-server-cuda:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    assert_eq!(
+        config.fetch_image,
+        format!(
             "ghcr.io/llama-operator/llama-server:{}",
             env!("CARGO_PKG_VERSION")
         )

@@ -53,7 +53,10 @@ llama-server image of this release. */}}
 {{- define "llama-operator.config" -}}
 {{- $config := deepCopy .Values.config }}
 {{- if not $config.serverImage }}
-{{- $_ := set $config "serverImage" (printf "ghcr.io/llama-operator/llama-server:%s" .Chart.AppVersion) }}
+{{- $_ := set $config "serverImage" (printf "ghcr.io/llama-operator/llama-server-cuda:%s" .Chart.AppVersion) }}
+{{- end }}
+{{- if not $config.fetchImage }}
+{{- $_ := set $config "fetchImage" (printf "ghcr.io/llama-operator/llama-server:%s" .Chart.AppVersion) }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}

@@ -78,7 +78,7 @@ pub fn server_deployment(
         SourceType::Url | SourceType::HuggingFace => {
             volumes.push(json!({"name": "model", "emptyDir": {}}));
             mounts.push(json!({"name": "model", "mountPath": MODEL_DIR, "readOnly": true}));
-            init_containers.push(fetch_container(ld, &config.server_image)?);
+            init_containers.push(fetch_container(ld, &config.fetch_image)?);
         }
     }
 
@@ -258,6 +258,16 @@ mod tests {
         ));
         let init = &y["spec"]["template"]["spec"]["initContainers"][0];
         assert_eq!(init["name"], "fetch-model");
+        // The download runs the CPU build (no GPU request, so no driver library); the server
+        // the CUDA build.
+        let config = OperatorConfig::default();
+        assert_eq!(init["image"].as_str(), Some(config.fetch_image.as_str()));
+        assert_eq!(
+            y["spec"]["template"]["spec"]["containers"][0]["image"].as_str(),
+            Some(config.server_image.as_str())
+        );
+        assert!(config.server_image.contains("llama-server-cuda:"));
+        assert!(!config.fetch_image.contains("cuda"));
         let args: Vec<String> = serde_yaml::from_value(init["args"].clone()).expect("args");
         assert_eq!(
             args,
