@@ -26,11 +26,13 @@ export LLAMA_CONTROL_PLANE_BIN
 LLAMA_KARPENTER_CRDS=$(scripts/fetch-karpenter-crds.sh)
 export LLAMA_KARPENTER_CRDS
 
-step "helm (v3, from its Go module), Argo CD's Lua runner, the ServiceMonitor CRD (chart tests)"
+step "helm (v3, from its Go module), Argo CD's Lua runner, Flux's kstatus, the ServiceMonitor CRD (chart tests)"
 LLAMA_HELM_BIN=$(scripts/build-helm.sh)
 export LLAMA_HELM_BIN
 LLAMA_ARGOCD_HEALTH_BIN=$(scripts/build-argocd-health.sh)
 export LLAMA_ARGOCD_HEALTH_BIN
+LLAMA_KSTATUS_BIN=$(scripts/build-kstatus.sh)
+export LLAMA_KSTATUS_BIN
 LLAMA_PROMETHEUS_OPERATOR_CRDS=$(scripts/fetch-prometheus-operator-crds.sh)
 export LLAMA_PROMETHEUS_OPERATOR_CRDS
 

@@ -240,6 +240,11 @@ async fn argocd_health_check_reads_real_deployments() -> anyhow::Result<()> {
     let (status, message) = testenv::argocd::health(&serde_json::to_value(&ready)?)?;
     assert_eq!(status, "Healthy", "{message}");
     assert!(message.contains("1/1 instances ready"), "{message}");
+    // Flux (kstatus) agrees: Current once Ready, with Reconciling and Stalled False.
+    assert_eq!(
+        testenv::kstatus::status(&serde_json::to_value(&ready)?)?.0,
+        "Current"
+    );
 
     // A newer spec than the operator has seen is progressing, whatever the old status says.
     let mut ahead = serde_json::to_value(&ready)?;
@@ -250,9 +255,29 @@ async fn argocd_health_check_reads_real_deployments() -> anyhow::Result<()> {
     fresh["status"] = Value::Null;
     assert_eq!(testenv::argocd::health(&fresh)?.0, "Progressing");
 
-    for (name, reason, want) in [
-        ("unknown-type", "InstanceTypeUnknown", "Degraded"),
-        ("zero", "ScaledToZero", "Suspended"),
+    assert_eq!(testenv::kstatus::status(&ahead)?.0, "InProgress");
+    // While it provisions and loads, Reconciling is True: Flux waits (InProgress).
+    let mut loading = serde_json::to_value(&ready)?;
+    for condition in loading["status"]["conditions"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        match condition["type"].as_str() {
+            Some("Ready") => {
+                condition["status"] = Value::from("False");
+                condition["reason"] = Value::from("Loading");
+            }
+            Some("Reconciling") => condition["status"] = Value::from("True"),
+            _ => {}
+        }
+    }
+    assert_eq!(testenv::kstatus::status(&loading)?.0, "InProgress");
+
+    // Argo CD's and Flux's verdicts on real deployments the operator could not make Ready.
+    for (name, reason, want, flux) in [
+        ("unknown-type", "InstanceTypeUnknown", "Degraded", "Failed"),
+        ("zero", "ScaledToZero", "Suspended", "InProgress"),
     ] {
         let ld = testenv::wait_for(Duration::from_secs(60), || async {
             let ld = api.get(name).await.ok()?;
@@ -263,6 +288,8 @@ async fn argocd_health_check_reads_real_deployments() -> anyhow::Result<()> {
         let (status, message) = testenv::argocd::health(&serde_json::to_value(&ld)?)?;
         assert_eq!(status, want, "{name}: {message}");
         assert!(!message.is_empty(), "{name}: no message");
+        let (status, message) = testenv::kstatus::status(&serde_json::to_value(&ld)?)?;
+        assert_eq!(status, flux, "{name} (Flux): {message}");
     }
     Ok(())
 }

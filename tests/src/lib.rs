@@ -14,6 +14,7 @@ pub mod argocd;
 pub mod chart_install;
 pub mod control_plane;
 pub mod helm;
+pub mod kstatus;
 pub mod kubeconfig;
 pub mod kwok_stages;
 pub mod llama;

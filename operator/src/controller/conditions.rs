@@ -6,6 +6,44 @@ use k8s_openapi::jiff::Timestamp;
 pub const READY: &str = "Ready";
 pub const NODE_POOL_READY: &str = "NodePoolReady";
 pub const MODEL_LOADED: &str = "ModelLoaded";
+/// kstatus's "the controller is working towards the spec" (Flux, kpt, Config Sync read it).
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus's "the controller cannot make progress without a change": Flux fails the health
+/// check at once instead of waiting for its timeout.
+pub const STALLED: &str = "Stalled";
+
+/// Ready reasons that no retry mends: a spec error, a failed download, missing quota. Each
+/// needs a change by someone (the spec, the source, the ComputeQuota or other deployments).
+const STALLED_REASONS: [&str; 3] = ["DownloadFailed", "QuotaExceeded", "InsufficientQuota"];
+
+/// Derives the kstatus conditions from `Ready` and the phase: `Stalled` True for spec errors
+/// (phase `Failed`), failed downloads and exceeded quota; `Reconciling` True while the
+/// deployment is on its way to Ready (provisioning, downloading, loading, progressing); both
+/// False when it is Ready or scaled to zero. Their reason and message are Ready's.
+pub fn set_kstatus(
+    conditions: &mut Vec<Condition>,
+    failed_phase: bool,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let Some(ready) = get(conditions, READY).cloned() else {
+        return;
+    };
+    let is_ready = ready.status == "True";
+    let stalled = !is_ready && (failed_phase || STALLED_REASONS.contains(&ready.reason.as_str()));
+    let reconciling = !is_ready && !stalled && ready.reason != "ScaledToZero";
+    for (type_, on) in [(STALLED, stalled), (RECONCILING, reconciling)] {
+        set(
+            conditions,
+            type_,
+            on,
+            &ready.reason,
+            ready.message.clone(),
+            generation,
+            now,
+        );
+    }
+}
 
 /// Sets condition `type_` in `conditions`, keeping its lastTransitionTime when the status does
 /// not change. Returns true when the status changed (a transition worth an Event).
@@ -53,6 +91,64 @@ pub fn get<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status_of<'a>(conditions: &'a [Condition], type_: &str) -> &'a str {
+        get(conditions, type_).map_or("absent", |c| c.status.as_str())
+    }
+
+    #[test]
+    fn kstatus_conditions_follow_ready() {
+        let now = Timestamp::from_second(1_700_000_000).expect("ts");
+        let case = |ready: bool, reason: &str, failed: bool| {
+            let mut conditions = Vec::new();
+            set(
+                &mut conditions,
+                READY,
+                ready,
+                reason,
+                "m".into(),
+                Some(3),
+                now,
+            );
+            set_kstatus(&mut conditions, failed, Some(3), now);
+            (
+                status_of(&conditions, RECONCILING).to_owned(),
+                status_of(&conditions, STALLED).to_owned(),
+                get(&conditions, STALLED).map(|c| c.reason.clone()),
+            )
+        };
+        let pair =
+            |r: &str, s: &str, reason: &str| (r.to_owned(), s.to_owned(), Some(reason.to_owned()));
+        assert_eq!(case(true, "Ready", false), pair("False", "False", "Ready"));
+        assert_eq!(
+            case(false, "Provisioning", false),
+            pair("True", "False", "Provisioning")
+        );
+        assert_eq!(
+            case(false, "Downloading", false),
+            pair("True", "False", "Downloading")
+        );
+        assert_eq!(
+            case(false, "InstanceTypeUnknown", true),
+            pair("False", "True", "InstanceTypeUnknown")
+        );
+        assert_eq!(
+            case(false, "DownloadFailed", false),
+            pair("False", "True", "DownloadFailed")
+        );
+        assert_eq!(
+            case(false, "QuotaExceeded", false),
+            pair("False", "True", "QuotaExceeded")
+        );
+        assert_eq!(
+            case(false, "ScaledToZero", false),
+            pair("False", "False", "ScaledToZero")
+        );
+        // Without Ready (nothing observed yet) nothing is derived.
+        let mut none = Vec::new();
+        set_kstatus(&mut none, false, Some(1), now);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn transition_time_moves_only_when_status_changes() {

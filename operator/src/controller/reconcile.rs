@@ -574,9 +574,15 @@ async fn write_status(
     ctx: &Context,
     ld: &LlamaDeployment,
     ns: &str,
-    status: LlamaDeploymentStatus,
+    mut status: LlamaDeploymentStatus,
     transitions: Vec<Transition>,
 ) -> Result<(), Error> {
+    conditions::set_kstatus(
+        &mut status.conditions,
+        status.phase == Some(crate::api::Phase::Failed),
+        ld.metadata.generation,
+        Timestamp::now(),
+    );
     if ld.status.as_ref() != Some(&status) {
         let api: Api<LlamaDeployment> = Api::namespaced(ctx.client.clone(), ns);
         let patch = serde_json::json!({

@@ -277,6 +277,12 @@ impl QuotaKeeper {
                 status.observed_generation = generation;
             }
         }
+        conditions::set_kstatus(
+            &mut status.conditions,
+            status.phase == Some(Phase::Failed),
+            generation,
+            now,
+        );
         let written = fresh.status.as_ref() != Some(&status);
         if written {
             write_status(client, &ns, &name, &status).await?;

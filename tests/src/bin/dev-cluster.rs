@@ -4,12 +4,15 @@
 //! `--exit`). With `--server BINARY`, once the deployments are Ready it starts a real
 //! `llama-server` for each, configured from the deployment's own ConfigMap and keys Secret (it
 //! stands in for the pod, whose container kwok does not run), and sends it a chat completion.
-//! With `--pod-runner` as well, deployments whose `nodePool.nodeSelector` carries
-//! `llama-operator.io/pod-runner` get a real server per pod instead, on the pod's IP, run by
-//! `testenv::pod_runner` (needs root or CAP_NET_ADMIN for the pod IPs' local route; see
-//! docs/testing.md).
+//! With `--pod-runner` as well, the LlamaDeployments of the `--apply` files are opted in to the
+//! pod runner (`nodePool.nodeSelector` gets `llama-operator.io/pod-runner: real`): each of their
+//! pods gets a real `llama-server` on the pod's IP, run by `testenv::pod_runner` (needs root or
+//! CAP_NET_ADMIN for the pod IPs' local route; see docs/testing.md), and the chat completion goes
+//! to the addresses the Service's EndpointSlice lists, as a client in the cluster reaches them.
 
+use serde::Deserialize;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Instant;
 
 const USAGE: &str = "usage: dev-cluster [--operator BINARY] [--chart DIR] [--server BINARY] \
@@ -68,8 +71,44 @@ fn usage(problem: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// When the previous step ended.
+static LAST_STEP: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Prints a finished step with its own duration and the time since the start.
 fn step(what: &str, t0: Instant) {
-    println!("==> {what} ({:.1} s)", t0.elapsed().as_secs_f64());
+    let now = Instant::now();
+    let mut last = LAST_STEP.lock().unwrap_or_else(|p| p.into_inner());
+    let took = now.duration_since(last.unwrap_or(t0)).as_secs_f64();
+    *last = Some(now);
+    println!(
+        "==> {what} ({took:.1} s; {:.1} s in all)",
+        now.duration_since(t0).as_secs_f64()
+    );
+}
+
+/// The manifest file with its LlamaDeployments opted in to the pod runner.
+fn opted_in(file: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)?;
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut value = serde_yaml::Value::deserialize(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        if value["kind"] == "LlamaDeployment" {
+            let pool = &mut value["spec"]["nodePool"];
+            if pool.is_null() {
+                *pool = serde_yaml::Value::Mapping(Default::default());
+            }
+            let selector = &mut pool["nodeSelector"];
+            if selector.is_null() {
+                *selector = serde_yaml::Value::Mapping(Default::default());
+            }
+            selector[testenv::pod_runner::POD_RUNNER_LABEL] = serde_yaml::Value::from("real");
+        }
+        out.push(serde_yaml::to_string(&value)?);
+    }
+    Ok(out.join("---\n"))
 }
 
 async fn run(
@@ -134,10 +173,28 @@ async fn run(
         );
     }
     for file in manifests {
-        let out = plane
-            .kubectl()
-            .args(["apply", "--server-side", "-f", file])
-            .output()?;
+        let out = if pod_runner {
+            use std::io::Write;
+            let manifest = opted_in(file)?;
+            let mut child = plane
+                .kubectl()
+                .args(["apply", "--server-side", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            child
+                .stdin
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("kubectl has no stdin"))?
+                .write_all(manifest.as_bytes())?;
+            child.wait_with_output()?
+        } else {
+            plane
+                .kubectl()
+                .args(["apply", "--server-side", "-f", file])
+                .output()?
+        };
         print!("{}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
             anyhow::bail!(
@@ -145,7 +202,15 @@ async fn run(
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        step(&format!("applied {file}"), t0);
+        let how = if pod_runner {
+            format!(
+                " (LlamaDeployments opted in to the pod runner: nodePool.nodeSelector {}: real)",
+                testenv::pod_runner::POD_RUNNER_LABEL
+            )
+        } else {
+            String::new()
+        };
+        step(&format!("applied {file}{how}"), t0);
     }
     let mut runners = Vec::new();
     if let (true, Some(binary)) = (pod_runner, &server) {
@@ -240,7 +305,8 @@ async fn run(
         return Ok(());
     }
     println!(
-        "Clean up: press Ctrl-C; it stops every process and deletes the control plane's data."
+        "Clean up: press Ctrl-C; it stops every process and deletes the control plane's data. \
+         The built tools stay cached in ~/.cache/llama-operator (delete it to reclaim the space)."
     );
     tokio::signal::ctrl_c().await?;
     println!("==> stopping");
@@ -272,8 +338,9 @@ async fn runner_namespaces(client: &kube::Client) -> anyhow::Result<Vec<String>>
     Ok(namespaces)
 }
 
-/// Prints the servers the pod runner runs for deployment `ns/name` and sends a chat completion
-/// to each.
+/// Prints the servers the pod runner runs for deployment `ns/name`, then sends a chat
+/// completion to every ready address of the deployment's Service, as its EndpointSlice lists
+/// them (what kube-proxy would route `status.endpoint` to).
 async fn chat_through_pods(
     client: &kube::Client,
     runners: &[testenv::PodRunner],
@@ -281,6 +348,7 @@ async fn chat_through_pods(
     name: &str,
     t0: Instant,
 ) -> anyhow::Result<()> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     let key = testenv::local_server::primary_key(client, ns, name).await?;
     let pods: Vec<testenv::pod_runner::RunnerPod> = runners
         .iter()
@@ -303,16 +371,61 @@ async fn chat_through_pods(
             pod.endpoint,
             pod.log.display()
         );
-        let answer =
-            testenv::local_server::chat(&pod.endpoint, &key, "Hello! Who are you?", 16).await?;
-        step(&format!("chat completion answered by pod {}", pod.name), t0);
+    }
+    // The controller-manager fills the Service's EndpointSlices from the pods' status.
+    let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client.clone(), ns);
+    let selector = format!("kubernetes.io/service-name={name}");
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let addresses = loop {
+        let mut found = Vec::new();
+        for slice in slices
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await?
+            .items
+        {
+            let port = slice
+                .ports
+                .iter()
+                .flatten()
+                .find_map(|p| p.port)
+                .unwrap_or(8080);
+            for endpoint in slice.endpoints.iter().flatten() {
+                if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
+                    for ip in &endpoint.addresses {
+                        found.push(format!("http://{ip}:{port}"));
+                    }
+                }
+            }
+        }
+        if found.len() >= pods.len() || Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    anyhow::ensure!(
+        !addresses.is_empty(),
+        "the EndpointSlice of Service {ns}/{name} lists no ready address"
+    );
+    step(
+        &format!(
+            "Service {ns}/{name}: its EndpointSlice lists {}",
+            addresses.join(", ")
+        ),
+        t0,
+    );
+    for address in &addresses {
+        let answer = testenv::local_server::chat(address, &key, "Hello! Who are you?", 16).await?;
+        step(
+            &format!("chat completion answered through the endpoint address {address}"),
+            t0,
+        );
         println!("{}", serde_json::to_string_pretty(&answer)?);
     }
     println!(
-        "Call it yourself (the Service's EndpointSlice lists the same addresses):\n  curl -s \
-         {}/chat/completions -H 'api-key: {key}' -d \
+        "(random weights: the demo model's words are noise; the API, tokenizer, keys and limits \
+         are real)\nCall it yourself:\n  curl -s {}/chat/completions -H 'api-key: {key}' -d \
          '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"max_tokens\":16}}'",
-        pods[0].endpoint
+        addresses[0]
     );
     Ok(())
 }
