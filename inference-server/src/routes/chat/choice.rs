@@ -55,6 +55,11 @@ impl<'a> ChoiceState<'a> {
         self.flagged
     }
 
+    /// Everything generated so far, sent or held back (a tool call's JSON included).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// Takes one generated token.
     pub fn push(&mut self, output: &TokenOutput) -> Emission {
         self.completion_tokens += 1;

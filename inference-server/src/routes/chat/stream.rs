@@ -146,8 +146,17 @@ async fn drive(
             pending[index].push_str(&std::mem::take(&mut emission.content));
             pending_tokens[index] += 1;
             let window_full = pending_tokens[index] >= GUARD_WINDOW;
-            if (window_full || emission.finish_reason.is_some()) && !pending[index].is_empty() {
-                let candidate = format!("{}{}", released[index], pending[index]);
+            // A tool call is judged as the JSON the model wrote, before its delta is sent.
+            let candidate = if emission.tool_calls.is_some() {
+                Some(choices[index].text().to_owned())
+            } else if (window_full || emission.finish_reason.is_some())
+                && !pending[index].is_empty()
+            {
+                Some(format!("{}{}", released[index], pending[index]))
+            } else {
+                None
+            };
+            if let Some(candidate) = candidate {
                 if guard_flags(&state, r, Some(&candidate)).await.is_some() {
                     state.metrics.count_filtered("completion");
                     pending[index].clear();
