@@ -238,7 +238,7 @@ async fn a_flagged_completion_ends_with_content_filter_and_no_text() {
     let (status, body) = post_raw(
         &state,
         serde_json::json!({"messages": [{"role": "user", "content": "hello"}],
-                           "max_tokens": 8, "ignore_eos": true}),
+                           "max_tokens": 8, "ignore_eos": true, "logprobs": 2}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -246,6 +246,12 @@ async fn a_flagged_completion_ends_with_content_filter_and_no_text() {
     let choice = &body["choices"][0];
     assert_eq!(choice["finish_reason"], "content_filter", "{body}");
     assert_eq!(choice["message"]["content"], "");
+    // Logprob entries name their tokens: none of the flagged answer's are returned.
+    assert_eq!(
+        choice["logprobs"]["content"],
+        serde_json::json!([]),
+        "{body}"
+    );
     assert_eq!(body["usage"]["completion_tokens"], 8);
     let seen = judged(&judgments);
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -261,7 +267,8 @@ async fn a_streamed_completion_sends_only_judged_windows() {
     let (status, body) = post_raw(
         &state,
         serde_json::json!({"messages": [{"role": "user", "content": "hello"}],
-                           "max_tokens": 40, "ignore_eos": true, "stream": true}),
+                           "max_tokens": 40, "ignore_eos": true, "stream": true,
+                           "logprobs": 1}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -285,6 +292,17 @@ async fn a_streamed_completion_sends_only_judged_windows() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(!seen[0].is_empty());
     assert_eq!(streamed, seen[0], "exactly the window judged safe was sent");
+    // Logprob entries (which name their tokens) go out with their text: at most the first
+    // window's 16, never the flagged window's.
+    let entries: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    assert!(
+        (1..=16).contains(&entries),
+        "{entries} logprob entries sent"
+    );
     assert!(
         seen[1].starts_with(&seen[0]) && seen[1].len() > seen[0].len(),
         "the flagged window was never sent: {seen:?}"

@@ -295,9 +295,13 @@ def test_flagged_completion_ends_with_content_filter(server_factory):
     word = words[len(words) // 2]
     assert word.lower() not in "say something"
     strict = server_factory({"contentSafety": {"enabled": True, "blocklist": [word]}})
+    # With logprobs asked for: their entries name tokens, so they must not show the word either.
+    body = {**body, "logprobs": 1}
     choice = post(strict, body=body, headers=headers).json()["choices"][0]
     assert choice["finish_reason"] == "content_filter"
     assert word.lower() not in choice["message"]["content"].lower()
+    tokens = "".join(e["token"] for e in choice["logprobs"]["content"])
+    assert word.lower() not in tokens.lower()
     # Streamed, the flagged word is never sent either.
     with httpx.stream("POST", f"{strict.endpoint}/chat/completions", json={**body, "stream": True},
                       headers={"api-key": strict.primary, **headers}, timeout=60) as r:
@@ -305,6 +309,9 @@ def test_flagged_completion_ends_with_content_filter(server_factory):
     chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert word.lower() not in streamed.lower()
+    streamed_tokens = "".join(e["token"] for c in chunks if c["choices"]
+                              for e in (c["choices"][0].get("logprobs") or {}).get("content", []))
+    assert streamed_tokens and word.lower() not in streamed_tokens.lower()
     assert any(c["choices"] and c["choices"][0]["finish_reason"] == "content_filter" for c in chunks)
     assert strict.metric('llama_server_content_filtered_total{stage="completion"}') == 2
     assert strict.metric('llama_server_content_filtered_total{stage="prompt"}') == 0

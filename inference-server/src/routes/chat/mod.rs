@@ -308,8 +308,9 @@ async fn collect(
                     }
                 }
                 SequenceEvent::Finished(completion) => {
-                    let emission = choice.finish(&completion);
+                    let mut emission = choice.finish(&completion);
                     content.push_str(&emission.content);
+                    logprobs.append(&mut emission.logprobs);
                     outcome = Some((emission, Some(completion)));
                     break;
                 }
@@ -335,6 +336,7 @@ async fn collect(
         {
             state.metrics.count_filtered("completion");
             content.clear();
+            logprobs.clear();
             emission.finish_reason = Some("content_filter");
             emission.tool_calls = None;
         }
