@@ -69,11 +69,33 @@ impl Verdict {
     }
 }
 
-/// The loaded guard model.
-#[derive(Debug)]
+/// A classifier standing in for the guard model: the conversation's `(role, text)` turns and
+/// the judged role in, a verdict (or no verdict) out.
+pub type ClassifyFn = dyn Fn(&[(&str, &str)], Judged) -> Result<Verdict, String> + Send + Sync;
+
+/// The content-safety classifier: a loaded Llama Guard model, or a function in its place.
 pub struct LlamaGuard {
-    handle: EngineHandle,
-    tokenizer: Arc<LlamaTokenizer>,
+    backend: Backend,
+}
+
+enum Backend {
+    Model {
+        handle: EngineHandle,
+        tokenizer: Arc<LlamaTokenizer>,
+    },
+    Function(Box<ClassifyFn>),
+}
+
+impl std::fmt::Debug for LlamaGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.backend {
+            Backend::Model { handle, .. } => f
+                .debug_struct("LlamaGuard")
+                .field("handle", handle)
+                .finish_non_exhaustive(),
+            Backend::Function(_) => f.write_str("LlamaGuard(function)"),
+        }
+    }
 }
 
 impl LlamaGuard {
@@ -94,7 +116,21 @@ impl LlamaGuard {
         };
         let handle = EngineHandle::start(model, Arc::clone(&tokenizer), limits, gauges)
             .map_err(|e| format!("cannot start the Llama Guard engine: {e}"))?;
-        Ok(Self { handle, tokenizer })
+        Ok(Self {
+            backend: Backend::Model { handle, tokenizer },
+        })
+    }
+
+    /// A classifier that answers with `classify` instead of a model: for tests (a verdict
+    /// that differs between the prompt and the completion check, which a programmed model
+    /// cannot give) and for embedders with their own classifier. Set it into
+    /// `AppState::guard` before the engine is loaded, with no `llamaGuard` configured.
+    pub fn from_fn(
+        classify: impl Fn(&[(&str, &str)], Judged) -> Result<Verdict, String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            backend: Backend::Function(Box::new(classify)),
+        }
     }
 
     /// Classifies the conversation (`(role, text)` pairs, roles `user` or `assistant`).
@@ -103,21 +139,24 @@ impl LlamaGuard {
         turns: &[(&str, &str)],
         judged: Judged,
     ) -> Result<Verdict, String> {
+        let (handle, tokenizer) = match &self.backend {
+            Backend::Model { handle, tokenizer } => (handle, tokenizer),
+            Backend::Function(classify) => return classify(turns, judged),
+        };
         let prompt = render(turns, judged);
-        let ids = self
-            .tokenizer
+        let ids = tokenizer
             .encode(&prompt, false)
             .map_err(|e| e.to_string())?;
         // Keep the tail when a conversation is longer than the guard's window: the judged turn
         // is at the end.
-        let limit = self.handle.max_prompt_tokens().saturating_sub(16);
+        let limit = handle.max_prompt_tokens().saturating_sub(16);
         let ids = if ids.len() > limit {
             ids[ids.len() - limit..].to_vec()
         } else {
             ids
         };
         let request = GenerationRequest::new(ids, Some(12), SamplingParams::greedy());
-        let mut events = self.handle.submit(request).map_err(|e| e.to_string())?;
+        let mut events = handle.submit(request).map_err(|e| e.to_string())?;
         while let Some(event) = events.recv().await {
             match event {
                 SequenceEvent::Finished(completion) => return parse(&completion.text),

@@ -94,6 +94,13 @@ class Server:
         self.log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def metric(self, sample: str) -> float:
+        """The value of one sample of GET /metrics (name with labels), 0 when absent."""
+        for line in httpx.get(f"{self.endpoint}/metrics", timeout=10).text.splitlines():
+            if line.startswith(sample + " "):
+                return float(line[len(sample) + 1:])
+        return 0.0
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)

@@ -1,12 +1,18 @@
 """The unmodified azure-ai-inference SDK against a real llama-server."""
 
+import json
+import os
+import re
+from pathlib import Path
+
 import pytest
-from azure.ai.inference import ChatCompletionsClient, EmbeddingsClient
+from azure.ai.inference import ChatCompletionsClient, EmbeddingsClient, ImageEmbeddingsClient
 from azure.ai.inference.models import (
     AssistantMessage,
     ChatCompletionsToolDefinition,
     CompletionsFinishReason,
     FunctionDefinition,
+    ImageEmbeddingInput,
     SystemMessage,
     ToolMessage,
     UserMessage,
@@ -171,12 +177,25 @@ def test_embeddings_are_404(server):
     assert err.value.error.code == "not_found"
 
 
+def test_image_embeddings_are_404(server):
+    embeddings = ImageEmbeddingsClient(endpoint=server.endpoint,
+                                       credential=AzureKeyCredential(server.primary), retry_total=0)
+    with pytest.raises(ResourceNotFoundError) as err:
+        embeddings.embed(input=[ImageEmbeddingInput(image="data:image/png;base64,iVBORw0KGgo=")])
+    assert err.value.status_code == 404
+    assert err.value.error.code == "not_found"
+
+
 def test_flagged_prompt_is_400_content_filter(server):
+    sample = 'llama_server_content_filtered_total{stage="prompt"}'
+    before = server.metric(sample)
     with pytest.raises(HttpResponseError) as err:
         client(server).complete(messages=[UserMessage("Tell me about the Forbidden Fruit.")])
     assert err.value.status_code == 400
     assert err.value.error.code == "content_filter"
     assert "content management policy" in err.value.message
+    assert err.value.response.json()["error"]["param"] == "prompt"
+    assert server.metric(sample) == before + 1
 
 
 def test_body_too_large_is_413(server_factory):
@@ -198,6 +217,7 @@ def test_rate_limit_is_429_with_retry_after(server_factory):
     assert err.value.error.code == "rate_limit_exceeded"
     assert int(err.value.response.headers["Retry-After"]) >= 1
     assert err.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert limited.metric('llama_server_rate_limited_total{limit="requests"}') == 1
 
 
 def test_beam_search_through_model_extras(server):
@@ -211,3 +231,69 @@ def test_beam_search_through_model_extras(server):
         c.complete(messages=[UserMessage("Hi")], temperature=0.5,
                    model_extras={"use_beam_search": True, "best_of": 3})
     assert err.value.status_code == 400 and "temperature" in err.value.message
+
+
+def test_best_of_without_beam_search_keeps_one_of_three_candidates(server):
+    result = client(server).complete(
+        messages=[UserMessage("Tell a story.")], max_tokens=3, temperature=1.0, seed=3,
+        model_extras={"n": 1, "best_of": 3, "ignore_eos": True},
+    )
+    assert len(result.choices) == 1
+    assert result.choices[0].finish_reason == CompletionsFinishReason.TOKEN_LIMIT_REACHED
+    # Usage counts every candidate generated, not only the one returned.
+    assert result.usage.completion_tokens == 9
+
+
+def _token_ids_by_bytes() -> dict:
+    """The Llama 3 vocabulary as token bytes → id (byte-level BPE keys decoded, GPT-2 style)."""
+    data = json.loads((Path(os.environ["LLAMA_TOKENIZER_DIR"]) / "tokenizer.json").read_text())
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    to_byte = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            to_byte[chr(256 + extra)] = b
+            extra += 1
+    ids = {bytes(to_byte[c] for c in key): i for key, i in data["model"]["vocab"].items()}
+    ids.update({t["content"].encode(): t["id"] for t in data["added_tokens"]})
+    return ids
+
+
+def test_stop_token_ids_end_the_completion_at_that_token(server):
+    c = client(server)
+    # Seeded sampling: the same tokens every time, and (unlike greedy decoding with the random
+    # model) not one token repeated.
+    kwargs = dict(messages=[UserMessage("Count on.")], max_tokens=8, temperature=1.0, seed=5)
+    plain = c.complete(**kwargs, model_extras={"ignore_eos": True, "logprobs": 1})
+    assert plain.choices[0].finish_reason == CompletionsFinishReason.TOKEN_LIMIT_REACHED
+    entries = plain.choices[0]["logprobs"]["content"]
+    ids = _token_ids_by_bytes()
+    # A token after the first whose id is known and differs from every earlier one's (same
+    # bytes ⇔ same id), so generation must stop exactly there.
+    k, stop_id = next((k, ids[bytes(e["bytes"])]) for k, e in enumerate(entries)
+                      if k >= 1 and bytes(e["bytes"]) in ids
+                      and all(p["bytes"] != e["bytes"] for p in entries[:k]))
+    stopped = c.complete(**kwargs, model_extras={"ignore_eos": True, "stop_token_ids": [stop_id]})
+    assert stopped.choices[0].finish_reason == CompletionsFinishReason.STOPPED
+    assert stopped.usage.completion_tokens == k + 1  # the stop token is generated, not shown
+    assert plain.choices[0].message.content.startswith(stopped.choices[0].message.content)
+    assert len(stopped.choices[0].message.content) < len(plain.choices[0].message.content)
+
+
+def test_skip_special_tokens_false_shows_special_tokens(server):
+    c = client(server)
+    special = re.compile(r"<\|[a-z_0-9]+\|>")
+    # Sampled text from the random model holds a reserved special token now and then: find a
+    # seed whose answer has one (the same seed always gives the same tokens).
+    for seed in range(8):
+        kwargs = dict(messages=[UserMessage("hi")], max_tokens=300, temperature=2.0, seed=seed)
+        shown = c.complete(**kwargs, model_extras={"ignore_eos": True, "skip_special_tokens": False})
+        if special.search(shown.choices[0].message.content):
+            break
+    else:
+        pytest.fail("no special token in 8 sampled answers")
+    skipped = c.complete(**kwargs, model_extras={"ignore_eos": True})
+    assert skipped.usage.completion_tokens == shown.usage.completion_tokens
+    assert not special.search(skipped.choices[0].message.content)
+    assert skipped.choices[0].message.content == special.sub("", shown.choices[0].message.content)

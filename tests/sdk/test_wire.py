@@ -114,6 +114,55 @@ def test_unknown_route_is_404_with_an_azure_body(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
+@pytest.mark.parametrize("path", ["/images/embeddings", "/models/images/embeddings",
+                                  "/v1/images/embeddings", "/models/embeddings", "/v1/embeddings"])
+def test_embeddings_under_every_prefix_are_404_with_an_azure_body(server, path):
+    label = f'llama_server_requests_total{{route="{path}",status="404"}}'
+    before = server.metric(label)
+    r = post(server, path, body={"input": [{"image": "data:image/png;base64,iVBORw0KGgo="}]})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "not_found" and error["status"] == 404
+    assert "embeddings" in error["message"]
+    assert "retry-after" not in r.headers
+    # Counted under its own route, not "other".
+    assert server.metric(label) == before + 1
+
+
+def test_only_429_and_503_carry_retry_after(server_factory):
+    s = server_factory({"http": {"maxBodyBytes": 4096}})
+    headers = {"api-key": s.primary, "content-type": "application/json"}
+    answers = {
+        400: httpx.post(f"{s.endpoint}/chat/completions", content=b"{", headers=headers),
+        413: httpx.post(f"{s.endpoint}/chat/completions", content=b"x" * 10_000, headers=headers),
+        422: post(s, body={**CHAT, "response_format": {"type": "json_object"}}),
+    }
+    for status, r in answers.items():
+        assert r.status_code == status, r.text
+        assert "retry-after" not in r.headers and "retry-after-ms" not in r.headers, status
+
+
+def test_tokens_per_minute_answer_429_with_headers(server_factory):
+    s = server_factory({"rateLimits": {"tokensPerMinute": 200}})
+    long = {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 1}
+    # The first prompt, larger than the whole budget, is admitted because the bucket is full;
+    # it leaves the bucket empty.
+    first = post(s, body=long)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["prompt_tokens"] > 200
+    assert first.headers["x-ratelimit-remaining-tokens"] == "0"
+    r = post(s, body=long)
+    assert r.status_code == 429, r.text
+    error = r.json()["error"]
+    assert error["code"] == "rate_limit_exceeded"
+    assert "tokens per minute" in error["message"]
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert int(r.headers["x-ratelimit-remaining-requests"]) >= 1
+    assert s.metric('llama_server_rate_limited_total{limit="tokens"}') == 1
+    assert s.metric('llama_server_rate_limited_total{limit="requests"}') == 0
+
+
 def test_keys_are_reread_when_the_secret_changes(server_factory):
     s = server_factory()
     old = s.primary
@@ -168,6 +217,7 @@ def test_full_queue_answers_429_and_disconnects_free_the_batch(server_factory):
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(r.headers["retry-after"]) >= 1
+    assert s.metric('llama_server_rate_limited_total{limit="queue"}') >= 1
     holders.extend([0, 0])  # tell the streaming clients to hang up
     for t in threads:
         t.join(timeout=60)
@@ -245,9 +295,13 @@ def test_flagged_completion_ends_with_content_filter(server_factory):
     word = words[len(words) // 2]
     assert word.lower() not in "say something"
     strict = server_factory({"contentSafety": {"enabled": True, "blocklist": [word]}})
+    # With logprobs asked for: their entries name tokens, so they must not show the word either.
+    body = {**body, "logprobs": 1}
     choice = post(strict, body=body, headers=headers).json()["choices"][0]
     assert choice["finish_reason"] == "content_filter"
     assert word.lower() not in choice["message"]["content"].lower()
+    tokens = "".join(e["token"] for e in choice["logprobs"]["content"])
+    assert word.lower() not in tokens.lower()
     # Streamed, the flagged word is never sent either.
     with httpx.stream("POST", f"{strict.endpoint}/chat/completions", json={**body, "stream": True},
                       headers={"api-key": strict.primary, **headers}, timeout=60) as r:
@@ -255,4 +309,9 @@ def test_flagged_completion_ends_with_content_filter(server_factory):
     chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith("data: {")]
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert word.lower() not in streamed.lower()
+    streamed_tokens = "".join(e["token"] for c in chunks if c["choices"]
+                              for e in (c["choices"][0].get("logprobs") or {}).get("content", []))
+    assert streamed_tokens and word.lower() not in streamed_tokens.lower()
     assert any(c["choices"] and c["choices"][0]["finish_reason"] == "content_filter" for c in chunks)
+    assert strict.metric('llama_server_content_filtered_total{stage="completion"}') == 2
+    assert strict.metric('llama_server_content_filtered_total{stage="prompt"}') == 0

@@ -756,6 +756,23 @@ mod tests {
     }
 
     #[test]
+    fn openai_only_keys_pass_every_header_mode_on_v1_only() {
+        let mut body = hello();
+        body["parallel_tool_calls"] = json!(false);
+        body["store"] = json!(false);
+        body["metadata"] = json!({"team": "a"});
+        for mode in [
+            None,
+            Some(ExtraParameters::Error),
+            Some(ExtraParameters::PassThrough),
+        ] {
+            ChatRequest::parse(body.clone(), mode, Dialect::OpenAi).expect("accepted on /v1");
+        }
+        let err = ChatRequest::parse(body, None, Dialect::Azure).expect_err("not on Azure routes");
+        assert_eq!(err.code, "extra_parameters_not_allowed");
+    }
+
+    #[test]
     fn images_json_mode_and_forced_tools_are_422() {
         let body = json!({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is this"},

@@ -99,10 +99,32 @@ fn route_label(path: &str) -> String {
         "/embeddings",
         "/models/embeddings",
         "/v1/embeddings",
+        "/images/embeddings",
+        "/models/images/embeddings",
+        "/v1/images/embeddings",
     ];
     let path = path.trim_end_matches('/');
     SERVED
         .iter()
         .find(|s| **s == path)
         .map_or_else(|| "other".to_owned(), |s| (*s).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_label;
+
+    #[test]
+    fn every_served_route_has_its_own_label_and_anything_else_is_other() {
+        for prefix in ["", "/models", "/v1"] {
+            for route in ["/info", "/embeddings", "/images/embeddings"] {
+                let path = format!("{prefix}{route}");
+                assert_eq!(route_label(&path), path);
+                assert_eq!(route_label(&format!("{path}/")), path);
+            }
+        }
+        assert_eq!(route_label("/v1/chat/completions"), "/v1/chat/completions");
+        assert_eq!(route_label("/images/embeddings/x"), "other");
+        assert_eq!(route_label("/nope"), "other");
+    }
 }

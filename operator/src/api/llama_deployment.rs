@@ -59,7 +59,8 @@ pub struct LlamaDeploymentSpec {
     #[serde(default)]
     pub auth: AuthSpec,
 
-    /// Per-deployment rate limits, enforced by every instance of the server.
+    /// Rate limits of each instance: every instance of the server enforces them on its own,
+    /// so a deployment of N instances admits up to N times these numbers.
     #[serde(default)]
     pub rate_limits: RateLimitsSpec,
 
@@ -330,16 +331,19 @@ pub struct TokenAuthSpec {
     pub jwks_config_map_ref: Option<SecretRef>,
 }
 
-/// Per-deployment rate limits. Requests over a limit get 429 with Retry-After.
+/// Rate limits, per instance: each instance of the server enforces them on its own, so a
+/// deployment of N instances admits up to N times these numbers (they are not divided by the
+/// instance count, which autoscalers change: the server configuration, and so the pods, stay
+/// the same when the deployment scales). Requests over a limit get 429 with Retry-After.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitsSpec {
-    /// Prompt plus completion tokens per minute. Defaults to 200000.
+    /// Prompt plus completion tokens per minute, per instance. Defaults to 200000.
     #[serde(default = "default_tokens_per_minute")]
     #[schemars(range(min = 1))]
     pub tokens_per_minute: i64,
 
-    /// Requests per minute. Defaults to 1000.
+    /// Requests per minute, per instance. Defaults to 1000.
     #[serde(default = "default_requests_per_minute")]
     #[schemars(range(min = 1))]
     pub requests_per_minute: i64,

@@ -81,6 +81,29 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_are_per_instance_and_scaling_leaves_the_config_alone() {
+        let text = |count: i32| {
+            let d = ld(&format!(
+                "{}  rateLimits: {{tokensPerMinute: 9000, requestsPerMinute: 30}}\n",
+                CHAT.replace("instanceCount: 2", &format!("instanceCount: {count}"))
+            ));
+            assert_eq!(d.spec.compute.instance_count, count);
+            server_config_map(&d, &plan(&d))
+                .expect("configmap")
+                .data
+                .expect("data")["server.yaml"]
+                .clone()
+        };
+        let cfg: serde_yaml::Value = serde_yaml::from_str(&text(3)).expect("yaml");
+        // Each instance enforces the spec's numbers as they are (the CRD says per instance).
+        assert_eq!(cfg["rateLimits"]["tokensPerMinute"], 9000);
+        assert_eq!(cfg["rateLimits"]["requestsPerMinute"], 30);
+        // The configuration (hashed into the pod template) does not depend on the count, so
+        // scaling never restarts the running instances.
+        assert_eq!(text(1), text(7));
+    }
+
+    #[test]
     fn pvc_path_is_under_the_model_dir() {
         let d = ld(&CHAT.replace(
             "{type: demo}",

@@ -1,6 +1,9 @@
 //! One choice of a chat completion on its way out: engine tokens in, API text out, with the
 //! holds a client must never see past — text that may still become a flagged phrase, and text
-//! that may still turn out to be a tool call.
+//! that may still turn out to be a tool call. A token's logprob entry names the token, so it is
+//! held with the token's text and released only once that text is.
+
+use std::collections::VecDeque;
 
 use crate::azure::response::{ChoiceLogprobs, TokenLogprobEntry, ToolCall, TopLogprob};
 use crate::azure::tool_calls;
@@ -27,6 +30,8 @@ pub struct ChoiceState<'a> {
     id_seed: String,
     text: String,
     sent: usize,
+    /// Logprob entries not yet released, each with the end of its token's text in `text`.
+    held_logprobs: VecDeque<(usize, TokenLogprobEntry)>,
     flagged: bool,
     pub completion_tokens: usize,
 }
@@ -45,6 +50,7 @@ impl<'a> ChoiceState<'a> {
             id_seed,
             text: String::new(),
             sent: 0,
+            held_logprobs: VecDeque::new(),
             flagged: false,
             completion_tokens: 0,
         }
@@ -55,39 +61,44 @@ impl<'a> ChoiceState<'a> {
         self.flagged
     }
 
+    /// Everything generated so far, sent or held back (a tool call's JSON included).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// Takes one generated token.
     pub fn push(&mut self, output: &TokenOutput) -> Emission {
         self.completion_tokens += 1;
-        let mut emission = Emission {
-            logprobs: output
-                .logprob
-                .iter()
-                .map(|lp| TokenLogprobEntry {
-                    token: self.token_text(lp.token),
-                    logprob: lp.logprob,
-                    bytes: self.token_text(lp.token).into_bytes(),
-                    top_logprobs: lp
-                        .top
-                        .iter()
-                        .map(|&(id, logprob)| TopLogprob {
-                            token: self.token_text(id),
-                            logprob,
-                            bytes: self.token_text(id).into_bytes(),
-                        })
-                        .collect(),
-                })
-                .collect(),
-            ..Emission::default()
-        };
+        let mut emission = Emission::default();
         if self.flagged {
             return emission;
         }
         self.text.push_str(&output.text);
+        if let Some(lp) = &output.logprob {
+            let entry = TokenLogprobEntry {
+                token: self.token_text(lp.token),
+                logprob: lp.logprob,
+                bytes: self.token_text(lp.token).into_bytes(),
+                top_logprobs: lp
+                    .top
+                    .iter()
+                    .map(|&(id, logprob)| TopLogprob {
+                        token: self.token_text(id),
+                        logprob,
+                        bytes: self.token_text(id).into_bytes(),
+                    })
+                    .collect(),
+            };
+            self.held_logprobs.push_back((self.text.len(), entry));
+        }
         if let Some(flag) = self.filter.and_then(|f| f.check(&self.text)) {
             self.flagged = true;
             let end = floor_boundary(&self.text, flag.at.max(self.sent));
             emission.content = self.text[self.sent..end].to_owned();
             self.sent = end;
+            emission.logprobs = self.release_logprobs();
+            // The flagged token and any after it are never shown, not even as logprobs.
+            self.held_logprobs.clear();
             emission.finish_reason = Some("content_filter");
             return emission;
         }
@@ -100,7 +111,22 @@ impl<'a> ChoiceState<'a> {
             emission.content = self.text[self.sent..end].to_owned();
             self.sent = end;
         }
+        emission.logprobs = self.release_logprobs();
         emission
+    }
+
+    /// The held entries whose token's text has been sent.
+    fn release_logprobs(&mut self) -> Vec<TokenLogprobEntry> {
+        let mut released = Vec::new();
+        while let Some((end, _)) = self.held_logprobs.front() {
+            if *end > self.sent {
+                break;
+            }
+            if let Some((_, entry)) = self.held_logprobs.pop_front() {
+                released.push(entry);
+            }
+        }
+        released
     }
 
     /// Ends the choice with the engine's completion.
@@ -111,12 +137,14 @@ impl<'a> ChoiceState<'a> {
                 ..Emission::default()
             };
         }
+        let logprobs = self.held_logprobs.drain(..).map(|(_, e)| e).collect();
         if self.tools
             && let Some(calls) = tool_calls::parse(&self.text, &self.id_seed)
         {
             return Emission {
                 finish_reason: Some("tool_calls"),
                 tool_calls: Some(calls),
+                logprobs,
                 ..Emission::default()
             };
         }
@@ -124,6 +152,7 @@ impl<'a> ChoiceState<'a> {
         self.sent = self.text.len();
         Emission {
             content,
+            logprobs,
             finish_reason: Some(completion.finish_reason.as_str()),
             ..Emission::default()
         }

@@ -308,8 +308,9 @@ async fn collect(
                     }
                 }
                 SequenceEvent::Finished(completion) => {
-                    let emission = choice.finish(&completion);
+                    let mut emission = choice.finish(&completion);
                     content.push_str(&emission.content);
+                    logprobs.append(&mut emission.logprobs);
                     outcome = Some((emission, Some(completion)));
                     break;
                 }
@@ -323,13 +324,21 @@ async fn collect(
             return Err(ApiError::unavailable("The engine stopped mid-request.", 2));
         };
         let (mut emission, mut content) = (emission, content);
+        // Llama Guard judges the whole answer; a tool call is judged as the JSON the model
+        // wrote (its arguments can carry what a text answer would).
+        let judged = if emission.tool_calls.is_some() {
+            choice.text()
+        } else {
+            content.as_str()
+        };
         if emission.finish_reason != Some("content_filter")
-            && emission.tool_calls.is_none()
-            && let Some(_) = guard_flags(state, r, Some(&content)).await
+            && guard_flags(state, r, Some(judged)).await.is_some()
         {
             state.metrics.count_filtered("completion");
             content.clear();
+            logprobs.clear();
             emission.finish_reason = Some("content_filter");
+            emission.tool_calls = None;
         }
         let tokens = choice.completion_tokens;
         let score = completion.as_ref().map_or(f64::NEG_INFINITY, |c| {
@@ -397,37 +406,49 @@ async fn collect_beams(
     let completion_tokens: usize = completions.iter().map(|c| c.completion_tokens).sum();
     record_timings(state, prepared, None, completion_tokens);
     state.limiter.charge(completion_tokens as u64);
-    let choices = completions
-        .into_iter()
-        .enumerate()
-        .map(|(index, completion)| {
-            let flagged = state
-                .filter
-                .as_ref()
-                .and_then(|f| f.check(&completion.text));
-            let (content, finish) = match flagged {
-                Some(flag) => (
+    // Every beam passes the same classifiers as a sampled answer: the blocklist (cut before
+    // the flagged phrase), then Llama Guard on the whole text (nothing of it is returned).
+    let mut choices = Vec::with_capacity(completions.len());
+    for (index, completion) in completions.into_iter().enumerate() {
+        let flagged = state
+            .filter
+            .as_ref()
+            .and_then(|f| f.check(&completion.text));
+        let (content, finish) = match flagged {
+            Some(flag) => {
+                state.metrics.count_filtered("completion");
+                (
                     completion
                         .text
                         .get(..flag.at)
                         .unwrap_or_default()
                         .to_owned(),
                     "content_filter",
-                ),
-                None => (completion.text.clone(), completion.finish_reason.as_str()),
-            };
-            Choice {
-                index,
-                message: ResponseMessage {
-                    role: "assistant",
-                    content: Some(content),
-                    tool_calls: None,
-                },
-                finish_reason: finish,
-                logprobs: None,
+                )
             }
-        })
-        .collect();
+            None => {
+                if guard_flags(state, &prepared.request, Some(&completion.text))
+                    .await
+                    .is_some()
+                {
+                    state.metrics.count_filtered("completion");
+                    (String::new(), "content_filter")
+                } else {
+                    (completion.text, completion.finish_reason.as_str())
+                }
+            }
+        };
+        choices.push(Choice {
+            index,
+            message: ResponseMessage {
+                role: "assistant",
+                content: Some(content),
+                tool_calls: None,
+            },
+            finish_reason: finish,
+            logprobs: None,
+        });
+    }
     Ok(ChatCompletion {
         id: prepared.id.clone(),
         object: "chat.completion",

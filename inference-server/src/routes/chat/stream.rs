@@ -118,6 +118,7 @@ async fn drive(
     let mut released = vec![String::new(); count];
     let mut pending = vec![String::new(); count];
     let mut pending_tokens = vec![0usize; count];
+    let mut pending_logprobs = vec![Vec::new(); count];
     while let Some((index, event)) = events.next().await {
         if done[index] {
             continue;
@@ -144,17 +145,29 @@ async fn drive(
         let mut emission = emission;
         if guarded && emission.finish_reason != Some("content_filter") {
             pending[index].push_str(&std::mem::take(&mut emission.content));
+            pending_logprobs[index].append(&mut emission.logprobs);
             pending_tokens[index] += 1;
             let window_full = pending_tokens[index] >= GUARD_WINDOW;
-            if (window_full || emission.finish_reason.is_some()) && !pending[index].is_empty() {
-                let candidate = format!("{}{}", released[index], pending[index]);
+            // A tool call is judged as the JSON the model wrote, before its delta is sent.
+            let candidate = if emission.tool_calls.is_some() {
+                Some(choices[index].text().to_owned())
+            } else if (window_full || emission.finish_reason.is_some())
+                && !pending[index].is_empty()
+            {
+                Some(format!("{}{}", released[index], pending[index]))
+            } else {
+                None
+            };
+            if let Some(candidate) = candidate {
                 if guard_flags(&state, r, Some(&candidate)).await.is_some() {
                     state.metrics.count_filtered("completion");
                     pending[index].clear();
+                    pending_logprobs[index].clear();
                     emission.finish_reason = Some("content_filter");
                     emission.tool_calls = None;
                 } else {
                     emission.content = std::mem::take(&mut pending[index]);
+                    emission.logprobs = std::mem::take(&mut pending_logprobs[index]);
                     released[index].push_str(&emission.content);
                 }
                 pending_tokens[index] = 0;
