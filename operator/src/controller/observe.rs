@@ -213,6 +213,27 @@ pub fn download_failure(pods: &[Pod]) -> Option<String> {
     })
 }
 
+/// The first server pod (by name) whose `fetch-model` init container is running.
+pub fn downloading_pod(pods: &[Pod]) -> Option<String> {
+    let mut names: Vec<String> = pods
+        .iter()
+        .filter(|pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .is_some_and(|inits| {
+                    inits.iter().any(|i| {
+                        i.name == FETCH_CONTAINER
+                            && i.state.as_ref().is_some_and(|st| st.running.is_some())
+                    })
+                })
+        })
+        .filter_map(|pod| pod.metadata.name.clone())
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
 /// How far a `llama-server fetch` download has come, from its latest progress line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadProgress {
@@ -437,6 +458,28 @@ fetch: Llama-3.1-8B-Q4_K_M.gguf 1.2 GiB / 4.6 GiB (26%), 101.3 MiB/s
         ] {
             assert_eq!(parse_download_progress(log), None, "{log}");
         }
+    }
+
+    #[test]
+    fn the_log_is_read_from_a_pod_whose_fetch_is_running() {
+        let named = |name: &str, state: serde_json::Value| {
+            let mut pod = pod_with_fetch(state, serde_json::json!({}));
+            pod.metadata.name = Some(name.into());
+            pod
+        };
+        let running = serde_json::json!({"running": {}});
+        let pods = [
+            named("chat-c", serde_json::json!({"terminated": {"exitCode": 0}})),
+            named("chat-b", running.clone()),
+            named(
+                "chat-a",
+                serde_json::json!({"waiting": {"reason": "PodInitializing"}}),
+            ),
+            named("chat-d", running),
+        ];
+        assert_eq!(downloading_pod(&pods).as_deref(), Some("chat-b"));
+        assert_eq!(downloading_pod(&pods[..1]), None);
+        assert_eq!(downloading_pod(&[]), None);
     }
 
     #[test]

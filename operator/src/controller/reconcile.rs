@@ -5,8 +5,8 @@ use super::autoscaling;
 use super::conditions;
 use super::dereference;
 use super::observe::{
-    DownloadProgress, Observed, Transition, download_failure, parse_download_progress, status_for,
-    status_for_invalid,
+    DownloadProgress, Observed, Transition, download_failure, downloading_pod,
+    parse_download_progress, status_for, status_for_invalid,
 };
 use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, QuotaSource};
 use crate::build::{
@@ -39,6 +39,8 @@ pub const FIELD_MANAGER: &str = "llama-operator";
 const DOWNLOAD_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// Log lines read from the end of the `fetch-model` log (progress lines are the frequent ones).
 const DOWNLOAD_LOG_TAIL_LINES: i64 = 5;
+/// The longest a reconcile waits for that log (the API server asks the kubelet for it).
+const DOWNLOAD_LOG_TIMEOUT: Duration = Duration::from_secs(5);
 /// Finalizer that releases node pools (cluster-scoped, out of garbage collection's reach).
 pub const FINALIZER: &str = "llama-operator.io/node-pool";
 
@@ -586,27 +588,6 @@ async fn observe(
     })
 }
 
-/// The first server pod (by name) whose `fetch-model` init container is running.
-fn downloading_pod(pods: &[Pod]) -> Option<String> {
-    let mut names: Vec<String> = pods
-        .iter()
-        .filter(|pod| {
-            pod.status
-                .as_ref()
-                .and_then(|s| s.init_container_statuses.as_ref())
-                .is_some_and(|inits| {
-                    inits.iter().any(|i| {
-                        i.name == build::FETCH_CONTAINER
-                            && i.state.as_ref().is_some_and(|st| st.running.is_some())
-                    })
-                })
-        })
-        .map(|pod| pod.name_any())
-        .collect();
-    names.sort();
-    names.into_iter().next()
-}
-
 /// The latest progress of the download in `pod`, from the tail of its `fetch-model` log. A log
 /// that cannot be read (RBAC, a kubelet that is not reachable) leaves the plain message: it never
 /// fails the reconcile.
@@ -616,10 +597,17 @@ async fn download_progress(api: &Api<Pod>, pod: &str) -> Option<DownloadProgress
         tail_lines: Some(DOWNLOAD_LOG_TAIL_LINES),
         ..LogParams::default()
     };
-    match api.logs(pod, &params).await {
-        Ok(log) => parse_download_progress(&log),
-        Err(err) => {
+    match tokio::time::timeout(DOWNLOAD_LOG_TIMEOUT, api.logs(pod, &params)).await {
+        Ok(Ok(log)) => parse_download_progress(&log),
+        Ok(Err(err)) => {
             tracing::warn!(pod, error = %err, "cannot read the fetch-model log; reporting no progress");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                pod,
+                "the fetch-model log did not come in time; reporting no progress"
+            );
             None
         }
     }
