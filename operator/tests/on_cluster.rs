@@ -503,3 +503,79 @@ async fn existing_nodes_without_room_are_reported_not_retried() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// A url source: the pods get the `fetch-model` init container. When a pod shows it running,
+/// ModelLoaded and Ready say `Downloading`; kwok's nodes serve no container logs, so the
+/// progress cannot be read, and the operator keeps the plain message instead of failing.
+#[tokio::test]
+async fn a_download_whose_log_cannot_be_read_is_still_reported_as_downloading() -> anyhow::Result<()>
+{
+    let (env, op) = setup("downloading").await?;
+    apply(
+        &env,
+        "fetcher",
+        "  model: Meta-Llama-3.2-1B\n  source: {type: url, url: 'https://models.example/llama-1b-Q8_0.gguf', format: gguf}\n  nodePool: {provider: kwok}\n",
+    )
+    .await?;
+    // kwok runs the pod (its init container counts as done): the deployment becomes Ready.
+    wait_ready(&env, &op, "fetcher", 90).await?;
+    let pods = pods_of(&env, "fetcher").await?;
+    let [pod] = pods.as_slice() else {
+        anyhow::bail!("expected one server pod, got {}", pods.len());
+    };
+    let init = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["fetch-model"]
+    );
+
+    // Now the pod shows the download running, as a kubelet would while it runs.
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    Api::<Pod>::namespaced(env.client.clone(), &env.namespace)
+        .patch_status(
+            &pod_name,
+            &Default::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {
+                "phase": "Pending",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Initialized", "status": "False"},
+                    {"type": "Ready", "status": "False"},
+                ],
+                "initContainerStatuses": [{
+                    "name": "fetch-model", "image": "llama-server", "imageID": "",
+                    "ready": false, "restartCount": 0,
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                }],
+            }})),
+        )
+        .await?;
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let (status, reason, message) = wait_for(Duration::from_secs(60), || async {
+        condition(&api.get("fetcher").await.ok()?, "ModelLoaded").filter(|c| c.1 == "Downloading")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no Downloading condition: {e}\n{}", op.log_text()))?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Downloading"));
+    assert_eq!(
+        message,
+        "downloading the model weights",
+        "{}",
+        op.log_text()
+    );
+    let ld = api.get("fetcher").await?;
+    assert_eq!(
+        condition(&ld, "Ready").map(|c| (c.0, c.1)),
+        Some(("False".into(), "Downloading".into()))
+    );
+    // The operator tried the log (the API server could not reach a kubelet on the kwok node),
+    // and that did not fail the reconcile.
+    let log = op.log_text();
+    assert!(log.contains("cannot read the fetch-model log"), "{log}");
+    assert!(!log.contains("reconcile failed"), "{log}");
+    Ok(())
+}
