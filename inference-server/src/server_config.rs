@@ -12,17 +12,19 @@ use serde::Deserialize;
 pub struct ServerConfig {
     /// The model name `/info`, `/v1/models` and responses report.
     pub model_name: String,
-    /// A Hugging Face model directory, a `.gguf` file, or `demo` (a random-weight tiny model
-    /// generated at start from the bundled tokenizer).
+    /// A Hugging Face model directory, a `.gguf` file, a directory holding exactly one `.gguf`
+    /// file (with `format: gguf`), or `demo` (a random-weight tiny model generated at start from
+    /// the bundled tokenizer).
     pub model_path: String,
-    /// `safetensors` or `gguf`; informational, the path decides.
+    /// `safetensors` or `gguf`. A file path is read as GGUF and a directory as safetensors, except
+    /// that with `gguf` a directory is taken to hold exactly one `.gguf` file.
     pub format: Option<String>,
     /// Context window to serve; defaults to the model's own.
     pub context_length: Option<usize>,
     /// GPUs per instance, as planned by the operator. Recorded and reported; one device is used.
     pub tensor_parallel: Option<u32>,
-    /// Where the Llama 3 tokenizer lives for the demo model. Defaults to
-    /// `$LLAMA_SERVER_TOKENIZER_DIR`.
+    /// Where the Llama 3 tokenizer lives: for the demo model, and for a GGUF file without a
+    /// `tokenizer.json` beside it. Defaults to `$LLAMA_SERVER_TOKENIZER_DIR`.
     pub tokenizer_dir: Option<PathBuf>,
     /// Compute device: `cpu` (the default), `cuda` or `cuda:N`; the engine runs in f32 on the
     /// CPU and bf16 on a GPU. `serve --device` and `$LLAMA_SERVER_DEVICE` override it.

@@ -1,7 +1,7 @@
 //! What every handler shares: configuration, the engine once loaded, authentication, limits,
 //! content safety, metrics and the draining flag.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -89,11 +89,7 @@ impl AppState {
             let _ = self.guard.set(guard);
         }
         let dir = model_dir(&self.config)?;
-        // A GGUF model is one file; its tokenizer files lie beside it.
-        let tokenizer_dir = match dir.parent() {
-            Some(parent) if dir.is_file() => parent.to_path_buf(),
-            _ => dir.clone(),
-        };
+        let tokenizer_dir = tokenizer_dir_for(&dir, tokenizer_fallback(&self.config).as_deref())?;
         let tokenizer = LlamaTokenizer::from_dir(&tokenizer_dir).map_err(|e| e.to_string())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
         // `serve` has already resolved --device / $LLAMA_SERVER_DEVICE into the configuration.
@@ -145,23 +141,15 @@ fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
         let path = PathBuf::from(&config.model_path);
         // `LlamaModel::load` reads a file as GGUF and a directory as safetensors.
         if config.format.as_deref() == Some("gguf") && path.is_dir() {
-            return Err(format!(
-                "modelPath {}: the format is gguf, so modelPath must name the .gguf file, \
-                 not a directory",
-                path.display()
-            ));
+            return single_gguf_in(&path);
         }
         return Ok(path);
     }
-    let tokenizer_dir = config
-        .tokenizer_dir
-        .clone()
-        .or_else(|| std::env::var_os("LLAMA_SERVER_TOKENIZER_DIR").map(PathBuf::from))
-        .ok_or_else(|| {
-            "modelPath is 'demo' but no tokenizer is configured: set tokenizerDir in the \
+    let tokenizer_dir = tokenizer_fallback(config).ok_or_else(|| {
+        "modelPath is 'demo' but no tokenizer is configured: set tokenizerDir in the \
              configuration or LLAMA_SERVER_TOKENIZER_DIR"
-                .to_owned()
-        })?;
+            .to_owned()
+    })?;
     let seed = config.engine.demo_seed;
     let out = std::env::temp_dir().join(format!("llama-server-demo-v2-{seed}"));
     if !out.join("config.json").exists() {
@@ -204,6 +192,96 @@ fn install_tool_template(dir: &std::path::Path) -> Result<(), String> {
     config["chat_template"] = serde_json::Value::String(DEMO_CHAT_TEMPLATE.to_owned());
     std::fs::write(&path, config.to_string())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The one `*.gguf` file in `dir`: `llama-server fetch` saves a URL's GGUF file, or a GGUF-only
+/// Hugging Face repository's file, into the model directory under its own name, so a directory is
+/// accepted for the gguf format when it holds exactly one.
+pub fn single_gguf_in(dir: &Path) -> Result<PathBuf, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        format!(
+            "modelPath {}: cannot list the directory: {e}",
+            dir.display()
+        )
+    })?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| {
+            format!(
+                "modelPath {}: cannot list the directory: {e}",
+                dir.display()
+            )
+        })?;
+        let path = entry.path();
+        let is_gguf = path
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("gguf"));
+        if is_gguf && path.is_file() {
+            found.push(path);
+        }
+    }
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(format!(
+            "modelPath {}: the format is gguf but the directory holds no .gguf file; \
+             name the .gguf file in modelPath or put exactly one in the directory",
+            dir.display()
+        )),
+        many => Err(format!(
+            "modelPath {}: the format is gguf and the directory holds {} .gguf files ({}); \
+             name the one to serve in modelPath",
+            dir.display(),
+            many.len(),
+            many.iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// The tokenizer directory to fall back on: `tokenizerDir` in the configuration, else
+/// `$LLAMA_SERVER_TOKENIZER_DIR` (the images set it to the bundled Llama 3.1 tokenizer).
+fn tokenizer_fallback(config: &ServerConfig) -> Option<PathBuf> {
+    config
+        .tokenizer_dir
+        .clone()
+        .or_else(|| std::env::var_os("LLAMA_SERVER_TOKENIZER_DIR").map(PathBuf::from))
+}
+
+/// Where the tokenizer files of `model` lie. A model directory carries its own. A GGUF file uses
+/// the `tokenizer.json` beside it, else the fallback directory (a single `.gguf` downloaded from
+/// a URL comes without tokenizer files).
+pub fn tokenizer_dir_for(model: &Path, fallback: Option<&Path>) -> Result<PathBuf, String> {
+    let Some(beside) = model.parent().filter(|_| model.is_file()) else {
+        return Ok(model.to_path_buf());
+    };
+    let beside = if beside.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        beside
+    };
+    if beside.join("tokenizer.json").is_file() {
+        return Ok(beside.to_path_buf());
+    }
+    match fallback {
+        Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir.to_path_buf()),
+        Some(dir) => Err(format!(
+            "no tokenizer for {}: neither {} nor the tokenizer directory {} (tokenizerDir or \
+             LLAMA_SERVER_TOKENIZER_DIR) holds tokenizer.json",
+            model.display(),
+            beside.display(),
+            dir.display()
+        )),
+        None => Err(format!(
+            "no tokenizer for {}: {} holds no tokenizer.json and no tokenizer directory is \
+             configured (set tokenizerDir in the configuration or LLAMA_SERVER_TOKENIZER_DIR)",
+            model.display(),
+            beside.display()
+        )),
+    }
 }
 
 pub fn unix_now() -> u64 {

@@ -258,14 +258,97 @@ async fn the_server_serves_a_gguf_model_path() {
         .await
         .expect("response");
     assert_eq!(response.status(), axum::http::StatusCode::OK);
+}
 
-    let as_dir = ServerConfig::from_yaml(&format!(
-        "modelPath: {}\nformat: gguf\n",
-        out.path().display()
-    ))
-    .expect("config");
-    let err = AppState::new(as_dir, Authenticator::Open)
-        .load_engine()
-        .expect_err("a directory is not a GGUF file");
-    assert!(err.contains("must name the .gguf file"), "{err}");
+/// `llama-server fetch` saves a URL's `.gguf` file into the model directory with no tokenizer
+/// beside it, and the operator points `modelPath` at that directory: with `format: gguf` the
+/// server takes the directory's one `.gguf` file and the fallback tokenizer directory.
+#[tokio::test]
+async fn a_directory_with_one_gguf_file_loads_with_the_fallback_tokenizer() {
+    use llama_server::auth::Authenticator;
+    use llama_server::server_config::ServerConfig;
+    use llama_server::state::AppState;
+    use tower::ServiceExt;
+
+    let models = scratch();
+    std::os::unix::fs::symlink(
+        gguf_of(ModelShape::Tiny, 42, GgufFileType::Q8_0),
+        models.path().join("Llama-3.2-1B-Instruct-Q8_0.gguf"),
+    )
+    .expect("link");
+    assert!(!models.path().join("tokenizer.json").exists());
+    let yaml = |tokenizer_dir: &Path| {
+        format!(
+            "modelPath: {}\nformat: gguf\ntokenizerDir: {}\n",
+            models.path().display(),
+            tokenizer_dir.display()
+        )
+    };
+
+    let state = AppState::new(
+        ServerConfig::from_yaml(&yaml(&common::tokenizer_dir())).expect("config"),
+        Authenticator::Open,
+    );
+    let loader = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || loader.load_engine())
+        .await
+        .expect("join")
+        .expect("the directory's one GGUF file loads");
+    let request = axum::http::Request::post("/chat/completions")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(
+            r#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":3}"#,
+        ))
+        .expect("request");
+    let response = llama_server::app(Arc::clone(&state))
+        .oneshot(request)
+        .await
+        .expect("response");
+    assert_eq!(response.status(), axum::http::StatusCode::OK);
+
+    // Neither beside the file nor in the fallback: the error names both places.
+    let empty = scratch();
+    let err = AppState::new(
+        ServerConfig::from_yaml(&yaml(empty.path())).expect("config"),
+        Authenticator::Open,
+    )
+    .load_engine()
+    .expect_err("no tokenizer anywhere");
+    assert!(err.contains("no tokenizer for"), "{err}");
+    assert!(err.contains(&models.path().display().to_string()), "{err}");
+    assert!(err.contains(&empty.path().display().to_string()), "{err}");
+}
+
+/// A gguf directory with two `.gguf` files (or none) is refused, naming the directory and the
+/// files found.
+#[test]
+fn a_gguf_directory_must_hold_exactly_one_gguf_file() {
+    use llama_server::auth::Authenticator;
+    use llama_server::server_config::ServerConfig;
+    use llama_server::state::AppState;
+
+    let models = scratch();
+    let load = || {
+        let config = ServerConfig::from_yaml(&format!(
+            "modelPath: {}\nformat: gguf\ntokenizerDir: {}\n",
+            models.path().display(),
+            common::tokenizer_dir().display()
+        ))
+        .expect("config");
+        AppState::new(config, Authenticator::Open)
+            .load_engine()
+            .expect_err("not exactly one GGUF file")
+    };
+    let err = load();
+    assert!(err.contains("holds no .gguf file"), "{err}");
+    assert!(err.contains(&models.path().display().to_string()), "{err}");
+
+    let gguf = gguf_of(ModelShape::Tiny, 42, GgufFileType::Q8_0);
+    for name in ["a-Q8_0.gguf", "b-Q4_K_M.gguf"] {
+        std::os::unix::fs::symlink(&gguf, models.path().join(name)).expect("link");
+    }
+    let err = load();
+    assert!(err.contains("holds 2 .gguf files"), "{err}");
+    assert!(err.contains("a-Q8_0.gguf, b-Q4_K_M.gguf"), "{err}");
+    assert!(err.contains(&models.path().display().to_string()), "{err}");
 }

@@ -1,7 +1,7 @@
 //! Validation the schema cannot do: it needs the catalogs and the objects the spec refers to.
 //! Pure: the references are read beforehand (see `controller::dereference`).
 
-use crate::api::{AuthMode, LlamaDeployment, NodePoolProvider, SourceType};
+use crate::api::{AuthMode, LlamaDeployment, NodePoolProvider, SourceType, WeightFormat};
 use crate::catalog::{InstanceType, ModelInfo};
 use crate::config::Catalog;
 
@@ -50,6 +50,10 @@ pub enum SpecError {
     PvcNotFound { name: String, namespace: String },
     #[error("{message}")]
     ProviderUnavailable { message: String },
+    #[error(
+        "spec.source.format: spec.source.url {url:?} names a .gguf file but the format is safetensors; set spec.source.format: gguf"
+    )]
+    FormatMismatch { url: String },
 }
 
 impl SpecError {
@@ -64,6 +68,7 @@ impl SpecError {
             SpecError::SecretKeysInvalid { .. } => "SecretInvalid",
             SpecError::PvcNotFound { .. } => "PersistentVolumeClaimNotFound",
             SpecError::ProviderUnavailable { .. } => "NodePoolProviderUnavailable",
+            SpecError::FormatMismatch { .. } => "SourceFormatMismatch",
         }
     }
 }
@@ -197,6 +202,13 @@ pub fn validate(
             namespace,
         });
     }
+    if spec.source.type_ == SourceType::Url
+        && spec.source.format == WeightFormat::Safetensors
+        && let Some(url) = &spec.source.url
+        && url_names_gguf(url)
+    {
+        return Err(SpecError::FormatMismatch { url: url.clone() });
+    }
     if spec.source.type_ == SourceType::Pvc
         && let Some(pvc) = &spec.source.pvc
         && refs.pvc == Some(false)
@@ -212,6 +224,13 @@ pub fn validate(
         instances: spec.compute.instance_count,
         provider: spec.node_pool.provider,
     })
+}
+
+/// Whether a URL's path (its query and fragment aside) ends in `.gguf`: `llama-server fetch`
+/// then saves a single GGUF file, which only `format: gguf` can load.
+fn url_names_gguf(url: &str) -> bool {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    path.to_ascii_lowercase().ends_with(".gguf")
 }
 
 #[cfg(test)]
@@ -300,6 +319,59 @@ spec:
         };
         let err = validate(&spec, &catalog(), &refs).expect_err("missing pvc");
         assert_eq!(err.reason(), "PersistentVolumeClaimNotFound");
+    }
+
+    #[test]
+    fn a_missing_hugging_face_token_secret_names_its_field() {
+        let spec = ld(&BASE.replace(
+            "{type: demo}",
+            "{type: huggingFace, huggingFace: {repository: meta-llama/Llama-3.1-8B-Instruct, \
+             tokenSecretRef: {name: hf-token}}}",
+        ));
+        let refs = References {
+            token_secret: Some(false),
+            ..Default::default()
+        };
+        let err = validate(&spec, &catalog(), &refs).expect_err("missing token secret");
+        assert_eq!(err.reason(), "SecretNotFound");
+        assert_eq!(
+            err.to_string(),
+            "spec.source.huggingFace.tokenSecretRef.name: Secret \"hf-token\" does not exist \
+             in namespace team-a; create it or fix the name"
+        );
+        let refs = References {
+            token_secret: Some(true),
+            ..Default::default()
+        };
+        validate(&spec, &catalog(), &refs).expect("the token Secret exists");
+    }
+
+    #[test]
+    fn a_gguf_url_needs_the_gguf_format() {
+        let url = "{type: url, url: 'https://models.example/llama-8b-Q4_K_M.GGUF?sig=x'}";
+        let spec = ld(&BASE.replace("{type: demo}", url));
+        let err = validate(&spec, &catalog(), &References::default()).expect_err("safetensors");
+        assert_eq!(err.reason(), "SourceFormatMismatch");
+        assert!(err.to_string().starts_with("spec.source.format: "), "{err}");
+        assert!(
+            err.to_string().contains("set spec.source.format: gguf"),
+            "{err}"
+        );
+
+        let gguf = url.replace("}", ", format: gguf}");
+        validate(
+            &ld(&BASE.replace("{type: demo}", &gguf)),
+            &catalog(),
+            &References::default(),
+        )
+        .expect("gguf format");
+        let archive = "{type: url, url: 'https://models.example/llama-8b.tar.gz'}";
+        validate(
+            &ld(&BASE.replace("{type: demo}", archive)),
+            &catalog(),
+            &References::default(),
+        )
+        .expect("an archive in the Hugging Face layout");
     }
 
     #[test]

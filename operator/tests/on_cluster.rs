@@ -31,6 +31,58 @@ async fn nodes_of(env: &TestEnv, name: &str) -> anyhow::Result<Vec<Node>> {
         .items)
 }
 
+/// The Secrets, ConfigMaps, Services and PodDisruptionBudgets of the test namespace that a
+/// LlamaDeployment owns or that carry the operator's deployment label, as `Kind/name`.
+async fn namespaced_children(env: &TestEnv) -> anyhow::Result<Vec<String>> {
+    fn ours(kind: &str, meta: &kube::api::ObjectMeta) -> Option<String> {
+        let owned = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "LlamaDeployment");
+        let labelled = meta
+            .labels
+            .iter()
+            .flatten()
+            .any(|(k, _)| k.starts_with("llama-operator.io/"));
+        (owned || labelled).then(|| format!("{kind}/{}", meta.name.as_deref().unwrap_or("?")))
+    }
+    let lp = ListParams::default();
+    let ns = &env.namespace;
+    let client = &env.client;
+    let mut found = Vec::new();
+    for s in Api::<Secret>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await?
+        .items
+    {
+        found.extend(ours("Secret", &s.metadata));
+    }
+    for c in Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await?
+        .items
+    {
+        found.extend(ours("ConfigMap", &c.metadata));
+    }
+    for s in Api::<Service>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await?
+        .items
+    {
+        found.extend(ours("Service", &s.metadata));
+    }
+    for p in Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await?
+        .items
+    {
+        found.extend(ours("PodDisruptionBudget", &p.metadata));
+    }
+    found.sort();
+    Ok(found)
+}
+
 async fn pods_of(env: &TestEnv, name: &str) -> anyhow::Result<Vec<Pod>> {
     let sel = format!("llama-operator.io/deployment={name}");
     Ok(Api::<Pod>::namespaced(env.client.clone(), &env.namespace)
@@ -81,6 +133,17 @@ async fn apply_becomes_ready_on_its_own_gpu_nodes_and_delete_leaves_nothing() ->
     assert_eq!(
         condition(&ld, "ModelLoaded").map(|c| c.0),
         Some("True".into())
+    );
+
+    // The namespaced children, as the bad-spec test looks for them.
+    assert_eq!(
+        namespaced_children(&env).await?,
+        [
+            "ConfigMap/chat-server",
+            "PodDisruptionBudget/chat",
+            "Secret/chat-keys",
+            "Service/chat"
+        ]
     );
 
     // Two nodes with the instance type's capacity, and the servers run on them and only them.
@@ -269,6 +332,18 @@ async fn bad_specs_get_a_condition_and_create_nothing() -> anyhow::Result<()> {
             "PersistentVolumeClaimNotFound",
             "spec.source.pvc.claimName",
         ),
+        (
+            "no-token",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: huggingFace, huggingFace: {repository: meta-llama/Llama-3.2-1B, tokenSecretRef: {name: hf-token}}}\n  nodePool: {provider: kwok}\n",
+            "SecretNotFound",
+            "spec.source.huggingFace.tokenSecretRef.name: Secret \"hf-token\"",
+        ),
+        (
+            "gguf-as-safetensors",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: url, url: 'https://models.example/llama-1b-Q8_0.gguf'}\n  nodePool: {provider: kwok}\n",
+            "SourceFormatMismatch",
+            "set spec.source.format: gguf",
+        ),
     ];
     let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
     for (name, body, reason, words) in cases {
@@ -297,6 +372,8 @@ async fn bad_specs_get_a_condition_and_create_nothing() -> anyhow::Result<()> {
             "{name}: nodes were created"
         );
     }
+    let children = namespaced_children(&env).await?;
+    assert!(children.is_empty(), "children were created: {children:?}");
     // No retry loop: the invalid objects are not rewritten while nothing changes.
     let before: Vec<_> = futures::future::join_all(cases.iter().map(|(n, ..)| api.get(n))).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -424,5 +501,81 @@ async fn existing_nodes_without_room_are_reported_not_retried() -> anyhow::Resul
             .await?
             .is_some()
     );
+    Ok(())
+}
+
+/// A url source: the pods get the `fetch-model` init container. When a pod shows it running,
+/// ModelLoaded and Ready say `Downloading`; kwok's nodes serve no container logs, so the
+/// progress cannot be read, and the operator keeps the plain message instead of failing.
+#[tokio::test]
+async fn a_download_whose_log_cannot_be_read_is_still_reported_as_downloading() -> anyhow::Result<()>
+{
+    let (env, op) = setup("downloading").await?;
+    apply(
+        &env,
+        "fetcher",
+        "  model: Meta-Llama-3.2-1B\n  source: {type: url, url: 'https://models.example/llama-1b-Q8_0.gguf', format: gguf}\n  nodePool: {provider: kwok}\n",
+    )
+    .await?;
+    // kwok runs the pod (its init container counts as done): the deployment becomes Ready.
+    wait_ready(&env, &op, "fetcher", 90).await?;
+    let pods = pods_of(&env, "fetcher").await?;
+    let [pod] = pods.as_slice() else {
+        anyhow::bail!("expected one server pod, got {}", pods.len());
+    };
+    let init = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["fetch-model"]
+    );
+
+    // Now the pod shows the download running, as a kubelet would while it runs.
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    Api::<Pod>::namespaced(env.client.clone(), &env.namespace)
+        .patch_status(
+            &pod_name,
+            &Default::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {
+                "phase": "Pending",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Initialized", "status": "False"},
+                    {"type": "Ready", "status": "False"},
+                ],
+                "initContainerStatuses": [{
+                    "name": "fetch-model", "image": "llama-server", "imageID": "",
+                    "ready": false, "restartCount": 0,
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                }],
+            }})),
+        )
+        .await?;
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let (status, reason, message) = wait_for(Duration::from_secs(60), || async {
+        condition(&api.get("fetcher").await.ok()?, "ModelLoaded").filter(|c| c.1 == "Downloading")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no Downloading condition: {e}\n{}", op.log_text()))?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Downloading"));
+    assert_eq!(
+        message,
+        "downloading the model weights",
+        "{}",
+        op.log_text()
+    );
+    let ld = api.get("fetcher").await?;
+    assert_eq!(
+        condition(&ld, "Ready").map(|c| (c.0, c.1)),
+        Some(("False".into(), "Downloading".into()))
+    );
+    // The operator tried the log (the API server could not reach a kubelet on the kwok node),
+    // and that did not fail the reconcile.
+    let log = op.log_text();
+    assert!(log.contains("cannot read the fetch-model log"), "{log}");
+    assert!(!log.contains("reconcile failed"), "{log}");
     Ok(())
 }

@@ -25,6 +25,10 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
             Some(p) if !p.is_empty() => format!("{MODEL_DIR}/{p}"),
             _ => MODEL_DIR.to_owned(),
         },
+        // `llama-server fetch` downloads into MODEL_DIR: the Hugging Face layout, or (a `.gguf`
+        // URL, a GGUF-only repository) one `.gguf` file that the server finds there with
+        // `format: gguf`, taking the tokenizer from the image's LLAMA_SERVER_TOKENIZER_DIR when
+        // none lies beside it.
         _ => MODEL_DIR.to_owned(),
     };
     let config = json!({
@@ -113,6 +117,33 @@ mod tests {
         let cfg: serde_yaml::Value =
             serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
         assert_eq!(cfg["modelPath"], "/models/llama/8b");
+    }
+
+    #[test]
+    fn a_gguf_url_points_the_server_at_the_download_directory_as_gguf() {
+        let d = ld(&CHAT.replace(
+            "{type: demo}",
+            "{type: url, url: 'https://models.example/Llama-3.1-8B-Q4_K_M.gguf', format: gguf}",
+        ));
+        let cm = server_config_map(&d, &plan(&d)).expect("configmap");
+        let cfg: serde_yaml::Value =
+            serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
+        // The server takes the directory's one .gguf file (what `fetch --out /models` wrote) and
+        // the image's tokenizer directory, so the configuration names neither.
+        assert_eq!(cfg["modelPath"], MODEL_DIR);
+        assert_eq!(cfg["format"], "gguf");
+        assert!(cfg.get("tokenizerDir").is_none(), "{cfg:?}");
+
+        let d = ld(&CHAT.replace(
+            "{type: demo}",
+            "{type: huggingFace, huggingFace: {repository: bartowski/Llama-3.1-8B-GGUF}, \
+             format: gguf}",
+        ));
+        let cm = server_config_map(&d, &plan(&d)).expect("configmap");
+        let cfg: serde_yaml::Value =
+            serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
+        assert_eq!(cfg["modelPath"], MODEL_DIR);
+        assert_eq!(cfg["format"], "gguf");
     }
 
     #[test]

@@ -254,7 +254,7 @@ mod tests {
     fn url_source_downloads_in_an_init_container() {
         let y = build(&CHAT.replace(
             "{type: demo}",
-            "{type: url, url: 'https://x.example/m.gguf', sha256: abc}",
+            "{type: url, url: 'https://x.example/m.gguf', sha256: abc, format: gguf}",
         ));
         let init = &y["spec"]["template"]["spec"]["initContainers"][0];
         assert_eq!(init["name"], "fetch-model");

@@ -21,6 +21,8 @@ pub struct Observed {
     pub unschedulable: Option<String>,
     /// A server pod is still downloading the weights.
     pub downloading: bool,
+    /// The latest progress line of a running download, when its log could be read.
+    pub download_progress: Option<DownloadProgress>,
     /// Why a server pod's download failed, when one did (see [`download_failure`]).
     pub download_failed: Option<String>,
     /// Start times of the running server pods.
@@ -113,11 +115,11 @@ pub fn status_for(
             format!("downloading the model weights failed: {why}"),
         )
     } else if observed.downloading {
-        (
-            false,
-            "Downloading",
-            "downloading the model weights".to_owned(),
-        )
+        let message = match &observed.download_progress {
+            Some(progress) => format!("downloading the model weights: {progress}"),
+            None => "downloading the model weights".to_owned(),
+        };
+        (false, "Downloading", message)
     } else if observed.replicas > 0 && pool_ok {
         (false, "Loading", format!("loading {}", ld.spec.model))
     } else {
@@ -209,6 +211,101 @@ pub fn download_failure(pods: &[Pod]) -> Option<String> {
                 .and_then(|_| failed(&fetch.last_state.as_ref()?.terminated))
         })
     })
+}
+
+/// The first server pod (by name) whose `fetch-model` init container is running.
+pub fn downloading_pod(pods: &[Pod]) -> Option<String> {
+    let mut names: Vec<String> = pods
+        .iter()
+        .filter(|pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .is_some_and(|inits| {
+                    inits.iter().any(|i| {
+                        i.name == FETCH_CONTAINER
+                            && i.state.as_ref().is_some_and(|st| st.running.is_some())
+                    })
+                })
+        })
+        .filter_map(|pod| pod.metadata.name.clone())
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
+/// How far a `llama-server fetch` download has come, from its latest progress line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadProgress {
+    /// The file being downloaded.
+    pub file: String,
+    /// Bytes so far, as printed (`1.2 GiB`).
+    pub done: String,
+    /// The file's size and the percent done, when the server announced a length.
+    pub of: Option<(String, u8)>,
+}
+
+impl std::fmt::Display for DownloadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.of {
+            Some((total, percent)) => {
+                write!(f, "{} of {total} ({percent}%) of {}", self.done, self.file)
+            }
+            None => write!(f, "{} of {} so far", self.done, self.file),
+        }
+    }
+}
+
+/// The most recent progress line in the tail of a `fetch-model` log. `llama-server fetch`
+/// (`inference-server/src/fetch/progress.rs`) prints `fetch: FILE DONE / TOTAL (P%), RATE/s`, or
+/// `fetch: FILE DONE, RATE/s` when the size is unknown; sizes are `N B` or `N.N KiB|MiB|GiB|TiB`.
+/// Other lines (the source, retries, the summary) are skipped.
+pub fn parse_download_progress(log: &str) -> Option<DownloadProgress> {
+    log.lines().rev().find_map(progress_line)
+}
+
+fn progress_line(line: &str) -> Option<DownloadProgress> {
+    let rest = line.trim().strip_prefix("fetch: ")?;
+    let body = match rest.rsplit_once(", ") {
+        Some((body, rate)) if rate.strip_suffix("/s").is_some_and(is_size) => body,
+        _ => rest,
+    };
+    let (head, of) = match body.strip_suffix("%)") {
+        Some(with_percent) => {
+            let (head, percent) = with_percent.rsplit_once(" (")?;
+            let percent: u8 = percent.parse().ok().filter(|p| *p <= 100)?;
+            let (head, total) = head.rsplit_once(" / ")?;
+            if !is_size(total) {
+                return None;
+            }
+            (head, Some((total.to_owned(), percent)))
+        }
+        None => (body, None),
+    };
+    let mut parts = head.rsplitn(3, ' ');
+    let unit = parts.next()?;
+    let number = parts.next()?;
+    let file = parts.next()?.trim();
+    let done = format!("{number} {unit}");
+    if file.is_empty() || !is_size(&done) {
+        return None;
+    }
+    Some(DownloadProgress {
+        file: file.to_owned(),
+        done,
+        of,
+    })
+}
+
+/// `1023 B`, `1.5 KiB`, … as `format_bytes` in the fetch code writes them.
+fn is_size(text: &str) -> bool {
+    let Some((number, unit)) = text.split_once(' ') else {
+        return false;
+    };
+    let number_ok = !number.is_empty()
+        && number.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && number.parse::<f64>().is_ok();
+    number_ok && ["B", "KiB", "MiB", "GiB", "TiB"].contains(&unit)
 }
 
 /// The status of a deployment whose spec must be fixed: Ready=False with the reason, the rest
@@ -321,6 +418,113 @@ mod tests {
             "{msg}"
         );
     }
+    /// What `llama-server fetch` printed for a URL download, verbatim in form.
+    const FETCH_LOG: &str = "\
+fetch: https://models.example/Llama-3.1-8B-Q4_K_M.gguf into /models
+fetch: Llama-3.1-8B-Q4_K_M.gguf 245.1 MiB / 4.6 GiB (5%), 98.0 MiB/s
+fetch: Llama-3.1-8B-Q4_K_M.gguf 1.2 GiB / 4.6 GiB (26%), 101.3 MiB/s
+";
+
+    #[test]
+    fn the_latest_progress_line_is_parsed() {
+        let p = parse_download_progress(FETCH_LOG).expect("progress");
+        assert_eq!(
+            p,
+            DownloadProgress {
+                file: "Llama-3.1-8B-Q4_K_M.gguf".into(),
+                done: "1.2 GiB".into(),
+                of: Some(("4.6 GiB".into(), 26)),
+            }
+        );
+        assert_eq!(
+            p.to_string(),
+            "1.2 GiB of 4.6 GiB (26%) of Llama-3.1-8B-Q4_K_M.gguf"
+        );
+
+        // No length announced; a retry line after it does not hide it.
+        let log = "fetch: 4 files from meta-llama/x@main (config.json, model.safetensors)\n\
+                   fetch: model.safetensors 512 B, 12.0 KiB/s\n\
+                   fetch: error sending request; retrying in 1.0 s (attempt 2/5)\n";
+        let p = parse_download_progress(log).expect("progress");
+        assert_eq!(p.to_string(), "512 B of model.safetensors so far");
+
+        // Only the source and summary lines, or nothing: no progress.
+        for log in [
+            "fetch: https://h/m.gguf into /models\n",
+            "fetch: done: 1 file(s), 4.6 GiB in 40.2 s from https://h/m.gguf into /models\n",
+            "fetch: https://h/m.gguf already in /models, nothing to do\n",
+            "fetch: m.gguf 1.2 GiB / 4.6 GiB (260%), 1.0 MiB/s\n",
+            "",
+        ] {
+            assert_eq!(parse_download_progress(log), None, "{log}");
+        }
+    }
+
+    #[test]
+    fn the_log_is_read_from_a_pod_whose_fetch_is_running() {
+        let named = |name: &str, state: serde_json::Value| {
+            let mut pod = pod_with_fetch(state, serde_json::json!({}));
+            pod.metadata.name = Some(name.into());
+            pod
+        };
+        let running = serde_json::json!({"running": {}});
+        let pods = [
+            named("chat-c", serde_json::json!({"terminated": {"exitCode": 0}})),
+            named("chat-b", running.clone()),
+            named(
+                "chat-a",
+                serde_json::json!({"waiting": {"reason": "PodInitializing"}}),
+            ),
+            named("chat-d", running),
+        ];
+        assert_eq!(downloading_pod(&pods).as_deref(), Some("chat-b"));
+        assert_eq!(downloading_pod(&pods[..1]), None);
+        assert_eq!(downloading_pod(&[]), None);
+    }
+
+    #[test]
+    fn downloading_shows_the_progress_in_model_loaded() {
+        let d = ld(CHAT);
+        let mut seen = Observed {
+            nodes_ready: 2,
+            replicas: 2,
+            downloading: true,
+            download_progress: parse_download_progress(FETCH_LOG),
+            ..Default::default()
+        };
+        let (s, t) = status_for(&d, &plan(&d), &seen, "e".into(), "x".into(), now());
+        assert_eq!(cond(&s, MODEL_LOADED), ("False", "Downloading"));
+        assert_eq!(cond(&s, READY), ("False", "Downloading"));
+        let msg = |s: &LlamaDeploymentStatus, t| {
+            conditions::get(&s.conditions, t)
+                .expect("condition")
+                .message
+                .clone()
+        };
+        assert_eq!(
+            msg(&s, MODEL_LOADED),
+            "downloading the model weights: 1.2 GiB of 4.6 GiB (26%) of Llama-3.1-8B-Q4_K_M.gguf"
+        );
+        assert_eq!(msg(&s, READY), msg(&s, MODEL_LOADED));
+        assert!(t.iter().any(|t| t.reason == "Downloading"));
+
+        // Further progress changes the message but is no transition (no Event per line).
+        let mut d2 = d.clone();
+        d2.status = Some(s.clone());
+        seen.download_progress = parse_download_progress(&format!(
+            "{FETCH_LOG}fetch: Llama-3.1-8B-Q4_K_M.gguf 2.3 GiB / 4.6 GiB (50%), 99.0 MiB/s\n"
+        ));
+        let (s2, t2) = status_for(&d2, &plan(&d2), &seen, "e".into(), "x".into(), now());
+        assert!(msg(&s2, MODEL_LOADED).contains("2.3 GiB of 4.6 GiB (50%)"));
+        assert!(t2.is_empty(), "{t2:?}");
+        assert_ne!(s2, s);
+
+        // Unreadable log: the plain message.
+        seen.download_progress = None;
+        let (s3, _) = status_for(&d2, &plan(&d2), &seen, "e".into(), "x".into(), now());
+        assert_eq!(msg(&s3, MODEL_LOADED), "downloading the model weights");
+    }
+
     /// A server pod whose `fetch-model` init container has `state` and `lastState`.
     fn pod_with_fetch(state: serde_json::Value, last_state: serde_json::Value) -> Pod {
         serde_json::from_value(serde_json::json!({

@@ -4,7 +4,10 @@ use super::Context;
 use super::autoscaling;
 use super::conditions;
 use super::dereference;
-use super::observe::{Observed, Transition, download_failure, status_for, status_for_invalid};
+use super::observe::{
+    DownloadProgress, Observed, Transition, download_failure, downloading_pod,
+    parse_download_progress, status_for, status_for_invalid,
+};
 use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, QuotaSource};
 use crate::build::{
     self, DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, KWOK_PROVISIONER_LABEL, POOL_LABEL,
@@ -17,7 +20,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalize, finalizer};
@@ -32,6 +35,12 @@ use std::time::Duration;
 
 /// The one field manager for everything the operator applies.
 pub const FIELD_MANAGER: &str = "llama-operator";
+/// How often the `fetch-model` log is read again while the weights download.
+const DOWNLOAD_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// Log lines read from the end of the `fetch-model` log (progress lines are the frequent ones).
+const DOWNLOAD_LOG_TAIL_LINES: i64 = 5;
+/// The longest a reconcile waits for that log (the API server asks the kubelet for it).
+const DOWNLOAD_LOG_TIMEOUT: Duration = Duration::from_secs(5);
 /// Finalizer that releases node pools (cluster-scoped, out of garbage collection's reach).
 pub const FINALIZER: &str = "llama-operator.io/node-pool";
 
@@ -310,6 +319,10 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     if let Some(next) = next_event {
         wait = wait.min(next);
     }
+    if observed.downloading {
+        // Pod status does not change while the weights download: look at the progress again.
+        wait = wait.min(DOWNLOAD_PROGRESS_INTERVAL);
+    }
     if let Some(scaling) = &scaling {
         wait = wait.min(scaling.next.max(Duration::from_millis(200)));
     }
@@ -518,8 +531,8 @@ async fn observe(
     pool: &str,
 ) -> Result<Observed, kube::Error> {
     let status = deployment.status.clone().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pods = pods
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods = api
         .list(&ListParams::default().labels(&selector_string(name)))
         .await?
         .items;
@@ -540,6 +553,10 @@ async fn observe(
                     .any(|i| i.state.as_ref().is_some_and(|st| st.running.is_some()))
             })
     });
+    let download_progress = match downloading_pod(&pods) {
+        Some(pod) => download_progress(&api, &pod).await,
+        None => None,
+    };
     let nodes_ready = nodes
         .iter()
         .filter(|n| {
@@ -566,8 +583,34 @@ async fn observe(
         },
         unschedulable,
         downloading,
+        download_progress,
         download_failed: download_failure(&pods),
     })
+}
+
+/// The latest progress of the download in `pod`, from the tail of its `fetch-model` log. A log
+/// that cannot be read (RBAC, a kubelet that is not reachable) leaves the plain message: it never
+/// fails the reconcile.
+async fn download_progress(api: &Api<Pod>, pod: &str) -> Option<DownloadProgress> {
+    let params = LogParams {
+        container: Some(build::FETCH_CONTAINER.to_owned()),
+        tail_lines: Some(DOWNLOAD_LOG_TAIL_LINES),
+        ..LogParams::default()
+    };
+    match tokio::time::timeout(DOWNLOAD_LOG_TIMEOUT, api.logs(pod, &params)).await {
+        Ok(Ok(log)) => parse_download_progress(&log),
+        Ok(Err(err)) => {
+            tracing::warn!(pod, error = %err, "cannot read the fetch-model log; reporting no progress");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                pod,
+                "the fetch-model log did not come in time; reporting no progress"
+            );
+            None
+        }
+    }
 }
 
 async fn write_status(
