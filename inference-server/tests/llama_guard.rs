@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use candle_core::{Device, Tensor};
 use http_body_util::BodyExt;
 use llama_server::auth::Authenticator;
 use llama_server::generate_model::ModelShape;
@@ -19,25 +18,10 @@ use llama_server::state::AppState;
 use llama_server::tokenizer::LlamaTokenizer;
 use tower::ServiceExt;
 
-/// A copy of the tiny untied model whose attention and MLP outputs are zero, so each step's
-/// logits depend only on the current token; embeddings and output rows then form a chain:
-/// the prompt's last token → the answer's tokens → `<|eot_id|>`.
+/// A guard model whose greedy answer after the guard prompt is `answer`, then `<|eot_id|>`
+/// (the chain: the prompt's last token → the answer's tokens → `<|eot_id|>`).
 fn programmed_guard(answer: &str) -> PathBuf {
     let base = common::tiny_model(ModelShape::TinyUntied, 7);
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "guard-{}-{}",
-        answer.replace(|c: char| !c.is_alphanumeric(), "_"),
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&out).expect("dir");
-    for file in [
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(base.join(file), out.join(file)).expect("copy");
-    }
     let tokenizer = LlamaTokenizer::from_dir(&base).expect("tokenizer");
     let prompt = tokenizer
         .encode(&render(&[("user", "hello")], Judged::User), false)
@@ -45,37 +29,7 @@ fn programmed_guard(answer: &str) -> PathBuf {
     let mut chain = vec![*prompt.last().expect("prompt")];
     chain.extend(tokenizer.encode(answer, false).expect("encode"));
     chain.push(tokenizer.token_id("<|eot_id|>").expect("eot"));
-    let mut seen = std::collections::HashSet::new();
-    assert!(
-        chain.iter().all(|t| seen.insert(*t)),
-        "chain tokens must be distinct: {chain:?}"
-    );
-
-    let mut tensors =
-        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu).expect("load");
-    let (vocab, hidden) = tensors["model.embed_tokens.weight"].dims2().expect("dims");
-    assert!(chain.len() < hidden);
-    let mut embed = vec![0f32; vocab * hidden];
-    let mut head = vec![0f32; vocab * hidden];
-    for (i, pair) in chain.windows(2).enumerate() {
-        embed[pair[0] as usize * hidden + i] = 1.0;
-        head[pair[1] as usize * hidden + i] = 1.0;
-    }
-    let matrix = |data: Vec<f32>| Tensor::from_vec(data, (vocab, hidden), &Device::Cpu).expect("t");
-    tensors.insert("model.embed_tokens.weight".into(), matrix(embed));
-    tensors.insert("lm_head.weight".into(), matrix(head));
-    let names: Vec<String> = tensors.keys().cloned().collect();
-    for name in names {
-        if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
-            let zeros = tensors[&name].zeros_like().expect("zeros");
-            tensors.insert(name, zeros);
-        } else if name == "model.norm.weight" {
-            let ones = tensors[&name].ones_like().expect("ones");
-            tensors.insert(name, ones);
-        }
-    }
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors")).expect("save");
-    out
+    common::programmed_model(&format!("guard-{answer}"), &chain)
 }
 
 async fn server(guard: &Path, fail_closed: bool) -> Arc<AppState> {

@@ -8,6 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use candle_core::{Device, Tensor};
 use llama_server::generate_model::{GenerateModel, ModelShape, WeightDtype};
 
 /// The shapes and seeds the goldens were made with (scripts/reference/make_goldens.py).
@@ -95,4 +96,57 @@ pub fn ids(value: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|v| v.as_u64().expect("integer") as u32)
         .collect()
+}
+
+/// A copy of the tiny untied model whose greedy decoding follows `chain`: after `chain[i]` the
+/// most likely token is `chain[i + 1]`. Attention and MLP outputs are zero, so each step's
+/// logits depend only on the current token; embedding row `chain[i]` and output row
+/// `chain[i + 1]` share the unit vector `i`. The tokens must be distinct (a token has one
+/// successor) and fewer than the hidden size. Written under the target directory as `name`.
+pub fn programmed_model(name: &str, chain: &[u32]) -> PathBuf {
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        chain.iter().all(|t| seen.insert(*t)),
+        "chain tokens must be distinct: {chain:?}"
+    );
+    let base = tiny_model(ModelShape::TinyUntied, 7);
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{}-{}",
+        name.replace(|c: char| !c.is_alphanumeric(), "_"),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&out).expect("dir");
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(base.join(file), out.join(file)).expect("copy");
+    }
+    let mut tensors =
+        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu).expect("load");
+    let (vocab, hidden) = tensors["model.embed_tokens.weight"].dims2().expect("dims");
+    assert!(chain.len() < hidden, "a chain of {} tokens", chain.len());
+    let mut embed = vec![0f32; vocab * hidden];
+    let mut head = vec![0f32; vocab * hidden];
+    for (i, pair) in chain.windows(2).enumerate() {
+        embed[pair[0] as usize * hidden + i] = 1.0;
+        head[pair[1] as usize * hidden + i] = 1.0;
+    }
+    let matrix = |data: Vec<f32>| Tensor::from_vec(data, (vocab, hidden), &Device::Cpu).expect("t");
+    tensors.insert("model.embed_tokens.weight".into(), matrix(embed));
+    tensors.insert("lm_head.weight".into(), matrix(head));
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    for name in names {
+        if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+            let zeros = tensors[&name].zeros_like().expect("zeros");
+            tensors.insert(name, zeros);
+        } else if name == "model.norm.weight" {
+            let ones = tensors[&name].ones_like().expect("ones");
+            tensors.insert(name, ones);
+        }
+    }
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors")).expect("save");
+    out
 }
