@@ -140,21 +140,29 @@ impl KvPool {
             .max(state.rows + len - trailing)
             .max(MIN_ROWS);
         let shape = (self.kv_heads, rows, self.head_dim);
-        let mut tensors = Vec::with_capacity(self.layers);
-        for layer in 0..self.layers {
-            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
-            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
-            if let Some((old_k, old_v)) = state.tensors.get(layer) {
-                k.slice_set(old_k, 1, 0)?;
-                v.slice_set(old_v, 1, 0)?;
+        // Layer by layer, each old tensor dropped as soon as it is copied: growing holds one
+        // layer twice at most, not the whole cache (the peak memory of a growth).
+        let grown = |old: Option<&Tensor>| -> Result<Tensor> {
+            let new = Tensor::zeros(shape, self.dtype, &self.device)?;
+            if let Some(old) = old {
+                new.slice_set(old, 1, 0)?;
             }
-            tensors.push((k, v));
+            Ok(new)
+        };
+        for layer in 0..self.layers {
+            let (k, v) = match state.tensors.get(layer) {
+                Some((old_k, old_v)) => (grown(Some(old_k))?, grown(Some(old_v))?),
+                None => (grown(None)?, grown(None)?),
+            };
+            match state.tensors.get_mut(layer) {
+                Some(slot) => *slot = (k, v),
+                None => state.tensors.push((k, v)),
+            }
         }
         let added = Extent {
             start: state.rows,
             len: rows - state.rows,
         };
-        state.tensors = tensors;
         state.rows = rows;
         state.put(added);
         Ok(())
