@@ -2,9 +2,8 @@
 //! gopher-lua — built by `scripts/build-argocd-health.sh`.
 
 use crate::control_plane;
-use anyhow::Context as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The health check documented for LlamaDeployments.
 pub fn llamadeployment_health_script() -> PathBuf {
@@ -14,17 +13,7 @@ pub fn llamadeployment_health_script() -> PathBuf {
 /// The directory of the built `argocd-health`: `LLAMA_ARGOCD_HEALTH_BIN`, or what
 /// `scripts/build-argocd-health.sh` prints.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LLAMA_ARGOCD_HEALTH_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    let script = control_plane::workspace_root().join("scripts/build-argocd-health.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("run {}", script.display()))?;
-    anyhow::ensure!(out.status.success(), "{} failed", script.display());
-    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+    control_plane::script_dir("LLAMA_ARGOCD_HEALTH_BIN", "scripts/build-argocd-health.sh")
 }
 
 /// Argo CD's verdict on `object`: (status, message).

@@ -403,3 +403,25 @@ fn http_get_ok(port: u16, path: &str) -> bool {
     let _ = stream.read_to_string(&mut response);
     response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
 }
+
+/// A directory a setup script caches and prints (a built tool's bin directory, fetched CRDs):
+/// the environment variable `var` when set (`scripts/test.sh` exports them), else what
+/// `script` (relative to the workspace) prints on stdout.
+pub fn script_dir(var: &str, script: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(var) {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = workspace_root().join(script);
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| anyhow::anyhow!("run {}: {e}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed ({})",
+        script.display(),
+        out.status
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+}

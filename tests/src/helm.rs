@@ -18,35 +18,16 @@ pub fn chart_dir() -> PathBuf {
 /// The directory of the built `helm`: `LLAMA_HELM_BIN`, or what `scripts/build-helm.sh` prints
 /// (it builds helm on first use and caches it), as for the control-plane binaries.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LLAMA_HELM_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    script_output("scripts/build-helm.sh")
+    control_plane::script_dir("LLAMA_HELM_BIN", "scripts/build-helm.sh")
 }
 
 /// The Prometheus Operator's ServiceMonitor CRD directory: `LLAMA_PROMETHEUS_OPERATOR_CRDS`, or
 /// what `scripts/fetch-prometheus-operator-crds.sh` prints.
 pub fn prometheus_operator_crds_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LLAMA_PROMETHEUS_OPERATOR_CRDS") {
-        return Ok(PathBuf::from(dir));
-    }
-    script_output("scripts/fetch-prometheus-operator-crds.sh")
-}
-
-fn script_output(relative: &str) -> anyhow::Result<PathBuf> {
-    let script = control_plane::workspace_root().join(relative);
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("run {}", script.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed ({})",
-        script.display(),
-        out.status
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+    control_plane::script_dir(
+        "LLAMA_PROMETHEUS_OPERATOR_CRDS",
+        "scripts/fetch-prometheus-operator-crds.sh",
+    )
 }
 
 /// `helm` with its state (cache, config, data) in a private directory, so that the tests never

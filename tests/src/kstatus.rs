@@ -3,24 +3,13 @@
 //! `scripts/build-kstatus.sh`.
 
 use crate::control_plane;
-use anyhow::Context as _;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The directory of the built `kstatus`: `LLAMA_KSTATUS_BIN`, or what
 /// `scripts/build-kstatus.sh` prints.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LLAMA_KSTATUS_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    let script = control_plane::workspace_root().join("scripts/build-kstatus.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("run {}", script.display()))?;
-    anyhow::ensure!(out.status.success(), "{} failed", script.display());
-    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
+    control_plane::script_dir("LLAMA_KSTATUS_BIN", "scripts/build-kstatus.sh")
 }
 
 /// kstatus's verdict on `object`: (status — `Current`, `InProgress`, `Failed`, … — and message).
