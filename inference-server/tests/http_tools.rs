@@ -10,7 +10,6 @@ use std::sync::{Arc, OnceLock};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use llama_server::auth::Authenticator;
 use llama_server::chat_template::ChatTemplate;
 use llama_server::generate_model::ModelShape;
@@ -18,7 +17,6 @@ use llama_server::server_config::ServerConfig;
 use llama_server::state::AppState;
 use llama_server::tokenizer::LlamaTokenizer;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 /// What the model writes. The spacing is chosen so that every token of it is distinct under
 /// the Llama 3 tokenizer (the canonical `{"name": …, "parameters": {…}}` repeats `":` and
@@ -117,18 +115,7 @@ async fn post(state: &Arc<AppState>, path: &str, body: Value) -> (StatusCode, St
         .header("content-type", "application/json")
         .body(Body::from(body.to_string()))
         .expect("request");
-    let response = llama_server::app(Arc::clone(state))
-        .oneshot(request)
-        .await
-        .expect("response");
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, String::from_utf8(body.to_vec()).expect("utf-8"))
+    common::send(state, request).await
 }
 
 async fn post_json(state: &Arc<AppState>, path: &str, body: Value) -> (StatusCode, Value) {

@@ -9,14 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use llama_server::auth::Authenticator;
 use llama_server::generate_model::ModelShape;
 use llama_server::llama_guard::{Judged, LlamaGuard, Verdict, render};
 use llama_server::server_config::ServerConfig;
 use llama_server::state::AppState;
 use llama_server::tokenizer::LlamaTokenizer;
-use tower::ServiceExt;
 
 /// A guard model whose greedy answer after the guard prompt is `answer`, then `<|eot_id|>`
 /// (the chain: the prompt's last token → the answer's tokens → `<|eot_id|>`).
@@ -57,18 +55,8 @@ async fn chat(state: &Arc<AppState>) -> (StatusCode, serde_json::Value) {
             r#"{"messages":[{"role":"user","content":"hello"}],"max_tokens":3}"#,
         ))
         .expect("request");
-    let response = llama_server::app(Arc::clone(state))
-        .oneshot(request)
-        .await
-        .expect("response");
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, serde_json::from_slice(&body).expect("json"))
+    let (status, body) = common::send(state, request).await;
+    (status, serde_json::from_str(&body).expect("json"))
 }
 
 #[tokio::test]
@@ -158,18 +146,7 @@ async fn post_raw(state: &Arc<AppState>, body: serde_json::Value) -> (StatusCode
         .header("extra-parameters", "pass-through")
         .body(Body::from(body.to_string()))
         .expect("request");
-    let response = llama_server::app(Arc::clone(state))
-        .oneshot(request)
-        .await
-        .expect("response");
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, String::from_utf8(body.to_vec()).expect("utf-8"))
+    common::send(state, request).await
 }
 
 fn filtered(state: &AppState, stage: &str) -> Option<u64> {

@@ -150,3 +150,25 @@ pub fn programmed_model(name: &str, chain: &[u32]) -> PathBuf {
     candle_core::safetensors::save(&tensors, out.join("model.safetensors")).expect("save");
     out
 }
+
+/// Sends `request` through the server's router in-process and returns the status and the body
+/// as text.
+pub async fn send(
+    state: &std::sync::Arc<llama_server::state::AppState>,
+    request: axum::http::Request<axum::body::Body>,
+) -> (axum::http::StatusCode, String) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let response = llama_server::app(std::sync::Arc::clone(state))
+        .oneshot(request)
+        .await
+        .expect("response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8(body.to_vec()).expect("utf-8"))
+}
