@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Fetches Karpenter's published CRDs (NodePool, NodeClaim, and the kwok provider's KWOKNodeClass)
-# from the sigs.k8s.io/karpenter Go module into the cache; prints the directory.
+# Fetches Karpenter's published CRDs (NodePool, NodeClaim, NodeOverlay, and the kwok provider's
+# KWOKNodeClass) from the sigs.k8s.io/karpenter Go module into the cache; prints the directory.
+# The version is the one tools/karpenter-kwok/go.mod pins (the Karpenter the tests run).
 set -euo pipefail
 KARPENTER_VERSION=v1.15.0
 cache="${LLAMA_OPERATOR_CACHE:-$HOME/.cache/llama-operator}"
-out="$cache/karpenter-crds-$KARPENTER_VERSION"
+files_key=2  # bump when the list below changes
+out="$cache/karpenter-crds-$KARPENTER_VERSION-$files_key"
 files=(pkg/apis/crds/karpenter.sh_nodepools.yaml pkg/apis/crds/karpenter.sh_nodeclaims.yaml
+       pkg/apis/crds/karpenter.sh_nodeoverlays.yaml
        kwok/apis/crds/karpenter.kwok.sh_kwoknodeclasses.yaml)
 if [ ! -s "$out/karpenter.sh_nodepools.yaml" ]; then
   command -v go >/dev/null || { echo "fetch-karpenter-crds: Go is needed" >&2; exit 1; }

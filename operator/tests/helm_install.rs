@@ -410,7 +410,7 @@ async fn karpenter_pool_and_claim_reference(
     work: &TestEnv,
     op: &OperatorProcess,
 ) -> anyhow::Result<()> {
-    testenv::install_crds_from(&work.client, &testenv::karpenter_crds_dir()?).await?;
+    testenv::install_crds_from(&work.client, &testenv::karpenter::crds_dir()?).await?;
     let lds: Api<LlamaDeployment> = Api::namespaced(work.client.clone(), &work.namespace);
     let pool = QUICKSTART
         .replace("name: quickstart", "name: pool")

@@ -14,6 +14,7 @@ pub mod argocd;
 pub mod chart_install;
 pub mod control_plane;
 pub mod helm;
+pub mod karpenter;
 pub mod kstatus;
 pub mod kubeconfig;
 pub mod kwok_stages;
@@ -147,26 +148,6 @@ pub async fn client_for(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Cl
 /// Applies every CRD under `crds/` and waits until each is Established. Returns their names.
 pub async fn install_crds(client: &kube::Client) -> anyhow::Result<Vec<String>> {
     install_crds_from(client, &control_plane::workspace_root().join("crds")).await
-}
-
-/// Karpenter's published CRDs (NodePool, NodeClaim, KWOKNodeClass), fetched by
-/// `scripts/fetch-karpenter-crds.sh` (or found at `LLAMA_KARPENTER_CRDS`).
-pub fn karpenter_crds_dir() -> anyhow::Result<std::path::PathBuf> {
-    if let Some(dir) = std::env::var_os("LLAMA_KARPENTER_CRDS") {
-        return Ok(dir.into());
-    }
-    let script = control_plane::workspace_root().join("scripts/fetch-karpenter-crds.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .context("run fetch-karpenter-crds.sh")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).trim().into())
 }
 
 /// Applies every CRD in `dir` and waits until each is Established. Returns their names.
