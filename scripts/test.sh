@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project, as CI does. On a fresh machine it first builds the test
-# control plane (about 20 minutes on 2 cores) and helm (about 2 minutes), then cached under
+# control plane (about 20 minutes on 2 cores), Karpenter (about 7) and helm (about 2), then cached under
 # ~/.cache/llama-operator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,10 @@ LLAMA_CONTROL_PLANE_BIN=$(scripts/build-control-plane.sh)
 export LLAMA_CONTROL_PLANE_BIN
 LLAMA_KARPENTER_CRDS=$(scripts/fetch-karpenter-crds.sh)
 export LLAMA_KARPENTER_CRDS
+
+step "Karpenter with its kwok cloud provider (sigs.k8s.io/karpenter, about 7 minutes the first time)"
+LLAMA_KARPENTER_BIN=$(scripts/build-karpenter.sh)
+export LLAMA_KARPENTER_BIN
 
 step "helm (v3, from its Go module), Argo CD's Lua runner, Flux's kstatus, the ServiceMonitor CRD (chart tests)"
 LLAMA_HELM_BIN=$(scripts/build-helm.sh)

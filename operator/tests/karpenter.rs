@@ -21,6 +21,8 @@ use testenv::{FIELD_MANAGER, OperatorProcess, TestEnv, wait_for};
 const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
 const FIRST: &str = "Standard_NC40ads_H100_v5";
 const SECOND: &str = "Standard_NC80adis_H100_v5";
+/// In the operator's catalog, but not offered to Karpenter.
+const NOT_OFFERED: &str = "Standard_ND96isr_H100_v5";
 
 fn reason(ld: &LlamaDeployment, type_: &str) -> Option<(String, String)> {
     testenv::llama::condition(ld, type_).map(|(_, reason, message)| (reason, message))
@@ -115,42 +117,17 @@ async fn real_karpenter_provisions_gpu_nodes_for_the_pool_moves_them_and_release
         "{message}"
     );
 
-    // Install Karpenter: its CRDs, a ready node class, and the controller offering the catalog's
-    // instance types (cores, memory and GPUs as the operator knows them).
+    // Install Karpenter: its CRDs, and the controller offering the catalog's instance types
+    // (cores, memory and GPUs as the operator knows them) but one, as a cloud without it.
     let names = testenv::install_crds_from(&env.client, &testenv::karpenter::crds_dir()?).await?;
     assert!(
         names.contains(&"nodepools.karpenter.sh".to_owned()),
         "{names:?}"
     );
-    let classes: Api<DynamicObject> = Api::all_with(
-        env.client.clone(),
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("karpenter.kwok.sh", "v1alpha1", "KWOKNodeClass"),
-            "kwoknodeclasses",
-        ),
-    );
-    let class: DynamicObject = serde_json::from_value(serde_json::json!({
-        "apiVersion": "karpenter.kwok.sh/v1alpha1", "kind": "KWOKNodeClass",
-        "metadata": {"name": "default"}, "spec": {},
-    }))?;
-    classes
-        .patch(
-            "default",
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&class),
-        )
-        .await?;
-    // No controller reconciles KWOKNodeClass status (as in Karpenter's own kwok test setup).
-    let ready = serde_json::json!({"status": {"conditions": [{
-        "type": "Ready", "status": "True", "reason": "Ready", "message": "",
-        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1,
-    }]}});
-    classes
-        .patch_status("default", &PatchParams::default(), &Patch::Merge(&ready))
-        .await?;
     let catalog = default_instance_types();
     let offered: Vec<InstanceType<'_>> = catalog
         .iter()
+        .filter(|t| t.name != NOT_OFFERED)
         .map(|t| InstanceType {
             name: &t.name,
             cpu: t.cores,
@@ -200,6 +177,44 @@ async fn real_karpenter_provisions_gpu_nodes_for_the_pool_moves_them_and_release
     assert_eq!(pool_spec["limits"]["nvidia.com/gpu"], "2");
     // The API server defaulted fields of its own schema: proof it was validated as a NodePool.
     assert!(pool_spec["disruption"]["budgets"].is_array(), "{pool_spec}");
+
+    // The node class the configuration names does not exist yet: Karpenter marks the NodePool
+    // not ready, and the deployment says so, naming the configuration fields to fix.
+    let (_, message) = wait_for(Duration::from_secs(60), || async {
+        reason(&api.get("kp").await.ok()?, "NodePoolReady").filter(|r| r.0 == "NodePoolNotReady")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no NodePoolNotReady: {e}\n{}", logs()))?;
+    assert!(message.contains("NodeClassNotFound"), "{message}");
+    assert!(message.contains("karpenter.nodeClassName"), "{message}");
+
+    // Create the node class, ready.
+    let classes: Api<DynamicObject> = Api::all_with(
+        env.client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("karpenter.kwok.sh", "v1alpha1", "KWOKNodeClass"),
+            "kwoknodeclasses",
+        ),
+    );
+    let class: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "karpenter.kwok.sh/v1alpha1", "kind": "KWOKNodeClass",
+        "metadata": {"name": "default"}, "spec": {},
+    }))?;
+    classes
+        .patch(
+            "default",
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&class),
+        )
+        .await?;
+    // No controller reconciles KWOKNodeClass status (as in Karpenter's own kwok test setup).
+    let ready = serde_json::json!({"status": {"conditions": [{
+        "type": "Ready", "status": "True", "reason": "Ready", "message": "",
+        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1,
+    }]}});
+    classes
+        .patch_status("default", &PatchParams::default(), &Patch::Merge(&ready))
+        .await?;
 
     // Karpenter launches two NodeClaims of the instance type; their Nodes carry the pool's
     // labels, taints and the instance type's resources.
@@ -259,6 +274,27 @@ async fn real_karpenter_provisions_gpu_nodes_for_the_pool_moves_them_and_release
     let on = server_nodes(&pods).await;
     let first_names: BTreeSet<String> = first_nodes.iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(on, first_names, "servers are on the pool's nodes only");
+
+    // An instance type Karpenter cannot launch: the deployment says why, from Karpenter's own
+    // FailedScheduling Event, and no NodeClaim is made for it.
+    let absent = spec(NOT_OFFERED)?
+        .to_string()
+        .replace("\"name\":\"kp\"", "\"name\":\"absent\"");
+    let absent: serde_json::Value = serde_json::from_str(&absent)?;
+    api.patch(
+        "absent",
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&absent),
+    )
+    .await?;
+    let (_, message) = wait_for(Duration::from_secs(90), || async {
+        reason(&api.get("absent").await.ok()?, "NodePoolReady")
+            .filter(|r| r.0 == "NoMatchingCapacity")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no NoMatchingCapacity: {e}\n{}", logs()))?;
+    assert!(message.contains("Failed to schedule pod"), "{message}");
+    api.delete("absent", &DeleteParams::default()).await?;
 
     // A new instance type: a new NodePool and nodes of that type; the servers move; the old pool
     // and its nodes are released.

@@ -18,6 +18,14 @@ pub fn karpenter_node_pool_resource() -> ApiResource {
     )
 }
 
+/// The NodeClaim API (cluster-scoped): Karpenter's record of each node it launches for a NodePool.
+pub fn karpenter_node_claim_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"),
+        "nodeclaims",
+    )
+}
+
 /// Name of a pool's NodePool.
 pub fn karpenter_node_pool_name(pool: &str) -> String {
     format!("llama-{pool}")

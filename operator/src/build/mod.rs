@@ -12,7 +12,8 @@ mod service;
 pub use config_map::server_config_map;
 pub use deployment::{FETCH_CONTAINER, server_deployment};
 pub use karpenter_node_pool::{
-    karpenter_node_pool, karpenter_node_pool_name, karpenter_node_pool_resource,
+    karpenter_node_claim_resource, karpenter_node_pool, karpenter_node_pool_name,
+    karpenter_node_pool_resource,
 };
 pub use labels::{
     DEPLOYMENT_NAME_LABEL, DEPLOYMENT_NAMESPACE_LABEL, POOL_LABEL, POOL_TAINT, pod_labels, pool_id,

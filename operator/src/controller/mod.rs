@@ -3,6 +3,7 @@
 mod autoscaling;
 pub mod conditions;
 mod dereference;
+pub mod karpenter_status;
 pub mod observe;
 mod reconcile;
 

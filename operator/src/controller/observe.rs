@@ -27,6 +27,10 @@ pub struct Observed {
     pub download_failed: Option<String>,
     /// Start times of the running server pods.
     pub running_since: Vec<Timestamp>,
+    /// Names of the server pods.
+    pub pod_names: Vec<String>,
+    /// Why Karpenter brings no nodes, when the pool is short of them (Karpenter pools).
+    pub pool_problem: Option<super::karpenter_status::PoolProblem>,
 }
 
 /// A condition that changed, for an Event.
@@ -63,24 +67,28 @@ pub fn status_for(
         }
     };
 
-    let (pool_ok, pool_reason, pool_msg) = match (&observed.unschedulable, plan.provider) {
-        (Some(why), NodePoolProvider::Existing) => (
+    let short = observed.nodes_ready < desired;
+    let (pool_ok, pool_reason, pool_msg) = match (
+        &observed.unschedulable,
+        plan.provider,
+        &observed.pool_problem,
+    ) {
+        (Some(why), NodePoolProvider::Existing, _) => (
             false,
             "InsufficientCapacity",
             format!(
                 "no existing node with instance type {it} and spec.nodePool.nodeSelector has room: {why}"
             ),
         ),
-        (_, NodePoolProvider::Kwok | NodePoolProvider::Karpenter)
-            if observed.nodes_ready < desired =>
-        {
-            (
-                false,
-                "Provisioning",
-                format!("{}/{desired} nodes of {it} ready", observed.nodes_ready),
-            )
+        (_, NodePoolProvider::Karpenter, Some(problem)) if short => {
+            (false, problem.reason, problem.message.clone())
         }
-        (Some(why), _) => (
+        (_, NodePoolProvider::Kwok | NodePoolProvider::Karpenter, _) if short => (
+            false,
+            "Provisioning",
+            format!("{}/{desired} nodes of {it} ready", observed.nodes_ready),
+        ),
+        (Some(why), _, _) => (
             false,
             "Unschedulable",
             format!("server pods cannot be scheduled: {why}"),

@@ -4,6 +4,7 @@ use super::Context;
 use super::autoscaling;
 use super::conditions;
 use super::dereference;
+use super::karpenter_status::{PoolProblem, pool_problem};
 use super::observe::{
     DownloadProgress, Observed, Transition, download_failure, downloading_pod,
     parse_download_progress, status_for, status_for_invalid,
@@ -37,6 +38,8 @@ use std::time::Duration;
 pub const FIELD_MANAGER: &str = "llama-operator";
 /// How often the `fetch-model` log is read again while the weights download.
 const DOWNLOAD_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a Karpenter pool short of nodes is looked at again.
+const KARPENTER_PROVISIONING_INTERVAL: Duration = Duration::from_secs(10);
 /// Log lines read from the end of the `fetch-model` log (progress lines are the frequent ones).
 const DOWNLOAD_LOG_TAIL_LINES: i64 = 5;
 /// The longest a reconcile waits for that log (the API server asks the kubelet for it).
@@ -206,6 +209,7 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
         Api::all_with(client.clone(), &build::karpenter_node_pool_resource());
     let nodes = pool_nodes(client, ns, &name).await?;
     let mut wanted = BTreeSet::new();
+    let mut applied_node_pool = None;
     match plan.provider {
         NodePoolProvider::Kwok => {
             let existing: Vec<String> = nodes
@@ -232,7 +236,7 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
                 )
                 .await
             {
-                Ok(_) => {}
+                Ok(applied) => applied_node_pool = Some((name, applied)),
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     let err = SpecError::ProviderUnavailable {
                         message: "spec.nodePool.provider is karpenter, but the karpenter.sh/v1 NodePool API is not installed in this cluster; install Karpenter or choose another provider".into(),
@@ -281,7 +285,12 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     }
 
     // Observe and report.
-    let observed = observe(client, ns, &name, &applied, &nodes, &wanted, &pool).await?;
+    let mut observed = observe(client, ns, &name, &applied, &nodes, &wanted, &pool).await?;
+    if let Some((np_name, np)) = &applied_node_pool
+        && observed.nodes_ready < plan.instances
+    {
+        observed.pool_problem = karpenter_problem(client, ns, np_name, np, &observed).await?;
+    }
     let (mut status, transitions) = status_for(
         ld,
         &plan,
@@ -318,6 +327,11 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     }
     if let Some(next) = next_event {
         wait = wait.min(next);
+    }
+    if applied_node_pool.is_some() && observed.nodes_ready < plan.instances {
+        // Nothing the controller watches changes when Karpenter reports a problem (its NodePool,
+        // NodeClaims and Events are not watched): look again soon.
+        wait = wait.min(KARPENTER_PROVISIONING_INTERVAL);
     }
     if observed.downloading {
         // Pod status does not change while the weights download: look at the progress again.
@@ -484,6 +498,67 @@ fn accrue_into(
     status.cost_accrued_until = next.until.map(Time);
 }
 
+/// Why Karpenter brings no nodes for the NodePool `np_name` (as just applied, with the status
+/// Karpenter last wrote): from its NodeClaims and, failing those, its latest `FailedScheduling`
+/// Event on a server pod. Only asked while the pool is short of nodes.
+async fn karpenter_problem(
+    client: &kube::Client,
+    ns: &str,
+    np_name: &str,
+    np: &DynamicObject,
+    observed: &Observed,
+) -> Result<Option<PoolProblem>, Error> {
+    let node_pool = serde_json::to_value(np).map_err(|e| Error::Other(e.to_string()))?;
+    if let Some(problem) = pool_problem(np_name, Some(&node_pool), &[], None) {
+        return Ok(Some(problem));
+    }
+    let claims: Api<DynamicObject> =
+        Api::all_with(client.clone(), &build::karpenter_node_claim_resource());
+    let claims = match claims
+        .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={np_name}")))
+        .await
+    {
+        Ok(list) => list
+            .items
+            .iter()
+            .filter_map(|c| serde_json::to_value(c).ok())
+            .collect::<Vec<_>>(),
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let failed_scheduling = if claims.is_empty() && !observed.pod_names.is_empty() {
+        let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+        let params = ListParams::default()
+            .fields("involvedObject.kind=Pod,reason=FailedScheduling,source=karpenter");
+        events
+            .list(&params)
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.involved_object
+                    .name
+                    .as_ref()
+                    .is_some_and(|n| observed.pod_names.contains(n))
+            })
+            .max_by_key(|e| {
+                e.last_timestamp
+                    .as_ref()
+                    .map(|t| t.0)
+                    .or(e.event_time.as_ref().map(|t| t.0))
+            })
+            .and_then(|e| e.message)
+    } else {
+        None
+    };
+    Ok(pool_problem(
+        np_name,
+        Some(&node_pool),
+        &claims,
+        failed_scheduling.as_deref(),
+    ))
+}
+
 /// The NodePools of a deployment; none when Karpenter is not installed.
 async fn owned_node_pools(
     api: &Api<DynamicObject>,
@@ -573,6 +648,8 @@ async fn observe(
     let current_generation = status.observed_generation == deployment.metadata.generation;
     Ok(Observed {
         running_since: running_since(&pods),
+        pod_names: pods.iter().map(|p| p.name_any()).collect(),
+        pool_problem: None,
         nodes_ready,
         replicas: status.replicas.unwrap_or(0),
         ready_replicas: status.ready_replicas.unwrap_or(0),
