@@ -45,6 +45,15 @@ pub enum SpecError {
         missing: String,
     },
     #[error(
+        "{field}: Secret {name:?} has no non-empty key {key:?} (it has: {present}); add the key or set {field} to one it has"
+    )]
+    SecretKeyMissing {
+        field: &'static str,
+        name: String,
+        key: String,
+        present: String,
+    },
+    #[error(
         "spec.source.pvc.claimName: PersistentVolumeClaim {name:?} does not exist in namespace {namespace}; create it or fix the name"
     )]
     PvcNotFound { name: String, namespace: String },
@@ -65,7 +74,9 @@ impl SpecError {
             SpecError::NeedsMultiNode { .. } => "MultiNodeUnsupported",
             SpecError::UnknownModel { .. } => "ModelUnknown",
             SpecError::SecretNotFound { .. } => "SecretNotFound",
-            SpecError::SecretKeysInvalid { .. } => "SecretInvalid",
+            SpecError::SecretKeysInvalid { .. } | SpecError::SecretKeyMissing { .. } => {
+                "SecretInvalid"
+            }
             SpecError::PvcNotFound { .. } => "PersistentVolumeClaimNotFound",
             SpecError::ProviderUnavailable { .. } => "NodePoolProviderUnavailable",
             SpecError::FormatMismatch { .. } => "SourceFormatMismatch",
@@ -79,8 +90,9 @@ pub struct References {
     /// `spec.auth.secretRef`: None if not referenced; Some(None) if missing; Some(Some(keys)) the
     /// data keys present with a 32-character value.
     pub auth_secret: Option<Option<Vec<String>>>,
-    /// `spec.source.huggingFace.tokenSecretRef`: None if not referenced; Some(found).
-    pub token_secret: Option<bool>,
+    /// `spec.source.huggingFace.tokenSecretRef`: None if not referenced; Some(None) if missing;
+    /// Some(Some(keys)) the data keys present with a non-empty value (names only, never values).
+    pub token_secret: Option<Option<Vec<String>>>,
     /// `spec.source.pvc.claimName`: None if not referenced; Some(found).
     pub pvc: Option<bool>,
 }
@@ -194,13 +206,32 @@ pub fn validate(
             .hugging_face
             .as_ref()
             .and_then(|h| h.token_secret_ref.as_ref())
-        && refs.token_secret == Some(false)
+        && let Some(found) = &refs.token_secret
     {
-        return Err(SpecError::SecretNotFound {
-            field: "spec.source.huggingFace.tokenSecretRef.name",
-            name: token_ref.name.clone(),
-            namespace,
-        });
+        let Some(keys) = found else {
+            return Err(SpecError::SecretNotFound {
+                field: "spec.source.huggingFace.tokenSecretRef.name",
+                name: token_ref.name.clone(),
+                namespace,
+            });
+        };
+        let key = token_ref
+            .key
+            .as_deref()
+            .unwrap_or(crate::build::HF_TOKEN_DEFAULT_KEY);
+        if !keys.iter().any(|k| k == key) {
+            let present = if keys.is_empty() {
+                "no keys".to_owned()
+            } else {
+                keys.join(", ")
+            };
+            return Err(SpecError::SecretKeyMissing {
+                field: "spec.source.huggingFace.tokenSecretRef.key",
+                name: token_ref.name.clone(),
+                key: key.to_owned(),
+                present,
+            });
+        }
     }
     if spec.source.type_ == SourceType::Url
         && spec.source.format == WeightFormat::Safetensors
@@ -329,7 +360,7 @@ spec:
              tokenSecretRef: {name: hf-token}}}",
         ));
         let refs = References {
-            token_secret: Some(false),
+            token_secret: Some(None),
             ..Default::default()
         };
         let err = validate(&spec, &catalog(), &refs).expect_err("missing token secret");
@@ -340,10 +371,46 @@ spec:
              in namespace team-a; create it or fix the name"
         );
         let refs = References {
-            token_secret: Some(true),
+            token_secret: Some(Some(vec!["token".into()])),
             ..Default::default()
         };
         validate(&spec, &catalog(), &refs).expect("the token Secret exists");
+    }
+
+    #[test]
+    fn a_token_secret_without_its_key_names_the_key_field_and_the_keys_it_has() {
+        let spec = ld(&BASE.replace(
+            "{type: demo}",
+            "{type: huggingFace, huggingFace: {repository: meta-llama/Llama-3.1-8B-Instruct, \
+             tokenSecretRef: {name: hf-token, key: hf}}}",
+        ));
+        let refs = References {
+            token_secret: Some(Some(vec!["token".into(), "user".into()])),
+            ..Default::default()
+        };
+        let err = validate(&spec, &catalog(), &refs).expect_err("missing key");
+        assert_eq!(err.reason(), "SecretInvalid");
+        assert_eq!(
+            err.to_string(),
+            "spec.source.huggingFace.tokenSecretRef.key: Secret \"hf-token\" has no non-empty \
+             key \"hf\" (it has: token, user); add the key or set \
+             spec.source.huggingFace.tokenSecretRef.key to one it has"
+        );
+        // Without `key`, the default `token` is looked for.
+        let spec = ld(&BASE.replace(
+            "{type: demo}",
+            "{type: huggingFace, huggingFace: {repository: meta-llama/Llama-3.1-8B-Instruct, \
+             tokenSecretRef: {name: hf-token}}}",
+        ));
+        let refs = References {
+            token_secret: Some(Some(vec![])),
+            ..Default::default()
+        };
+        let err = validate(&spec, &catalog(), &refs).expect_err("empty secret");
+        assert!(
+            err.to_string()
+                .contains("no non-empty key \"token\" (it has: no keys)")
+        );
     }
 
     #[test]

@@ -339,12 +339,34 @@ async fn bad_specs_get_a_condition_and_create_nothing() -> anyhow::Result<()> {
             "spec.source.huggingFace.tokenSecretRef.name: Secret \"hf-token\"",
         ),
         (
+            "token-key",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: huggingFace, huggingFace: {repository: meta-llama/Llama-3.2-1B, tokenSecretRef: {name: hf-other}}}\n  nodePool: {provider: kwok}\n",
+            "SecretInvalid",
+            "spec.source.huggingFace.tokenSecretRef.key: Secret \"hf-other\" has no non-empty key \"token\" (it has: hf_token)",
+        ),
+        (
+            // This binary's control plane has no Karpenter: nothing may be created before that
+            // is found out.
+            "no-karpenter",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: demo}\n  nodePool: {provider: karpenter}\n",
+            "NodePoolProviderUnavailable",
+            "karpenter.sh/v1 NodePool API is not installed",
+        ),
+        (
             "gguf-as-safetensors",
             "  model: Meta-Llama-3.2-1B\n  source: {type: url, url: 'https://models.example/llama-1b-Q8_0.gguf'}\n  nodePool: {provider: kwok}\n",
             "SourceFormatMismatch",
             "set spec.source.format: gguf",
         ),
     ];
+    // A token Secret under another key than the one referenced (`token` by default).
+    let other: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-other"},
+        "stringData": {"hf_token": "hf_secret_value"}
+    }))?;
+    Api::<Secret>::namespaced(env.client.clone(), &env.namespace)
+        .create(&Default::default(), &other)
+        .await?;
     let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
     for (name, body, reason, words) in cases {
         apply(&env, name, body).await?;

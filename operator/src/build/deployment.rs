@@ -11,6 +11,9 @@ use crate::validate::Plan;
 use k8s_openapi::api::apps::v1::Deployment;
 use serde_json::{Value, json};
 
+/// The key of `spec.source.huggingFace.tokenSecretRef` when `key` is not set.
+pub const HF_TOKEN_DEFAULT_KEY: &str = "token";
+
 const PORT: i32 = 8080;
 
 /// The server Deployment. `config_hash` rolls the pods when the server configuration changes;
@@ -176,7 +179,7 @@ fn fetch_container(ld: &LlamaDeployment, image: &str) -> Result<Value, BuildErro
                 ]);
                 if let Some(token) = &hf.token_secret_ref {
                     env.push(json!({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-                        "name": token.name, "key": token.key.clone().unwrap_or_else(|| "token".into())}}}));
+                        "name": token.name, "key": token.key.clone().unwrap_or_else(|| HF_TOKEN_DEFAULT_KEY.into())}}}));
                 }
             }
         }

@@ -35,7 +35,14 @@ pub async fn references(
             .as_ref()
             .and_then(|h| h.token_secret_ref.as_ref())
     {
-        refs.token_secret = Some(secrets.get_opt(&r.name).await?.is_some());
+        refs.token_secret = Some(secrets.get_opt(&r.name).await?.map(|s| {
+            let data = s.data.unwrap_or_default().into_iter();
+            let string_data = s.string_data.unwrap_or_default().into_iter();
+            data.filter(|(_, v)| !v.0.is_empty())
+                .map(|(k, _)| k)
+                .chain(string_data.filter(|(_, v)| !v.is_empty()).map(|(k, _)| k))
+                .collect()
+        }));
     }
     if let Some(pvc) = &ld.spec.source.pvc {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);

@@ -42,6 +42,8 @@ pub struct Context {
     pub retrigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<LlamaDeployment>>,
     retrigger_rx:
         std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<LlamaDeployment>>>>,
+    /// Consecutive failed reconciles per deployment (namespace, name), for the back-off.
+    failures: std::sync::Mutex<std::collections::HashMap<(String, String), u32>>,
 }
 
 impl Context {
@@ -57,6 +59,7 @@ impl Context {
         };
         let (retrigger, rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
+            failures: Default::default(),
             recorder: Recorder::new(client.clone(), reporter),
             quota: Default::default(),
             autoscaler: Default::default(),
@@ -228,6 +231,46 @@ fn referring(
 /// Transient failures are retried with a short delay; spec problems never reach here.
 fn error_policy(ld: Arc<LlamaDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failed(error.label());
-    tracing::warn!(namespace = %ld.namespace().unwrap_or_default(), name = %ld.name_any(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let key = (ld.namespace().unwrap_or_default(), ld.name_any());
+    let failures = ctx.failures.lock().map_or(1, |mut map| {
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    });
+    let delay = retry_delay(failures);
+    tracing::warn!(namespace = %ld.namespace().unwrap_or_default(), name = %ld.name_any(), %error, failures, retry_in_s = delay.as_secs(), "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+impl Context {
+    /// Forgets a deployment's failures after a reconcile that succeeded.
+    pub(crate) fn reconciled(&self, namespace: &str, name: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(&(namespace.to_owned(), name.to_owned()));
+        }
+    }
+}
+
+/// The wait before retrying a reconcile that failed `failures` times in a row: 5 s, doubling
+/// up to 5 minutes, so a persistent API error (an admission webhook refusing, RBAC) is not
+/// hammered, and a transient one is retried soon.
+fn retry_delay(failures: u32) -> Duration {
+    const FIRST: u64 = 5;
+    const MAX: u64 = 300;
+    let doublings = failures.saturating_sub(1).min(16);
+    Duration::from_secs((FIRST << doublings).min(MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn failed_reconciles_back_off_exponentially_to_five_minutes() {
+        let secs: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(300));
+        assert_eq!(retry_delay(0), Duration::from_secs(5));
+    }
 }

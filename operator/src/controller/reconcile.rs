@@ -55,7 +55,8 @@ pub async fn reconcile(ld: Arc<LlamaDeployment>, ctx: Arc<Context>) -> Result<Ac
         .namespace()
         .ok_or_else(|| Error::Other("LlamaDeployment without namespace".into()))?;
     let api: Api<LlamaDeployment> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, ld, |event| async {
+    let name = ld.name_any();
+    let result = finalizer(&api, FINALIZER, ld, |event| async {
         match event {
             Finalize::Apply(ld) => apply(&ld, &ctx, &ns).await,
             Finalize::Cleanup(ld) => cleanup(&ld, &ctx).await,
@@ -65,7 +66,11 @@ pub async fn reconcile(ld: Arc<LlamaDeployment>, ctx: Arc<Context>) -> Result<Ac
     .map_err(|err| match err {
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
-    })
+    });
+    if result.is_ok() {
+        ctx.reconciled(&ns, &name);
+    }
+    result
 }
 
 async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, Error> {
@@ -197,14 +202,8 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     let ld = &view;
     let pool = pool_id(ns, &name, &plan);
 
-    // Build (pure) and apply, in dependency order: nodes before the pods that need them.
-    if ld.spec.auth.secret_ref.is_none() {
-        let keys = dereference::generated_keys(client, ns, &name).await?;
-        apply_object(client, ns, &build::generated_keys_secret(ld, &keys)?).await?;
-    }
-    let config_map = build::server_config_map(ld, &plan)?;
-    let config_hash = hash_of(&config_map.data);
-    apply_object(client, ns, &config_map).await?;
+    // Build (pure) and apply, in dependency order: the node pool, then the Secret and ConfigMap,
+    // then the pods that need all three.
     let node_pools: Api<DynamicObject> =
         Api::all_with(client.clone(), &build::karpenter_node_pool_resource());
     let nodes = pool_nodes(client, ns, &name).await?;
@@ -250,6 +249,13 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
         }
         NodePoolProvider::Existing => {}
     }
+    if ld.spec.auth.secret_ref.is_none() {
+        let keys = dereference::generated_keys(client, ns, &name).await?;
+        apply_object(client, ns, &build::generated_keys_secret(ld, &keys)?).await?;
+    }
+    let config_map = build::server_config_map(ld, &plan)?;
+    let config_hash = hash_of(&config_map.data);
+    apply_object(client, ns, &config_map).await?;
     let deployment = build::server_deployment(ld, &plan, &config, &pool, &config_hash)?;
     let applied = apply_object(client, ns, &deployment).await?;
     apply_object(client, ns, &build::server_service(ld)?).await?;
