@@ -7,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use super::error::{EngineError, Result};
+use super::kquants::{Q4KMatrix, Q6KMatrix};
 use super::q8_0::Q8Matrix;
 
 /// A bias-free linear layer `y = x Wᵀ`.
@@ -18,6 +19,10 @@ pub enum Linear {
     Quantized(QMatMul),
     /// Q8_0 blocks on an AVX2 CPU, multiplied by the engine's own kernels ([`Q8Matrix`]).
     Q8_0(Arc<Q8Matrix>),
+    /// Q4_K blocks on an AVX2 CPU, multiplied by the engine's own kernels.
+    Q4K(Arc<Q4KMatrix>),
+    /// Q6_K blocks on an AVX2 CPU, multiplied by the engine's own kernels.
+    Q6K(Arc<Q6KMatrix>),
 }
 
 impl Linear {
@@ -36,6 +41,10 @@ impl Linear {
             ))
         } else if let Some(matrix) = Q8Matrix::from_qtensor(&weight)? {
             Ok(Self::Q8_0(Arc::new(matrix)))
+        } else if let Some(matrix) = Q4KMatrix::from_qtensor(&weight)? {
+            Ok(Self::Q4K(Arc::new(matrix)))
+        } else if let Some(matrix) = Q6KMatrix::from_qtensor(&weight)? {
+            Ok(Self::Q6K(Arc::new(matrix)))
         } else {
             Ok(Self::Quantized(QMatMul::QTensor(weight)))
         }
@@ -48,6 +57,8 @@ impl Linear {
             Self::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes() as u64,
             Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => dense_bytes(t),
             Self::Q8_0(matrix) => matrix.bytes(),
+            Self::Q4K(matrix) => matrix.bytes(),
+            Self::Q6K(matrix) => matrix.bytes(),
         }
     }
 
@@ -57,7 +68,9 @@ impl Linear {
             Self::Dense(linear) => Ok(linear.forward(x)?),
             // The quantized CPU kernel reads its input as one contiguous slice.
             Self::Quantized(matmul) => Ok(matmul.forward(&x.contiguous()?)?),
-            Self::Q8_0(matrix) => q8_0_forward(matrix, x),
+            Self::Q8_0(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
+            Self::Q4K(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
+            Self::Q6K(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
         }
     }
 }
@@ -71,6 +84,10 @@ pub enum Embedding {
     Quantized(Arc<QTensor>),
     /// Q8_0 rows in the engine's own layout (shared with a tied output projection).
     Q8_0(Arc<Q8Matrix>),
+    /// Q4_K rows (shared with a tied output projection).
+    Q4K(Arc<Q4KMatrix>),
+    /// Q6_K rows (shared with a tied output projection).
+    Q6K(Arc<Q6KMatrix>),
 }
 
 impl Embedding {
@@ -83,6 +100,10 @@ impl Embedding {
             ))
         } else if let Some(matrix) = Q8Matrix::from_qtensor(&table)? {
             Ok(Self::Q8_0(Arc::new(matrix)))
+        } else if let Some(matrix) = Q4KMatrix::from_qtensor(&table)? {
+            Ok(Self::Q4K(Arc::new(matrix)))
+        } else if let Some(matrix) = Q6KMatrix::from_qtensor(&table)? {
+            Ok(Self::Q6K(Arc::new(matrix)))
         } else {
             Ok(Self::Quantized(table))
         }
@@ -93,14 +114,9 @@ impl Embedding {
         match self {
             Self::Dense(table) => Ok(table.index_select(ids, 0)?),
             Self::Quantized(table) => Ok(table.embedding(ids)?.to_dtype(dtype)?),
-            Self::Q8_0(table) => {
-                let ids = ids.to_vec1::<u32>()?;
-                let rows = table.rows_f32(&ids)?;
-                Ok(
-                    Tensor::from_vec(rows, (ids.len(), table.cols()), &Device::Cpu)?
-                        .to_dtype(dtype)?,
-                )
-            }
+            Self::Q8_0(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
+            Self::Q4K(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
+            Self::Q6K(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
         }
     }
 
@@ -110,6 +126,8 @@ impl Embedding {
             Self::Dense(table) => dense_bytes(table),
             Self::Quantized(table) => table.storage_size_in_bytes() as u64,
             Self::Q8_0(table) => table.bytes(),
+            Self::Q4K(table) => table.bytes(),
+            Self::Q6K(table) => table.bytes(),
         }
     }
 
@@ -119,23 +137,42 @@ impl Embedding {
             Self::Dense(table) => Linear::dense(table.clone()),
             Self::Quantized(table) => Linear::Quantized(QMatMul::QTensor(Arc::clone(table))),
             Self::Q8_0(table) => Linear::Q8_0(Arc::clone(table)),
+            Self::Q4K(table) => Linear::Q4K(Arc::clone(table)),
+            Self::Q6K(table) => Linear::Q6K(Arc::clone(table)),
         }
     }
 }
 
-/// `x Wᵀ` through the Q8_0 kernels: `x` (`[…, in]`, any float dtype) is read as f32, the
-/// result has `x`'s leading dimensions and dtype.
-fn q8_0_forward(matrix: &Q8Matrix, x: &Tensor) -> Result<Tensor> {
+/// Rows `ids` of a table in the engine's own layout, expanded by `expand`, as `[ids, cols]`.
+fn cpu_rows(
+    cols: usize,
+    ids: &Tensor,
+    dtype: DType,
+    expand: impl Fn(&[u32]) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let ids = ids.to_vec1::<u32>()?;
+    let rows = expand(&ids)?;
+    Ok(Tensor::from_vec(rows, (ids.len(), cols), &Device::Cpu)?.to_dtype(dtype)?)
+}
+
+/// `x Wᵀ` through the engine's own CPU kernels (`matmul(values, m)` for a `[rows, cols]`
+/// weight): `x` (`[…, in]`, any float dtype) is read as f32, the result has `x`'s leading
+/// dimensions and dtype.
+fn cpu_forward(
+    rows: usize,
+    cols: usize,
+    x: &Tensor,
+    matmul: impl Fn(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
     let dims = x.dims();
     let Some((&k, leading)) = dims.split_last() else {
         return Err(EngineError::InvalidInput(
             "a linear layer's input needs a dimension".into(),
         ));
     };
-    if k != matrix.cols() {
+    if k != cols {
         return Err(EngineError::InvalidInput(format!(
-            "input of {k} features for a layer of {}",
-            matrix.cols()
+            "input of {k} features for a layer of {cols}"
         )));
     }
     let m = leading.iter().product::<usize>();
@@ -144,15 +181,15 @@ fn q8_0_forward(matrix: &Q8Matrix, x: &Tensor) -> Result<Tensor> {
         let (storage, layout) = input.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {
             return Err(EngineError::InvalidInput(
-                "Q8_0 kernels run on the CPU only".into(),
+                "the engine's quantized kernels run on the CPU only".into(),
             ));
         };
         let start = layout.start_offset();
         let values = &cpu.as_slice::<f32>()?[start..start + m * k];
-        matrix.matmul(values, m)?
+        matmul(values, m)?
     };
     let mut shape = leading.to_vec();
-    shape.push(matrix.rows());
+    shape.push(rows);
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
 }
 
