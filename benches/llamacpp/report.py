@@ -249,9 +249,11 @@ def main():
     out.append(
         "- llama.cpp runs with its defaults otherwise: the file memory-mapped, flash attention "
         f"`auto` (on for the CPU), f16 key/value cache; llama-server computes in "
-        f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache; Q8_0 matrices "
-        "are multiplied by the engine's own AVX2 kernels (`inference-server/src/engine/q8_0.rs`), "
-        "Q4_K and Q6_K ones by candle's quantized CPU kernels."
+        f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache; Q8_0, Q4_K and "
+        "Q6_K matrices are multiplied by the engine's own AVX2 kernels over one copy of the "
+        "weights (`inference-server/src/engine/q8_0.rs`, `kquants.rs`); from 32 rows on "
+        "(prefill) Q4_K and Q6_K weights are expanded to f32 a slice at a time and multiplied "
+        "by candle's f32 GEMM."
     )
     out += ["", "## Results", ""]
     for q in quants:
