@@ -251,9 +251,7 @@ def main():
         f"`auto` (on for the CPU), f16 key/value cache; llama-server computes in "
         f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache; Q8_0, Q4_K and "
         "Q6_K matrices are multiplied by the engine's own AVX2 kernels over one copy of the "
-        "weights (`inference-server/src/engine/q8_0.rs`, `kquants.rs`); from 32 rows on "
-        "(prefill) Q4_K and Q6_K weights are expanded to f32 a slice at a time and multiplied "
-        "by candle's f32 GEMM."
+        "weights (`inference-server/src/engine/q8_0.rs`, `kquants.rs`)."
     )
     out += ["", "## Results", ""]
     for q in quants:
