@@ -23,6 +23,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::error::{EngineError, Result};
+use super::out_columns::OutColumns;
 use super::q8_0::supported;
 
 /// Values per K-quant super-block.
@@ -333,7 +334,7 @@ impl<B: KBlock> KMatrix<B> {
         let rows_per_task = 16;
         let tile_rows =
             (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<Q8KBlock>())).clamp(4, 64) & !3;
-        let dst = DstPtr(out.as_mut_ptr());
+        let dst = OutColumns::new(&mut out, m, n);
         (0..n.div_ceil(rows_per_task))
             .into_par_iter()
             .for_each(|task| {
@@ -348,21 +349,21 @@ impl<B: KBlock> KMatrix<B> {
                         while r < tile_end {
                             match tile_end - r {
                                 1 => {
-                                    dst.write::<1>(r, col, n, B::dot(w, [x(r)]));
+                                    write_rows::<1>(dst, r, col, B::dot(w, [x(r)]));
                                     r += 1;
                                 }
                                 2 => {
-                                    dst.write::<2>(r, col, n, B::dot(w, [x(r), x(r + 1)]));
+                                    write_rows::<2>(dst, r, col, B::dot(w, [x(r), x(r + 1)]));
                                     r += 2;
                                 }
                                 3 => {
                                     let d = B::dot(w, [x(r), x(r + 1), x(r + 2)]);
-                                    dst.write::<3>(r, col, n, d);
+                                    write_rows::<3>(dst, r, col, d);
                                     r += 3;
                                 }
                                 _ => {
                                     let d = B::dot(w, [x(r), x(r + 1), x(r + 2), x(r + 3)]);
-                                    dst.write::<4>(r, col, n, d);
+                                    write_rows::<4>(dst, r, col, d);
                                     r += 4;
                                 }
                             }
@@ -374,24 +375,10 @@ impl<B: KBlock> KMatrix<B> {
     }
 }
 
-/// The output buffer of [`KMatrix::matmul`], shared by its tasks.
-#[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-
-// SAFETY: tasks write through the pointer only to the columns of their own weight rows
-// (`DstPtr::write`), which no other task writes, while `matmul` keeps the buffer alive and
-// untouched until every task has finished.
-unsafe impl Send for DstPtr {}
-unsafe impl Sync for DstPtr {}
-
-impl DstPtr {
-    /// Writes column `col` of output rows `row ..= row + R - 1` of the `[m, n]` buffer.
-    fn write<const R: usize>(self, row: usize, col: usize, n: usize, values: [f32; R]) {
-        for (i, value) in values.into_iter().enumerate() {
-            // SAFETY: `row + i < m` and `col < n` index the `m * n` buffer, and column `col`
-            // belongs to this task alone (see the `Send` impl).
-            unsafe { *self.0.add((row + i) * n + col) = value };
-        }
+/// Writes column `col` of output rows `row ..= row + R - 1`.
+fn write_rows<const R: usize>(dst: OutColumns, row: usize, col: usize, values: [f32; R]) {
+    for (i, value) in values.into_iter().enumerate() {
+        dst.set(row + i, col, value);
     }
 }
 

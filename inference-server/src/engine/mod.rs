@@ -8,6 +8,7 @@ pub mod kv_cache;
 pub mod kv_pool;
 pub mod linear;
 pub mod model;
+mod out_columns;
 pub mod q8_0;
 pub mod rope;
 pub mod weights;

@@ -23,6 +23,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::error::{EngineError, Result};
+use super::out_columns::OutColumns;
 
 /// Values per Q8_0 block.
 const QK: usize = 32;
@@ -180,7 +181,7 @@ impl Q8Matrix {
         let quads_per_task = if m == 1 { 16 } else { 4 };
         let tile_rows =
             (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<ActBlock>())).clamp(2, 64) & !1;
-        let dst = DstPtr(out.as_mut_ptr());
+        let dst = OutColumns::new(&mut out, m, n);
         (0..quads.div_ceil(quads_per_task))
             .into_par_iter()
             .for_each(|task| {
@@ -196,11 +197,11 @@ impl Q8Matrix {
                             if row + 1 < tile_end {
                                 let x1 = &act[(row + 1) * per_row..(row + 2) * per_row];
                                 let (d0, d1) = dot_2x4(weights, x0, x1);
-                                dst.write(row, quad, n, d0);
-                                dst.write(row + 1, quad, n, d1);
+                                write_quad(dst, row, quad, n, d0);
+                                write_quad(dst, row + 1, quad, n, d1);
                                 row += 2;
                             } else {
-                                dst.write(row, quad, n, dot_1x4(weights, x0));
+                                write_quad(dst, row, quad, n, dot_1x4(weights, x0));
                                 row += 1;
                             }
                         }
@@ -211,27 +212,13 @@ impl Q8Matrix {
     }
 }
 
-/// The output buffer of [`Q8Matrix::matmul`], shared by its tasks.
-#[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-
-// SAFETY: tasks write through the pointer only to the columns of their own weight quads
-// (`DstPtr::write`), which no other task writes, while `matmul` keeps the buffer alive and
-// untouched until every task has finished.
-unsafe impl Send for DstPtr {}
-unsafe impl Sync for DstPtr {}
-
-impl DstPtr {
-    /// Writes the dot products of output row `row` with weight quad `quad` (columns
-    /// `4 quad ..`, those below `n`) into the `[m, n]` buffer.
-    fn write(self, row: usize, quad: usize, n: usize, values: [f32; ROWS]) {
-        for (lane, value) in values.into_iter().enumerate() {
-            let col = quad * ROWS + lane;
-            if col < n {
-                // SAFETY: `row < m` and `col < n` index the `m * n` buffer, and column `col`
-                // belongs to this task's quad alone (see the `Send` impl).
-                unsafe { *self.0.add(row * n + col) = value };
-            }
+/// Writes the dot products of output row `row` with weight quad `quad` (columns `4 quad ..`,
+/// those below `n`).
+fn write_quad(dst: OutColumns, row: usize, quad: usize, n: usize, values: [f32; ROWS]) {
+    for (lane, value) in values.into_iter().enumerate() {
+        let col = quad * ROWS + lane;
+        if col < n {
+            dst.set(row, col, value);
         }
     }
 }
