@@ -3,7 +3,9 @@
 # KWOKNodeClass) from the sigs.k8s.io/karpenter Go module into the cache; prints the directory.
 # The version is the one tools/karpenter-kwok/go.mod pins (the Karpenter the tests run).
 set -euo pipefail
-KARPENTER_VERSION=v1.15.0
+KARPENTER_VERSION=$(awk '$1 == "sigs.k8s.io/karpenter" { print $2 }' \
+  "$(dirname "$0")/../tools/karpenter-kwok/go.mod")
+[ -n "$KARPENTER_VERSION" ] || { echo "fetch-karpenter-crds: no Karpenter in tools/karpenter-kwok/go.mod" >&2; exit 1; }
 cache="${LLAMA_OPERATOR_CACHE:-$HOME/.cache/llama-operator}"
 files_key=2  # bump when the list below changes
 out="$cache/karpenter-crds-$KARPENTER_VERSION-$files_key"

@@ -41,6 +41,19 @@ fn node_claim_resource() -> ApiResource {
     )
 }
 
+/// The objects of `api` with the labels of `selector`; None when the list call fails.
+async fn labelled<K>(api: &Api<K>, selector: &str) -> Option<Vec<K>>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Some(
+        api.list(&ListParams::default().labels(selector))
+            .await
+            .ok()?
+            .items,
+    )
+}
+
 /// The nodes of the deployment's pools that are Ready and registered by Karpenter (its
 /// `karpenter.sh/unregistered` taint removed, the NodePool's taints in place), by name, with
 /// their instance types.
@@ -157,13 +170,7 @@ async fn real_karpenter_provisions_gpu_nodes_for_the_pool_moves_them_and_release
         env.namespace
     );
     let pool = wait_for(Duration::from_secs(30), || async {
-        pools
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .next()
+        labelled(&pools, &selector).await?.into_iter().next()
     })
     .await
     .map_err(|e| anyhow::anyhow!("no NodePool: {e}\n{}", logs()))?;
@@ -310,11 +317,8 @@ async fn real_karpenter_provisions_gpu_nodes_for_the_pool_moves_them_and_release
         let old_pool_gone = pools.get_opt(&first_pool).await.ok()?.is_none();
         let all_second = ready.len() == 2 && ready.iter().all(|(_, it)| it == SECOND);
         let servers_there = on.len() == 2 && on.iter().all(|n| ready.iter().any(|r| &r.0 == n));
-        let old_claims_gone = claims
-            .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={first_pool}")))
-            .await
-            .ok()?
-            .items
+        let old_claims_gone = labelled(&claims, &format!("karpenter.sh/nodepool={first_pool}"))
+            .await?
             .is_empty();
         (old_pool_gone && all_second && servers_there && old_claims_gone).then_some(ready)
     })
@@ -331,33 +335,25 @@ async fn real_karpenter_provisions_gpu_nodes_for_the_pool_moves_them_and_release
     api.delete("kp", &DeleteParams::default()).await?;
     wait_for(Duration::from_secs(120), || async {
         let gone = api.get_opt("kp").await.ok()?.is_none();
-        let no_pools = pools
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .ok()?
-            .items
-            .is_empty();
-        let no_nodes = nodes
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .ok()?
-            .items
-            .is_empty();
-        let no_claims = claims
-            .list(&ListParams::default().labels(&selector))
-            .await
-            .ok()?
-            .items
-            .is_empty();
+        let no_pools = labelled(&pools, &selector).await?.is_empty();
+        let no_nodes = labelled(&nodes, &selector).await?.is_empty();
+        let no_claims = labelled(&claims, &selector).await?.is_empty();
         (gone && no_pools && no_nodes && no_claims).then_some(())
     })
     .await
     .map_err(|e| anyhow::anyhow!("pool not released: {e}\n{}", logs()))?;
 
     // Two instances of each instance type were launched and terminated, and nothing more: no
-    // create/delete loop.
-    let log = karpenter.log_text();
-    let count = |what: &str| log.matches(&format!("\"message\":\"{what}\"")).count();
+    // create/delete loop. Karpenter logs a deletion once its finalizer is gone, which can come
+    // a moment after the objects have disappeared: wait for the log to catch up.
+    let count = |what: &str| {
+        let log = karpenter.log_text();
+        log.matches(&format!("\"message\":\"{what}\"")).count()
+    };
+    let _ = wait_for(Duration::from_secs(15), || async {
+        (count("deleted nodeclaim") >= 4).then_some(())
+    })
+    .await;
     assert_eq!(count("created nodeclaim"), 4, "{}", logs());
     assert_eq!(count("registered nodeclaim"), 4, "{}", logs());
     assert_eq!(count("deleted nodeclaim"), 4, "{}", logs());
