@@ -102,20 +102,37 @@ pub fn ids(value: &serde_json::Value) -> Vec<u32> {
 /// most likely token is `chain[i + 1]`. Attention and MLP outputs are zero, so each step's
 /// logits depend only on the current token; embedding row `chain[i]` and output row
 /// `chain[i + 1]` share the unit vector `i`. The tokens must be distinct (a token has one
-/// successor) and fewer than the hidden size. Written under the target directory as `name`.
+/// successor) and fewer than the hidden size. Cached under the target directory's models, keyed
+/// by `name`, the chain and the base model, so repeated runs reuse one copy.
 pub fn programmed_model(name: &str, chain: &[u32]) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
     let mut seen = std::collections::HashSet::new();
     assert!(
         chain.iter().all(|t| seen.insert(*t)),
         "chain tokens must be distinct: {chain:?}"
     );
     let base = tiny_model(ModelShape::TinyUntied, 7);
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "{}-{}",
-        name.replace(|c: char| !c.is_alphanumeric(), "_"),
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&out).expect("dir");
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (include_str!("mod.rs"), &base, chain).hash(&mut hasher);
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("models");
+    let safe_name = name.replace(|c: char| !c.is_alphanumeric(), "_");
+    let out = root.join(format!("programmed-{safe_name}-{:016x}", hasher.finish()));
+    if out.join("model.safetensors").is_file() {
+        return out;
+    }
+    // Write beside, then rename, as `tiny_model` does.
+    let partial = root.join(format!("partial-{}-{safe_name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    write_programmed_model(&base, chain, &partial);
+    if std::fs::rename(&partial, &out).is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    out
+}
+
+fn write_programmed_model(base: &Path, chain: &[u32], out: &Path) {
+    std::fs::create_dir_all(out).expect("dir");
     for file in [
         "config.json",
         "generation_config.json",
@@ -148,7 +165,6 @@ pub fn programmed_model(name: &str, chain: &[u32]) -> PathBuf {
         }
     }
     candle_core::safetensors::save(&tensors, out.join("model.safetensors")).expect("save");
-    out
 }
 
 /// Sends `request` through the server's router in-process and returns the status and the body
