@@ -13,8 +13,11 @@
 //! minimums are subtracted through the activation's 16-value sums. Only the order of the f32
 //! additions differs.
 //!
-//! Machines without AVX2, FMA and F16C keep candle's kernels ([`KMatrix::from_qtensor`]
-//! returns `None` there).
+//! Matrices whose rows are a multiple of eight (every matrix of a Llama model) are regrouped
+//! into interleaved blocks of eight rows instead ([`super::kquants_x8`]), with faster kernels;
+//! this module keeps the file's layout for the others, and provides the activation blocks and
+//! the file's block types both use. Machines without AVX2, FMA and F16C keep candle's kernels
+//! ([`KMatrix::from_qtensor`] returns `None` there).
 
 #![allow(unsafe_code)]
 
@@ -27,7 +30,7 @@ use super::out_columns::OutColumns;
 use super::q8_0::supported;
 
 /// Values per K-quant super-block.
-const QK_K: usize = 256;
+pub(super) const QK_K: usize = 256;
 /// Bytes of quantized activations a task keeps in cache while it walks its weight rows.
 const ACTIVATION_TILE_BYTES: usize = 32 * 1024;
 
@@ -36,14 +39,14 @@ const ACTIVATION_TILE_BYTES: usize = 32 * 1024;
 #[derive(Clone, Copy)]
 pub struct BlockQ4K {
     /// Scale of the sub-block scales (f16 bits).
-    d: u16,
+    pub(super) d: u16,
     /// Scale of the sub-block minimums (f16 bits).
-    dmin: u16,
+    pub(super) dmin: u16,
     /// Eight 6-bit scales and eight 6-bit minimums, packed.
-    scales: [u8; 12],
+    pub(super) scales: [u8; 12],
     /// 4-bit values: bytes `32 j ..` hold values `64 j ..` (low nibbles) and `64 j + 32 ..`
     /// (high nibbles).
-    qs: [u8; 128],
+    pub(super) qs: [u8; 128],
 }
 
 /// One 256-value Q6_K block, as GGUF stores it (210 bytes).
@@ -51,22 +54,37 @@ pub struct BlockQ4K {
 #[derive(Clone, Copy)]
 pub struct BlockQ6K {
     /// Low 4 bits of the values.
-    ql: [u8; 128],
+    pub(super) ql: [u8; 128],
     /// High 2 bits of the values.
-    qh: [u8; 64],
+    pub(super) qh: [u8; 64],
     /// One signed scale per 16 values.
-    scales: [i8; 16],
+    pub(super) scales: [i8; 16],
     /// Scale of the scales (f16 bits).
-    d: u16,
+    pub(super) d: u16,
 }
 
 /// One 256-value block of a quantized activation row (opaque outside this module).
 #[derive(Clone, Copy)]
 pub struct Q8KBlock {
-    d: f32,
-    qs: [i8; QK_K],
+    /// The scale: value `i` is `d × qs[i]`.
+    pub(super) d: f32,
+    pub(super) qs: [i8; QK_K],
     /// Sums of every 16 values of `qs`.
-    bsums: [i16; QK_K / 16],
+    pub(super) bsums: [i16; QK_K / 16],
+}
+
+impl Q8KBlock {
+    /// The dot product of the block's values with `values` (256 of them), in f32: the
+    /// kernels' reference.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    pub(super) fn dot_f32(&self, values: &[f32]) -> f32 {
+        let dot: f32 = values
+            .iter()
+            .zip(&self.qs)
+            .map(|(&v, &q)| v * f32::from(q))
+            .sum();
+        dot * self.d
+    }
 }
 
 /// A K-quant block type the kernels multiply.
@@ -88,7 +106,7 @@ fn f16_bits(bytes: &[u8], at: usize) -> u16 {
 }
 
 /// The 6-bit scale and minimum of Q4_K sub-block `j` (ggml's `get_scale_min_k4`).
-fn q4k_scale_min(j: usize, q: &[u8; 12]) -> (u8, u8) {
+pub(super) fn q4k_scale_min(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -222,13 +240,7 @@ fn scalar_dot<B: KBlock, const R: usize>(w: &[B], x: [&[Q8KBlock]; R]) -> [f32; 
     for (b, block) in w.iter().enumerate() {
         block.dequantize(&mut values);
         for (r, sum) in out.iter_mut().enumerate() {
-            let xb = &x[r][b];
-            let dot: f32 = values
-                .iter()
-                .zip(&xb.qs)
-                .map(|(&v, &q)| v * f32::from(q))
-                .sum();
-            *sum += dot * xb.d;
+            *sum += x[r][b].dot_f32(&values);
         }
     }
     out
@@ -383,7 +395,7 @@ fn write_rows<const R: usize>(dst: OutColumns, row: usize, col: usize, values: [
 }
 
 /// Quantizes rows of `k` values to Q8_K blocks, as ggml and candle do.
-fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8KBlock> {
+pub(super) fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8KBlock> {
     let per_row = k / QK_K;
     let empty = Q8KBlock {
         d: 0.0,

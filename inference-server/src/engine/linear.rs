@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use super::error::{EngineError, Result};
 use super::kquants::{Q4KMatrix, Q6KMatrix};
+use super::kquants_x8::{Q4KX8Matrix, Q6KX8Matrix};
 use super::q8_0::Q8Matrix;
 
 /// A bias-free linear layer `y = x Wᵀ`.
@@ -21,8 +22,12 @@ pub enum Linear {
     Q8_0(Arc<Q8Matrix>),
     /// Q4_K blocks on an AVX2 CPU, multiplied by the engine's own kernels.
     Q4K(Arc<Q4KMatrix>),
+    /// Q4_K blocks of eight interleaved rows on an AVX2 CPU (rows a multiple of eight).
+    Q4KX8(Arc<Q4KX8Matrix>),
     /// Q6_K blocks on an AVX2 CPU, multiplied by the engine's own kernels.
     Q6K(Arc<Q6KMatrix>),
+    /// Q6_K blocks of eight interleaved rows on an AVX2 CPU (rows a multiple of eight).
+    Q6KX8(Arc<Q6KX8Matrix>),
 }
 
 impl Linear {
@@ -41,8 +46,12 @@ impl Linear {
             ))
         } else if let Some(matrix) = Q8Matrix::from_qtensor(&weight)? {
             Ok(Self::Q8_0(Arc::new(matrix)))
+        } else if let Some(matrix) = Q4KX8Matrix::from_qtensor(&weight)? {
+            Ok(Self::Q4KX8(Arc::new(matrix)))
         } else if let Some(matrix) = Q4KMatrix::from_qtensor(&weight)? {
             Ok(Self::Q4K(Arc::new(matrix)))
+        } else if let Some(matrix) = Q6KX8Matrix::from_qtensor(&weight)? {
+            Ok(Self::Q6KX8(Arc::new(matrix)))
         } else if let Some(matrix) = Q6KMatrix::from_qtensor(&weight)? {
             Ok(Self::Q6K(Arc::new(matrix)))
         } else {
@@ -58,7 +67,9 @@ impl Linear {
             Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => dense_bytes(t),
             Self::Q8_0(matrix) => matrix.bytes(),
             Self::Q4K(matrix) => matrix.bytes(),
+            Self::Q4KX8(matrix) => matrix.bytes(),
             Self::Q6K(matrix) => matrix.bytes(),
+            Self::Q6KX8(matrix) => matrix.bytes(),
         }
     }
 
@@ -70,7 +81,9 @@ impl Linear {
             Self::Quantized(matmul) => Ok(matmul.forward(&x.contiguous()?)?),
             Self::Q8_0(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
             Self::Q4K(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
+            Self::Q4KX8(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
             Self::Q6K(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
+            Self::Q6KX8(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
         }
     }
 }
@@ -86,8 +99,12 @@ pub enum Embedding {
     Q8_0(Arc<Q8Matrix>),
     /// Q4_K rows (shared with a tied output projection).
     Q4K(Arc<Q4KMatrix>),
+    /// Q4_K rows in blocks of eight (shared with a tied output projection).
+    Q4KX8(Arc<Q4KX8Matrix>),
     /// Q6_K rows (shared with a tied output projection).
     Q6K(Arc<Q6KMatrix>),
+    /// Q6_K rows in blocks of eight (shared with a tied output projection).
+    Q6KX8(Arc<Q6KX8Matrix>),
 }
 
 impl Embedding {
@@ -100,8 +117,12 @@ impl Embedding {
             ))
         } else if let Some(matrix) = Q8Matrix::from_qtensor(&table)? {
             Ok(Self::Q8_0(Arc::new(matrix)))
+        } else if let Some(matrix) = Q4KX8Matrix::from_qtensor(&table)? {
+            Ok(Self::Q4KX8(Arc::new(matrix)))
         } else if let Some(matrix) = Q4KMatrix::from_qtensor(&table)? {
             Ok(Self::Q4K(Arc::new(matrix)))
+        } else if let Some(matrix) = Q6KX8Matrix::from_qtensor(&table)? {
+            Ok(Self::Q6KX8(Arc::new(matrix)))
         } else if let Some(matrix) = Q6KMatrix::from_qtensor(&table)? {
             Ok(Self::Q6K(Arc::new(matrix)))
         } else {
@@ -116,7 +137,9 @@ impl Embedding {
             Self::Quantized(table) => Ok(table.embedding(ids)?.to_dtype(dtype)?),
             Self::Q8_0(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
             Self::Q4K(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
+            Self::Q4KX8(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
             Self::Q6K(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
+            Self::Q6KX8(table) => cpu_rows(table.cols(), ids, dtype, |i| table.rows_f32(i)),
         }
     }
 
@@ -127,7 +150,9 @@ impl Embedding {
             Self::Quantized(table) => table.storage_size_in_bytes() as u64,
             Self::Q8_0(table) => table.bytes(),
             Self::Q4K(table) => table.bytes(),
+            Self::Q4KX8(table) => table.bytes(),
             Self::Q6K(table) => table.bytes(),
+            Self::Q6KX8(table) => table.bytes(),
         }
     }
 
@@ -138,7 +163,9 @@ impl Embedding {
             Self::Quantized(table) => Linear::Quantized(QMatMul::QTensor(Arc::clone(table))),
             Self::Q8_0(table) => Linear::Q8_0(Arc::clone(table)),
             Self::Q4K(table) => Linear::Q4K(Arc::clone(table)),
+            Self::Q4KX8(table) => Linear::Q4KX8(Arc::clone(table)),
             Self::Q6K(table) => Linear::Q6K(Arc::clone(table)),
+            Self::Q6KX8(table) => Linear::Q6KX8(Arc::clone(table)),
         }
     }
 }

@@ -4,6 +4,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod kquants;
+pub mod kquants_x8;
 pub mod kv_cache;
 pub mod kv_pool;
 pub mod linear;

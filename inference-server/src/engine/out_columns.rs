@@ -38,6 +38,23 @@ impl OutColumns {
         // (see the `Send` impl).
         unsafe { *self.ptr.add(row * self.n + col) = value };
     }
+
+    /// Sets elements (`row`, `col ..`) to `values`; out-of-range indices are a bug and panic.
+    pub(super) fn set_run(self, row: usize, col: usize, values: &[f32]) {
+        assert!(
+            row < self.m && col + values.len() <= self.n,
+            "({row}, {col}..{}) outside the output",
+            col + values.len()
+        );
+        // SAFETY: in range (checked above), and the columns belong to the calling task alone.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr(),
+                self.ptr.add(row * self.n + col),
+                values.len(),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -51,6 +68,20 @@ mod tests {
         w.set(1, 2, 5.0);
         w.set(0, 1, 7.0);
         assert_eq!(out, [0.0, 7.0, 0.0, 0.0, 0.0, 5.0]);
+    }
+
+    #[test]
+    fn a_run_lands_in_one_row() {
+        let mut out = vec![0f32; 6];
+        OutColumns::new(&mut out, 2, 3).set_run(1, 1, &[4.0, 5.0]);
+        assert_eq!(out, [0.0, 0.0, 0.0, 0.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the output")]
+    fn a_run_past_the_row_panics() {
+        let mut out = vec![0f32; 6];
+        OutColumns::new(&mut out, 2, 3).set_run(0, 2, &[4.0, 5.0]);
     }
 
     #[test]

@@ -1,0 +1,469 @@
+//! K-quant matrices (Q4_K, Q6_K) regrouped at load time into blocks of eight interleaved rows,
+//! multiplied by the engine's own AVX2 kernels: one copy of the weights, in place of the
+//! file's blocks.
+//!
+//! In the file's layout ([`super::kquants`]) every row is a run of blocks: a kernel multiplies
+//! one row at a time, sums each product horizontally and applies that row's scales on its own.
+//! Here the 256-value blocks of eight consecutive rows are stored together, their packed values
+//! interleaved four bytes a row. One 32-byte load then holds four bytes of each of the eight
+//! rows, and one broadcast activation word multiplies all eight in one instruction. Products
+//! are summed in 16-bit lanes and scaled once per sub-block, the eight rows' results stay in
+//! the eight lanes of one register, and the rows' block scales are applied by one F16C
+//! conversion and one FMA: llama.cpp's answer for its repacked `q4_K_8x8` matrices, written
+//! here for this engine.
+//!
+//! The arithmetic is ggml's, as in [`super::kquants`]: the activations are quantized to Q8_K
+//! blocks, integer sums are scaled in f32; only the order of f32 additions differs. Matrices
+//! whose rows are not a multiple of eight keep the file's layout.
+
+#![allow(unsafe_code)]
+
+mod q4k;
+mod q6k;
+
+use candle_core::quantized::QTensor;
+use rayon::prelude::*;
+
+pub use q4k::BlockQ4Kx8;
+pub use q6k::BlockQ6Kx8;
+
+use super::error::{EngineError, Result};
+use super::kquants::{KBlock, Q8KBlock, QK_K, quantize_rows};
+use super::out_columns::OutColumns;
+use super::q8_0::supported;
+
+/// Rows interleaved in one block.
+const ROWS: usize = 8;
+/// Bytes of quantized activations a task keeps in cache while it walks its weight rows.
+const ACTIVATION_TILE_BYTES: usize = 32 * 1024;
+/// Weight rows a rayon task owns (whole interleaved blocks).
+const ROWS_PER_TASK: usize = 16;
+
+/// The same 256-value block of eight rows, interleaved.
+pub trait BlockX8: Copy + Send + Sync + 'static {
+    /// The file's block type.
+    type File: KBlock;
+    /// Interleaves the same block of eight rows.
+    fn interleave(rows: [&Self::File; ROWS]) -> Self;
+    /// Row `i`'s 256 values.
+    fn dequantize_row(&self, i: usize, out: &mut [f32]);
+    /// Eight weight rows (one group's blocks) against `R` activation rows.
+    fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R];
+}
+
+/// A `[rows, cols]` K-quant matrix whose rows are a multiple of eight, in blocks of eight rows.
+pub struct KMatrixX8<B: BlockX8> {
+    rows: usize,
+    cols: usize,
+    /// Row group after row group, each `cols / 256` blocks.
+    blocks: Vec<B>,
+}
+
+/// A Q4_K matrix in blocks of eight rows.
+pub type Q4KX8Matrix = KMatrixX8<BlockQ4Kx8>;
+/// A Q6_K matrix in blocks of eight rows.
+pub type Q6KX8Matrix = KMatrixX8<BlockQ6Kx8>;
+
+impl<B: BlockX8> std::fmt::Debug for KMatrixX8<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KMatrixX8")
+            .field("type", &B::File::DTYPE)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: BlockX8> KMatrixX8<B> {
+    /// Regroups a 2-D tensor of this block type on the CPU; `None` when it is another type,
+    /// lives on another device, has rows that are not a multiple of eight, or this CPU lacks
+    /// the kernels' instructions.
+    pub fn from_qtensor(tensor: &QTensor) -> Result<Option<Self>> {
+        if tensor.dtype() != B::File::DTYPE || !tensor.device().is_cpu() || !supported() {
+            return Ok(None);
+        }
+        let (rows, cols) = tensor.shape().dims2()?;
+        if !cols.is_multiple_of(QK_K) || !rows.is_multiple_of(ROWS) {
+            return Ok(None);
+        }
+        let data = tensor.data()?;
+        Self::from_gguf_bytes(rows, cols, &data).map(Some)
+    }
+
+    /// Builds the matrix from blocks as GGUF stores them, row after row.
+    fn from_gguf_bytes(rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        let per_row = cols / QK_K;
+        let bytes = B::File::BYTES;
+        let expected = rows * per_row * bytes;
+        if !cols.is_multiple_of(QK_K) || !rows.is_multiple_of(ROWS) || data.len() != expected {
+            return Err(EngineError::InvalidInput(format!(
+                "a [{rows}, {cols}] {:?} matrix in groups of {ROWS} rows needs {expected} bytes \
+                 and a multiple of {ROWS} rows, got {} bytes",
+                B::File::DTYPE,
+                data.len()
+            )));
+        }
+        let row_bytes = per_row * bytes;
+        let mut blocks = Vec::with_capacity(rows / ROWS * per_row);
+        for group in data.chunks_exact(ROWS * row_bytes) {
+            for b in 0..per_row {
+                let parsed: [B::File; ROWS] = std::array::from_fn(|i| {
+                    let at = i * row_bytes + b * bytes;
+                    B::File::parse(&group[at..at + bytes])
+                });
+                blocks.push(B::interleave(std::array::from_fn(|i| &parsed[i])));
+            }
+        }
+        Ok(Self { rows, cols, blocks })
+    }
+
+    /// Output features (rows of the weight).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (columns of the weight).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes the weights occupy.
+    pub fn bytes(&self) -> u64 {
+        (self.blocks.len() * std::mem::size_of::<B>()) as u64
+    }
+
+    /// Rows `ids` expanded to f32, `[ids.len() * cols]` (an embedding lookup).
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let per_row = self.cols / QK_K;
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            let row = id as usize;
+            if row >= self.rows {
+                return Err(EngineError::InvalidInput(format!(
+                    "row {row} of a matrix with {} rows",
+                    self.rows
+                )));
+            }
+            let group = &self.blocks[row / ROWS * per_row..(row / ROWS + 1) * per_row];
+            for (block, values) in group.iter().zip(dst.chunks_exact_mut(QK_K)) {
+                block.dequantize_row(row % ROWS, values);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `x Wᵀ` for `x` holding `m` rows of `cols` values: `m` rows of `rows` values.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (self.rows, self.cols);
+        if x.len() != m * k {
+            return Err(EngineError::InvalidInput(format!(
+                "{} input values are not {m} rows of {k}",
+                x.len()
+            )));
+        }
+        let per_row = k / QK_K;
+        let act = quantize_rows(x, k);
+        let mut out = vec![0f32; m * n];
+        // Tasks own whole groups of rows and walk the activations a cache-sized tile at a
+        // time, four activation rows per kernel call.
+        let tile_rows =
+            (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<Q8KBlock>())).clamp(4, 64) & !3;
+        let dst = OutColumns::new(&mut out, m, n);
+        (0..n.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .for_each(|task| {
+                let first_group = task * ROWS_PER_TASK / ROWS;
+                let last_group = ((task + 1) * ROWS_PER_TASK).min(n) / ROWS;
+                for tile in (0..m).step_by(tile_rows) {
+                    let tile_end = (tile + tile_rows).min(m);
+                    for group in first_group..last_group {
+                        let w = &self.blocks[group * per_row..(group + 1) * per_row];
+                        let x = |r: usize| &act[r * per_row..(r + 1) * per_row];
+                        let col = group * ROWS;
+                        let mut r = tile;
+                        while r < tile_end {
+                            match tile_end - r {
+                                1 => {
+                                    write::<1>(dst, r, col, B::dot(w, [x(r)]));
+                                    r += 1;
+                                }
+                                2 => {
+                                    write::<2>(dst, r, col, B::dot(w, [x(r), x(r + 1)]));
+                                    r += 2;
+                                }
+                                3 => {
+                                    let d = B::dot(w, [x(r), x(r + 1), x(r + 2)]);
+                                    write::<3>(dst, r, col, d);
+                                    r += 3;
+                                }
+                                _ => {
+                                    let d = B::dot(w, [x(r), x(r + 1), x(r + 2), x(r + 3)]);
+                                    write::<4>(dst, r, col, d);
+                                    r += 4;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(out)
+    }
+}
+
+/// Writes columns `col .. col + 8` of output rows `row ..= row + R - 1`.
+fn write<const R: usize>(dst: OutColumns, row: usize, col: usize, values: [[f32; ROWS]; R]) {
+    for (r, row_values) in values.iter().enumerate() {
+        dst.set_run(row + r, col, row_values);
+    }
+}
+
+/// The reference the kernels are tested against (and the path off x86-64): each row expanded
+/// to f32 and multiplied by the expanded activations.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn scalar_dot<B: BlockX8, const R: usize>(w: &[B], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R] {
+    let mut out = [[0f32; ROWS]; R];
+    let mut values = [0f32; QK_K];
+    for (b, block) in w.iter().enumerate() {
+        for i in 0..ROWS {
+            block.dequantize_row(i, &mut values);
+            for (r, sums) in out.iter_mut().enumerate() {
+                sums[i] += x[r][b].dot_f32(&values);
+            }
+        }
+    }
+    out
+}
+
+/// Helpers of the AVX2 kernels.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::ROWS;
+
+    /// Eight bytes, one per row, each widened into the two adjacent i16 lanes that `maddubs`
+    /// fills for that row (unsigned).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn row_pairs_u8(bytes: &[u8; ROWS]) -> __m256i {
+        _mm256_cvtepu8_epi16(doubled(bytes))
+    }
+
+    /// As [`row_pairs_u8`], for the bits of signed bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn row_pairs_i8(bytes: &[u8; ROWS]) -> __m256i {
+        _mm256_cvtepi8_epi16(doubled(bytes))
+    }
+
+    /// Each of eight bytes twice.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn doubled(bytes: &[u8; ROWS]) -> __m128i {
+        // SAFETY: eight bytes, the width of the load.
+        let v = unsafe { _mm_loadl_epi64(bytes.as_ptr().cast()) };
+        _mm_unpacklo_epi8(v, v)
+    }
+
+    /// Row `i`'s bytes of two sub-blocks side by side (`a[i]`, `b[i]`) as i16: a `madd` with
+    /// two broadcast activation sums weighs both at once.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn two_per_row(a: &[u8; ROWS], b: &[u8; ROWS], signed: bool) -> __m256i {
+        // SAFETY: eight bytes each, the width of the loads.
+        let (a, b) = unsafe {
+            (
+                _mm_loadl_epi64(a.as_ptr().cast()),
+                _mm_loadl_epi64(b.as_ptr().cast()),
+            )
+        };
+        let pairs = _mm_unpacklo_epi8(a, b);
+        if signed {
+            _mm256_cvtepi8_epi16(pairs)
+        } else {
+            _mm256_cvtepu8_epi16(pairs)
+        }
+    }
+
+    /// Two i16 activation sums, `lo` and `hi`, in every 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn sum_pair(lo: i32, hi: i32) -> __m256i {
+        _mm256_set1_epi32((lo & 0xFFFF) | (hi << 16))
+    }
+
+    /// Four activation bytes broadcast to every 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn broadcast4(values: &[i8]) -> __m256i {
+        assert!(values.len() >= 4);
+        // SAFETY: at least four bytes, read unaligned.
+        _mm256_set1_epi32(unsafe { values.as_ptr().cast::<i32>().read_unaligned() })
+    }
+
+    /// Thirty-two weight bytes (four of each row) from `bytes[at ..]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn load32(bytes: &[u8], at: usize) -> __m256i {
+        let chunk = &bytes[at..at + 32];
+        // SAFETY: 32 bytes, the width of the load.
+        unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) }
+    }
+
+    /// Eight f16 scales as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn scales_f32(bits: &[u16; ROWS]) -> __m256 {
+        // SAFETY: eight f16, the width of the load.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr().cast()) })
+    }
+
+    /// Eight f32 results.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn store(v: __m256) -> [f32; ROWS] {
+        let mut out = [0f32; ROWS];
+        // SAFETY: eight f32, the width of the store.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QMatMul};
+    use candle_core::{Device, Module, Tensor};
+
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                let h = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 2001;
+                (h as f32 - 1000.0) / 700.0
+            })
+            .collect()
+    }
+
+    fn matches_candle_and_the_reference<B: BlockX8>() -> Result<()> {
+        if !supported() {
+            return Ok(());
+        }
+        // 24 rows (three groups), 512 columns (two blocks a row).
+        let (n, k) = (24, 512);
+        let weight = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu)?;
+        let q = QTensor::quantize(&weight, B::File::DTYPE)?;
+        let ours = KMatrixX8::<B>::from_qtensor(&q)?
+            .ok_or_else(|| EngineError::InvalidInput("a K-quant CPU tensor is taken".into()))?;
+        assert_eq!((ours.rows(), ours.cols()), (n, k));
+        assert_eq!(ours.bytes(), (3 * 2 * std::mem::size_of::<B>()) as u64);
+        let expected_rows: Vec<f32> = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        for row in [0, 5, 8, 15, 23] {
+            assert_eq!(
+                ours.rows_f32(&[row as u32])?,
+                expected_rows[row * k..(row + 1) * k],
+                "row {row}"
+            );
+        }
+        assert!(ours.rows_f32(&[24]).is_err());
+        let candle = QMatMul::from_qtensor(q)?;
+        for m in [1, 2, 3, 4, 5, 7, 70] {
+            let x = values(m * k, 7 + m as u32);
+            let expected: Vec<f32> = candle
+                .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?)?
+                .flatten_all()?
+                .to_vec1()?;
+            let got = ours.matmul(&x, m)?;
+            assert_eq!(got.len(), m * n);
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-3 * e.abs().max(1.0),
+                    "{:?} m {m}, output {i}: {g} vs {e}",
+                    B::File::DTYPE
+                );
+            }
+        }
+        // The kernels against the scalar reference, with activations at the i8 extremes (a
+        // block's largest value quantizes to -127, and the i16 sums are at their widest).
+        let mut extreme = values(3 * k, 11);
+        extreme[0] = 40.0;
+        extreme[k + 1] = -40.0;
+        let act = quantize_rows(&extreme, k);
+        let per_row = k / QK_K;
+        let w = &ours.blocks[per_row..2 * per_row];
+        let rows = [
+            &act[..per_row],
+            &act[per_row..2 * per_row],
+            &act[2 * per_row..],
+        ];
+        let reference = scalar_dot(w, rows);
+        for (g, e) in B::dot(w, rows)
+            .iter()
+            .flatten()
+            .zip(reference.iter().flatten())
+        {
+            assert!((g - e).abs() <= 1e-3 * e.abs().max(1.0), "{g} vs {e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn interleaved_q4k_matches_candle_and_the_reference() -> Result<()> {
+        matches_candle_and_the_reference::<BlockQ4Kx8>()
+    }
+
+    #[test]
+    fn interleaved_q6k_matches_candle_and_the_reference() -> Result<()> {
+        matches_candle_and_the_reference::<BlockQ6Kx8>()
+    }
+
+    #[test]
+    fn all_extreme_weights_do_not_overflow_the_i16_sums() -> Result<()> {
+        if !supported() {
+            return Ok(());
+        }
+        // Weights at one sign and activations at the other: every nibble/6-bit value at its
+        // largest against -127/-128, the worst case for the 16-bit lanes.
+        let k = 256;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            // One zero per 32 values gives each sub-block a range (a constant one quantizes
+            // to zeros); the other values take the largest quantized value.
+            let ones: Vec<f32> = (0..8 * k)
+                .map(|i| if i % 32 == 0 { 0.0 } else { 1.0 })
+                .collect();
+            let weight = Tensor::from_vec(ones, (8, k), &Device::Cpu)?;
+            let q = QTensor::quantize(&weight, dtype)?;
+            let x = vec![-1.0f32; 4 * k];
+            let got = match dtype {
+                GgmlDType::Q4K => Q4KX8Matrix::from_qtensor(&q)?.map(|m| m.matmul(&x, 4)),
+                _ => Q6KX8Matrix::from_qtensor(&q)?.map(|m| m.matmul(&x, 4)),
+            }
+            .ok_or_else(|| EngineError::InvalidInput("taken".into()))??;
+            let expected: Vec<f32> = QMatMul::from_qtensor(q)?
+                .forward(&Tensor::from_vec(x, (4, k), &Device::Cpu)?)?
+                .flatten_all()?
+                .to_vec1()?;
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(
+                    (g - e).abs() <= 1e-3 * e.abs().max(1.0),
+                    "{dtype:?}: {g} vs {e}"
+                );
+            }
+            assert!((got[0] + 248.0).abs() < 3.0, "{dtype:?}: {}", got[0]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rows_not_in_groups_of_eight_keep_the_file_layout() -> Result<()> {
+        let weight = Tensor::from_vec(values(12 * 256, 5), (12, 256), &Device::Cpu)?;
+        let q = QTensor::quantize(&weight, GgmlDType::Q4K)?;
+        assert!(Q4KX8Matrix::from_qtensor(&q)?.is_none());
+        assert!(Q4KX8Matrix::from_gguf_bytes(12, 256, &[0; 12 * 144]).is_err());
+        assert!(Q4KX8Matrix::from_gguf_bytes(8, 256, &[0; 8 * 144 - 1]).is_err());
+        assert!(Q4KX8Matrix::from_gguf_bytes(8, 256, &[0; 8 * 144]).is_ok());
+        assert!(Q6KX8Matrix::from_gguf_bytes(8, 256, &[0; 8 * 210]).is_ok());
+        assert!(Q6KX8Matrix::from_gguf_bytes(8, 256, &[0; 8 * 144]).is_err());
+        Ok(())
+    }
+}

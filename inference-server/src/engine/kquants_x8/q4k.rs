@@ -1,0 +1,172 @@
+//! Q4_K blocks of eight interleaved rows and their kernel.
+
+use half::f16;
+
+use super::{BlockX8, ROWS};
+use crate::engine::kquants::{BlockQ4K, Q8KBlock, q4k_scale_min};
+
+/// The 256-value Q4_K blocks of eight consecutive rows (1184 bytes; the file's eight blocks take
+/// 1152: the sub-block scales and minimums are stored unpacked, a byte each).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ4Kx8 {
+    /// Each row's scale of its sub-block scales (f16 bits).
+    d: [u16; ROWS],
+    /// Each row's scale of its sub-block minimums (f16 bits).
+    dmin: [u16; ROWS],
+    /// `scales[j][i]`: row `i`'s 6-bit scale of sub-block `j` (values `32 j .. 32 j + 32`).
+    scales: [[u8; ROWS]; 8],
+    /// `mins[j][i]`: row `i`'s 6-bit minimum of sub-block `j`.
+    mins: [[u8; ROWS]; 8],
+    /// The rows' `qs` bytes four at a time: byte `t` of group `g` of chunk `c` of row `i` (file
+    /// byte `32 c + 4 g + t`, holding values `64 c + 4 g + t` in its low nibble and
+    /// `64 c + 32 + 4 g + t` in its high one) is at `((8 c + g) * 8 + i) * 4 + t`.
+    qs: [u8; 1024],
+}
+
+impl BlockX8 for BlockQ4Kx8 {
+    type File = BlockQ4K;
+
+    fn interleave(rows: [&BlockQ4K; ROWS]) -> Self {
+        let mut out = Self {
+            d: [0; ROWS],
+            dmin: [0; ROWS],
+            scales: [[0; ROWS]; 8],
+            mins: [[0; ROWS]; 8],
+            qs: [0; 1024],
+        };
+        for (i, row) in rows.iter().enumerate() {
+            out.d[i] = row.d;
+            out.dmin[i] = row.dmin;
+            for j in 0..8 {
+                let (scale, min) = q4k_scale_min(j, &row.scales);
+                out.scales[j][i] = scale;
+                out.mins[j][i] = min;
+            }
+            for c in 0..4 {
+                for g in 0..8 {
+                    let at = ((8 * c + g) * ROWS + i) * 4;
+                    let from = 32 * c + 4 * g;
+                    out.qs[at..at + 4].copy_from_slice(&row.qs[from..from + 4]);
+                }
+            }
+        }
+        out
+    }
+
+    fn dequantize_row(&self, i: usize, out: &mut [f32]) {
+        let d = f16::from_bits(self.d[i]).to_f32();
+        let dmin = f16::from_bits(self.dmin[i]).to_f32();
+        for c in 0..4 {
+            let (lo, hi) = (2 * c, 2 * c + 1);
+            let (d1, m1) = (
+                d * f32::from(self.scales[lo][i]),
+                dmin * f32::from(self.mins[lo][i]),
+            );
+            let (d2, m2) = (
+                d * f32::from(self.scales[hi][i]),
+                dmin * f32::from(self.mins[hi][i]),
+            );
+            for g in 0..8 {
+                let at = ((8 * c + g) * ROWS + i) * 4;
+                for t in 0..4 {
+                    let q = self.qs[at + t];
+                    out[64 * c + 4 * g + t] = d1 * f32::from(q & 0xF) - m1;
+                    out[64 * c + 32 + 4 * g + t] = d2 * f32::from(q >> 4) - m2;
+                }
+            }
+        }
+    }
+
+    fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R] {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: a `KMatrixX8` exists only where `supported()` found AVX2, FMA and F16C.
+            unsafe { avx2::dot(w, x) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            super::scalar_dot(w, x)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::avx2::{
+        broadcast4, load32, row_pairs_u8, scales_f32, store, sum_pair, two_per_row,
+    };
+    use super::{BlockQ4Kx8, ROWS};
+    use crate::engine::kquants::Q8KBlock;
+
+    /// Eight interleaved Q4_K rows against `R` Q8_K rows.
+    ///
+    /// Per four-byte group, `maddubs` multiplies the eight rows' unsigned nibbles by the
+    /// broadcast activations (a pair sums to at most 2 × 15 × 128); the eight groups of a
+    /// sub-block are summed in i16 (at most 8 × 3840 = 30720, no overflow), then `madd` with
+    /// the rows' sub-block scales sums to one i32 per row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const R: usize>(
+        w: &[BlockQ4Kx8],
+        x: [&[Q8KBlock]; R],
+    ) -> [[f32; ROWS]; R] {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let mut p_lo = [_mm256_setzero_si256(); R];
+                let mut p_hi = [_mm256_setzero_si256(); R];
+                for g in 0..8 {
+                    let q = load32(&wb.qs, (8 * c + g) * 32);
+                    let lo = _mm256_and_si256(q, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                    for r in 0..R {
+                        let xq = &x[r][b].qs;
+                        let a_lo = broadcast4(&xq[64 * c + 4 * g..]);
+                        let a_hi = broadcast4(&xq[64 * c + 32 + 4 * g..]);
+                        p_lo[r] = _mm256_add_epi16(p_lo[r], _mm256_maddubs_epi16(lo, a_lo));
+                        p_hi[r] = _mm256_add_epi16(p_hi[r], _mm256_maddubs_epi16(hi, a_hi));
+                    }
+                }
+                let s_lo = row_pairs_u8(&wb.scales[2 * c]);
+                let s_hi = row_pairs_u8(&wb.scales[2 * c + 1]);
+                for r in 0..R {
+                    let p = _mm256_add_epi32(
+                        _mm256_madd_epi16(p_lo[r], s_lo),
+                        _mm256_madd_epi16(p_hi[r], s_hi),
+                    );
+                    sumi[r] = _mm256_add_epi32(sumi[r], p);
+                }
+            }
+            // The minimums: row i subtracts dmin_i × Σ_j min_ij × (sum of the activation's
+            // sub-block j), two sub-blocks per `madd`.
+            let mut summ = [_mm256_setzero_si256(); R];
+            for pair in 0..4 {
+                let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);
+                for r in 0..R {
+                    let s = &x[r][b].bsums;
+                    let sums = sum_pair(
+                        i32::from(s[4 * pair]) + i32::from(s[4 * pair + 1]),
+                        i32::from(s[4 * pair + 2]) + i32::from(s[4 * pair + 3]),
+                    );
+                    summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mins, sums));
+                }
+            }
+            let (d, dmin) = (scales_f32(&wb.d), scales_f32(&wb.dmin));
+            for r in 0..R {
+                let xd = _mm256_set1_ps(x[r][b].d);
+                let sumi = _mm256_cvtepi32_ps(sumi[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), sumi, acc[r]);
+                let summ = _mm256_cvtepi32_ps(summ[r]);
+                acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, xd), summ, acc[r]);
+            }
+        }
+        acc.map(|v| store(v))
+    }
+}
