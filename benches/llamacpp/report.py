@@ -251,7 +251,7 @@ def main():
         f"`auto` (on for the CPU), f16 key/value cache; llama-server computes in "
         f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache; Q8_0, Q4_K and "
         "Q6_K matrices are multiplied by the engine's own AVX2 kernels over one copy of the "
-        "weights (`inference-server/src/engine/q8_0.rs`, `kquants.rs`)."
+        "weights (`inference-server/src/engine/q8_0.rs`; K-quants in blocks of eight interleaved rows, `kquants_x8/`)."
     )
     out += ["", "## Results", ""]
     for q in quants:
