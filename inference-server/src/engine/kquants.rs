@@ -26,13 +26,13 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::error::{EngineError, Result};
+use super::grouped_matmul::{self, GroupKernel};
+use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
 use super::q8_0::supported;
 
 /// Values per K-quant super-block.
 pub(super) const QK_K: usize = 256;
-/// Bytes of quantized activations a task keeps in cache while it walks its weight rows.
-const ACTIVATION_TILE_BYTES: usize = 32 * 1024;
 
 /// One 256-value Q4_K block, as GGUF stores it (144 bytes).
 #[repr(C)]
@@ -248,8 +248,7 @@ fn scalar_dot<B: KBlock, const R: usize>(w: &[B], x: [&[Q8KBlock]; R]) -> [f32; 
 
 /// A `[rows, cols]` K-quant weight matrix: the file's blocks, row after row.
 pub struct KMatrix<B: KBlock> {
-    rows: usize,
-    cols: usize,
+    shape: MatrixShape,
     blocks: Vec<B>,
 }
 
@@ -257,8 +256,7 @@ impl<B: KBlock> std::fmt::Debug for KMatrix<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KMatrix")
             .field("type", &B::DTYPE)
-            .field("rows", &self.rows)
-            .field("cols", &self.cols)
+            .field("shape", &self.shape)
             .finish_non_exhaustive()
     }
 }
@@ -289,17 +287,18 @@ impl<B: KBlock> KMatrix<B> {
             )));
         }
         let blocks = data.chunks_exact(B::BYTES).map(B::parse).collect();
-        Ok(Self { rows, cols, blocks })
+        let shape = MatrixShape { rows, cols };
+        Ok(Self { shape, blocks })
     }
 
     /// Output features (rows of the weight).
     pub fn rows(&self) -> usize {
-        self.rows
+        self.shape.rows
     }
 
     /// Input features (columns of the weight).
     pub fn cols(&self) -> usize {
-        self.cols
+        self.shape.cols
     }
 
     /// Bytes the weights occupy.
@@ -309,81 +308,33 @@ impl<B: KBlock> KMatrix<B> {
 
     /// Rows `ids` expanded to f32, `[ids.len() * cols]` (an embedding lookup).
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let per_row = self.cols / QK_K;
-        let mut out = vec![0f32; ids.len() * self.cols];
-        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
-            let row = id as usize;
-            if row >= self.rows {
-                return Err(EngineError::InvalidInput(format!(
-                    "row {row} of a matrix with {} rows",
-                    self.rows
-                )));
-            }
+        let per_row = self.shape.cols / QK_K;
+        self.shape.expand_rows(ids, |row, dst| {
             let blocks = &self.blocks[row * per_row..(row + 1) * per_row];
             for (block, values) in blocks.iter().zip(dst.chunks_exact_mut(QK_K)) {
                 block.dequantize(values);
             }
-        }
-        Ok(out)
+        })
     }
 
     /// `x Wᵀ` for `x` holding `m` rows of `cols` values: `m` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (n, k) = (self.rows, self.cols);
-        if x.len() != m * k {
-            return Err(EngineError::InvalidInput(format!(
-                "{} input values are not {m} rows of {k}",
-                x.len()
-            )));
-        }
-        let per_row = k / QK_K;
-        let act = quantize_rows(x, k);
-        let mut out = vec![0f32; m * n];
-        // Tasks own 16 whole weight rows and walk the activations a cache-sized tile at a
-        // time, four rows per kernel call (each unpacked weight serves four rows). On the
-        // 2-core development machine, 4 to 64 rows a task and 16 to 128 KiB tiles gave the
-        // same 512-token prefill rate within 5 %.
-        let rows_per_task = 16;
-        let tile_rows =
-            (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<Q8KBlock>())).clamp(4, 64) & !3;
-        let dst = OutColumns::new(&mut out, m, n);
-        (0..n.div_ceil(rows_per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                let first = task * rows_per_task;
-                let last = (first + rows_per_task).min(n);
-                for tile in (0..m).step_by(tile_rows) {
-                    let tile_end = (tile + tile_rows).min(m);
-                    for col in first..last {
-                        let w = &self.blocks[col * per_row..(col + 1) * per_row];
-                        let x = |r: usize| &act[r * per_row..(r + 1) * per_row];
-                        let mut r = tile;
-                        while r < tile_end {
-                            match tile_end - r {
-                                1 => {
-                                    write_rows::<1>(dst, r, col, B::dot(w, [x(r)]));
-                                    r += 1;
-                                }
-                                2 => {
-                                    write_rows::<2>(dst, r, col, B::dot(w, [x(r), x(r + 1)]));
-                                    r += 2;
-                                }
-                                3 => {
-                                    let d = B::dot(w, [x(r), x(r + 1), x(r + 2)]);
-                                    write_rows::<3>(dst, r, col, d);
-                                    r += 3;
-                                }
-                                _ => {
-                                    let d = B::dot(w, [x(r), x(r + 1), x(r + 2), x(r + 3)]);
-                                    write_rows::<4>(dst, r, col, d);
-                                    r += 4;
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        Ok(out)
+        grouped_matmul::matmul(self, x, m)
+    }
+}
+
+/// One weight row a group, each against four activation rows at a time.
+impl<B: KBlock> GroupKernel for KMatrix<B> {
+    const GROUP: usize = 1;
+
+    fn shape(&self) -> MatrixShape {
+        self.shape
+    }
+
+    fn run<const R: usize>(&self, row: usize, first: usize, x: [&[Q8KBlock]; R], dst: OutColumns) {
+        let per_row = self.shape.cols / QK_K;
+        let w = &self.blocks[row * per_row..(row + 1) * per_row];
+        write_rows::<R>(dst, first, row, B::dot(w, x));
     }
 }
 

@@ -3,11 +3,13 @@
 pub mod config;
 pub mod error;
 pub mod gguf;
+mod grouped_matmul;
 pub mod kquants;
 pub mod kquants_x8;
 pub mod kv_cache;
 pub mod kv_pool;
 pub mod linear;
+mod matrix_shape;
 pub mod model;
 mod out_columns;
 pub mod q8_0;

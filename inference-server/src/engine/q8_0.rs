@@ -23,6 +23,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::error::{EngineError, Result};
+use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
 
 /// Values per Q8_0 block.
@@ -54,8 +55,7 @@ struct ActBlock {
 
 /// A `[rows, cols]` Q8_0 weight matrix in the four-row layout.
 pub struct Q8Matrix {
-    rows: usize,
-    cols: usize,
+    shape: MatrixShape,
     /// `[rows / 4 (rounded up)][cols / 32]`; rows past `rows` are zero.
     blocks: Vec<QuadBlock>,
 }
@@ -63,8 +63,7 @@ pub struct Q8Matrix {
 impl std::fmt::Debug for Q8Matrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Q8Matrix")
-            .field("rows", &self.rows)
-            .field("cols", &self.cols)
+            .field("shape", &self.shape)
             .finish_non_exhaustive()
     }
 }
@@ -124,17 +123,18 @@ impl Q8Matrix {
                 }
             }
         }
-        Ok(Self { rows, cols, blocks })
+        let shape = MatrixShape { rows, cols };
+        Ok(Self { shape, blocks })
     }
 
     /// Output features (rows of the weight).
     pub fn rows(&self) -> usize {
-        self.rows
+        self.shape.rows
     }
 
     /// Input features (columns of the weight).
     pub fn cols(&self) -> usize {
-        self.cols
+        self.shape.cols
     }
 
     /// Bytes the regrouped weights occupy.
@@ -144,34 +144,23 @@ impl Q8Matrix {
 
     /// Rows `ids` expanded to f32, `[ids.len() * cols]` (an embedding lookup).
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let per_row = self.cols / QK;
-        let mut out = Vec::with_capacity(ids.len() * self.cols);
-        for &id in ids {
-            let row = id as usize;
-            if row >= self.rows {
-                return Err(EngineError::InvalidInput(format!(
-                    "row {row} of a matrix with {} rows",
-                    self.rows
-                )));
-            }
+        let per_row = self.shape.cols / QK;
+        self.shape.expand_rows(ids, |row, dst| {
             let (quad, lane) = (row / ROWS, row % ROWS);
-            for block in &self.blocks[quad * per_row..(quad + 1) * per_row] {
+            let blocks = &self.blocks[quad * per_row..(quad + 1) * per_row];
+            for (block, values) in blocks.iter().zip(dst.chunks_exact_mut(QK)) {
                 let d = f16::from_bits(block.d[lane]).to_f32();
-                out.extend(block.qs[lane].iter().map(|&q| f32::from(q) * d));
+                for (v, &q) in values.iter_mut().zip(&block.qs[lane]) {
+                    *v = f32::from(q) * d;
+                }
             }
-        }
-        Ok(out)
+        })
     }
 
     /// `x Wᵀ` for `x` holding `m` rows of `cols` values: `m` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (n, k) = (self.rows, self.cols);
-        if x.len() != m * k {
-            return Err(EngineError::InvalidInput(format!(
-                "{} input values are not {m} rows of {k}",
-                x.len()
-            )));
-        }
+        self.shape.check_input(x, m)?;
+        let (n, k) = (self.shape.rows, self.shape.cols);
         let per_row = k / QK;
         let act = quantize_rows(x, k);
         let mut out = vec![0f32; m * n];

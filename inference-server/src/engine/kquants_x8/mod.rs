@@ -22,22 +22,19 @@ mod q4k;
 mod q6k;
 
 use candle_core::quantized::QTensor;
-use rayon::prelude::*;
 
 pub use q4k::BlockQ4Kx8;
 pub use q6k::BlockQ6Kx8;
 
 use super::error::{EngineError, Result};
-use super::kquants::{KBlock, Q8KBlock, QK_K, quantize_rows};
+use super::grouped_matmul::{self, GroupKernel};
+use super::kquants::{KBlock, Q8KBlock, QK_K};
+use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
 use super::q8_0::supported;
 
 /// Rows interleaved in one block.
 const ROWS: usize = 8;
-/// Bytes of quantized activations a task keeps in cache while it walks its weight rows.
-const ACTIVATION_TILE_BYTES: usize = 32 * 1024;
-/// Weight rows a rayon task owns (whole interleaved blocks).
-const ROWS_PER_TASK: usize = 16;
 
 /// The same 256-value block of eight rows, interleaved.
 pub trait BlockX8: Copy + Send + Sync + 'static {
@@ -53,8 +50,7 @@ pub trait BlockX8: Copy + Send + Sync + 'static {
 
 /// A `[rows, cols]` K-quant matrix whose rows are a multiple of eight, in blocks of eight rows.
 pub struct KMatrixX8<B: BlockX8> {
-    rows: usize,
-    cols: usize,
+    shape: MatrixShape,
     /// Row group after row group, each `cols / 256` blocks.
     blocks: Vec<B>,
 }
@@ -68,8 +64,7 @@ impl<B: BlockX8> std::fmt::Debug for KMatrixX8<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KMatrixX8")
             .field("type", &B::File::DTYPE)
-            .field("rows", &self.rows)
-            .field("cols", &self.cols)
+            .field("shape", &self.shape)
             .finish_non_exhaustive()
     }
 }
@@ -114,17 +109,18 @@ impl<B: BlockX8> KMatrixX8<B> {
                 blocks.push(B::interleave(std::array::from_fn(|i| &parsed[i])));
             }
         }
-        Ok(Self { rows, cols, blocks })
+        let shape = MatrixShape { rows, cols };
+        Ok(Self { shape, blocks })
     }
 
     /// Output features (rows of the weight).
     pub fn rows(&self) -> usize {
-        self.rows
+        self.shape.rows
     }
 
     /// Input features (columns of the weight).
     pub fn cols(&self) -> usize {
-        self.cols
+        self.shape.cols
     }
 
     /// Bytes the weights occupy.
@@ -134,79 +130,45 @@ impl<B: BlockX8> KMatrixX8<B> {
 
     /// Rows `ids` expanded to f32, `[ids.len() * cols]` (an embedding lookup).
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let per_row = self.cols / QK_K;
-        let mut out = vec![0f32; ids.len() * self.cols];
-        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
-            let row = id as usize;
-            if row >= self.rows {
-                return Err(EngineError::InvalidInput(format!(
-                    "row {row} of a matrix with {} rows",
-                    self.rows
-                )));
-            }
-            let group = &self.blocks[row / ROWS * per_row..(row / ROWS + 1) * per_row];
-            for (block, values) in group.iter().zip(dst.chunks_exact_mut(QK_K)) {
+        self.shape.expand_rows(ids, |row, dst| {
+            for (block, values) in self
+                .group(row / ROWS)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 block.dequantize_row(row % ROWS, values);
             }
-        }
-        Ok(out)
+        })
     }
 
     /// `x Wᵀ` for `x` holding `m` rows of `cols` values: `m` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let (n, k) = (self.rows, self.cols);
-        if x.len() != m * k {
-            return Err(EngineError::InvalidInput(format!(
-                "{} input values are not {m} rows of {k}",
-                x.len()
-            )));
-        }
-        let per_row = k / QK_K;
-        let act = quantize_rows(x, k);
-        let mut out = vec![0f32; m * n];
-        // Tasks own whole groups of rows and walk the activations a cache-sized tile at a
-        // time, four activation rows per kernel call.
-        let tile_rows =
-            (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<Q8KBlock>())).clamp(4, 64) & !3;
-        let dst = OutColumns::new(&mut out, m, n);
-        (0..n.div_ceil(ROWS_PER_TASK))
-            .into_par_iter()
-            .for_each(|task| {
-                let first_group = task * ROWS_PER_TASK / ROWS;
-                let last_group = ((task + 1) * ROWS_PER_TASK).min(n) / ROWS;
-                for tile in (0..m).step_by(tile_rows) {
-                    let tile_end = (tile + tile_rows).min(m);
-                    for group in first_group..last_group {
-                        let w = &self.blocks[group * per_row..(group + 1) * per_row];
-                        let x = |r: usize| &act[r * per_row..(r + 1) * per_row];
-                        let col = group * ROWS;
-                        let mut r = tile;
-                        while r < tile_end {
-                            match tile_end - r {
-                                1 => {
-                                    write::<1>(dst, r, col, B::dot(w, [x(r)]));
-                                    r += 1;
-                                }
-                                2 => {
-                                    write::<2>(dst, r, col, B::dot(w, [x(r), x(r + 1)]));
-                                    r += 2;
-                                }
-                                3 => {
-                                    let d = B::dot(w, [x(r), x(r + 1), x(r + 2)]);
-                                    write::<3>(dst, r, col, d);
-                                    r += 3;
-                                }
-                                _ => {
-                                    let d = B::dot(w, [x(r), x(r + 1), x(r + 2), x(r + 3)]);
-                                    write::<4>(dst, r, col, d);
-                                    r += 4;
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        Ok(out)
+        grouped_matmul::matmul(self, x, m)
+    }
+
+    /// The blocks of row group `group`.
+    fn group(&self, group: usize) -> &[B] {
+        let per_row = self.shape.cols / QK_K;
+        &self.blocks[group * per_row..(group + 1) * per_row]
+    }
+}
+
+/// Eight interleaved weight rows a group, each against four activation rows at a time.
+impl<B: BlockX8> GroupKernel for KMatrixX8<B> {
+    const GROUP: usize = ROWS;
+
+    fn shape(&self) -> MatrixShape {
+        self.shape
+    }
+
+    fn run<const R: usize>(
+        &self,
+        group: usize,
+        first: usize,
+        x: [&[Q8KBlock]; R],
+        dst: OutColumns,
+    ) {
+        write::<R>(dst, first, group * ROWS, B::dot(self.group(group), x));
     }
 }
 
@@ -335,6 +297,7 @@ mod tests {
     use candle_core::{Device, Module, Tensor};
 
     use super::*;
+    use crate::engine::kquants::quantize_rows;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len as u32)
