@@ -1,9 +1,9 @@
-//! The product driver the K-quant layouts share: rayon tasks own whole groups of weight rows
+//! The product driver the K-quant layouts share: tasks on the engine's CPU pool
+//! ([`super::cpu_pool`]) own whole groups of weight rows
 //! and walk the quantized activations a cache-sized tile at a time, four activation rows per
 //! kernel call (each unpacked weight serves four rows).
 
-use rayon::prelude::*;
-
+use super::cpu_pool::for_each_task;
 use super::error::Result;
 use super::kquants::{Q8KBlock, QK_K, quantize_rows};
 use super::matrix_shape::MatrixShape;
@@ -13,7 +13,7 @@ use super::out_columns::OutColumns;
 /// the 2-core development machine, 16 to 128 KiB tiles and 4 to 64 weight rows a task gave
 /// the same 512-token prefill rate within 5 %.
 const ACTIVATION_TILE_BYTES: usize = 32 * 1024;
-/// Weight rows a rayon task owns (whole groups).
+/// Weight rows a task owns (whole groups).
 const ROWS_PER_TASK: usize = 16;
 
 /// A weight matrix in groups of `GROUP` rows and its kernel.
@@ -41,27 +41,25 @@ pub(super) fn matmul<K: GroupKernel>(kernel: &K, x: &[f32], m: usize) -> Result<
     let groups = n / K::GROUP;
     let dst = OutColumns::new(&mut out, m, n);
     let x = |r: usize| &act[r * per_row..(r + 1) * per_row];
-    (0..groups.div_ceil(groups_per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let first_group = task * groups_per_task;
-            let last_group = (first_group + groups_per_task).min(groups);
-            for tile in (0..m).step_by(tile_rows) {
-                let tile_end = (tile + tile_rows).min(m);
-                for group in first_group..last_group {
-                    let mut r = tile;
-                    while r < tile_end {
-                        let run = (tile_end - r).min(4);
-                        match run {
-                            1 => kernel.run(group, r, [x(r)], dst),
-                            2 => kernel.run(group, r, [x(r), x(r + 1)], dst),
-                            3 => kernel.run(group, r, [x(r), x(r + 1), x(r + 2)], dst),
-                            _ => kernel.run(group, r, [x(r), x(r + 1), x(r + 2), x(r + 3)], dst),
-                        }
-                        r += run;
+    for_each_task(groups.div_ceil(groups_per_task), |task| {
+        let first_group = task * groups_per_task;
+        let last_group = (first_group + groups_per_task).min(groups);
+        for tile in (0..m).step_by(tile_rows) {
+            let tile_end = (tile + tile_rows).min(m);
+            for group in first_group..last_group {
+                let mut r = tile;
+                while r < tile_end {
+                    let run = (tile_end - r).min(4);
+                    match run {
+                        1 => kernel.run(group, r, [x(r)], dst),
+                        2 => kernel.run(group, r, [x(r), x(r + 1)], dst),
+                        3 => kernel.run(group, r, [x(r), x(r + 1), x(r + 2)], dst),
+                        _ => kernel.run(group, r, [x(r), x(r + 1), x(r + 2), x(r + 3)], dst),
                     }
+                    r += run;
                 }
             }
-        });
+        }
+    });
     Ok(out)
 }

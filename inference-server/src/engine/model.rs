@@ -261,6 +261,19 @@ impl LlamaModel {
     /// whatever the model's device. Nothing is appended to any cache when the inputs are
     /// rejected.
     pub fn forward(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Tensor>> {
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            // On the CPU a step issues a few hundred parallel operations (every matrix
+            // product, norm, rope and softmax). Issued from a thread outside the rayon pool,
+            // each one is injected into the pool and waited for by sleeping on a lock, two
+            // thread wake-ups per operation. Run from a worker, the step's own thread takes
+            // part in every operation and waits by stealing work instead.
+            return rayon::scope(|_| self.forward_step(batch));
+        }
+        self.forward_step(batch)
+    }
+
+    /// [`LlamaModel::forward`] on the calling thread.
+    fn forward_step(&self, batch: &mut [SequenceStep<'_>]) -> Result<Vec<Tensor>> {
         self.check_batch(batch)?;
         let mut ids = Vec::new();
         let mut positions = Vec::new();

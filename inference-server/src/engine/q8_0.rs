@@ -22,7 +22,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::cpu_pool::for_each_task;
 use super::error::{EngineError, Result};
+use super::kquants::nearest_int;
 use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
 
@@ -171,32 +173,30 @@ impl Q8Matrix {
         let tile_rows =
             (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<ActBlock>())).clamp(2, 64) & !1;
         let dst = OutColumns::new(&mut out, m, n);
-        (0..quads.div_ceil(quads_per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                let first = task * quads_per_task;
-                let last = (first + quads_per_task).min(quads);
-                for tile in (0..m).step_by(tile_rows) {
-                    let tile_end = (tile + tile_rows).min(m);
-                    for quad in first..last {
-                        let weights = &self.blocks[quad * per_row..(quad + 1) * per_row];
-                        let mut row = tile;
-                        while row < tile_end {
-                            let x0 = &act[row * per_row..(row + 1) * per_row];
-                            if row + 1 < tile_end {
-                                let x1 = &act[(row + 1) * per_row..(row + 2) * per_row];
-                                let (d0, d1) = dot_2x4(weights, x0, x1);
-                                write_quad(dst, row, quad, n, d0);
-                                write_quad(dst, row + 1, quad, n, d1);
-                                row += 2;
-                            } else {
-                                write_quad(dst, row, quad, n, dot_1x4(weights, x0));
-                                row += 1;
-                            }
+        for_each_task(quads.div_ceil(quads_per_task), |task| {
+            let first = task * quads_per_task;
+            let last = (first + quads_per_task).min(quads);
+            for tile in (0..m).step_by(tile_rows) {
+                let tile_end = (tile + tile_rows).min(m);
+                for quad in first..last {
+                    let weights = &self.blocks[quad * per_row..(quad + 1) * per_row];
+                    let mut row = tile;
+                    while row < tile_end {
+                        let x0 = &act[row * per_row..(row + 1) * per_row];
+                        if row + 1 < tile_end {
+                            let x1 = &act[(row + 1) * per_row..(row + 2) * per_row];
+                            let (d0, d1) = dot_2x4(weights, x0, x1);
+                            write_quad(dst, row, quad, n, d0);
+                            write_quad(dst, row + 1, quad, n, d1);
+                            row += 2;
+                        } else {
+                            write_quad(dst, row, quad, n, dot_1x4(weights, x0));
+                            row += 1;
                         }
                     }
                 }
-            });
+            }
+        });
         Ok(out)
     }
 }
@@ -212,7 +212,7 @@ fn write_quad(dst: OutColumns, row: usize, quad: usize, n: usize, values: [f32; 
     }
 }
 
-/// Quantizes rows of `k` values to Q8_0 blocks, as ggml and candle do.
+/// Quantizes rows of `k` values to Q8_0 blocks, as ggml's AVX2 code does (ties to even).
 fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
     let per_row = k / QK;
     let empty = ActBlock {
@@ -227,7 +227,7 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
             let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
             block.d = f16::from_f32(d).to_f32();
             for (q, v) in block.qs.iter_mut().zip(chunk) {
-                *q = (v * inverse).round() as i8;
+                *q = nearest_int(v * inverse).clamp(-128, 127) as i8;
             }
         }
     };

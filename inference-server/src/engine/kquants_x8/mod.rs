@@ -179,6 +179,13 @@ fn write<const R: usize>(dst: OutColumns, row: usize, col: usize, values: [[f32;
     }
 }
 
+/// Whether this CPU has AVX-VNNI (`vpdpbusd` on 256-bit registers), which the kernels use
+/// when it is there. The answer is cached by the standard library.
+#[cfg(target_arch = "x86_64")]
+fn avx_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avxvnni")
+}
+
 /// The reference the kernels are tested against (and the path off x86-64): each row expanded
 /// to f32 and multiplied by the expanded activations.
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
@@ -368,6 +375,103 @@ mod tests {
             assert!((g - e).abs() <= 1e-3 * e.abs().max(1.0), "{g} vs {e}");
         }
         Ok(())
+    }
+
+    /// Every kernel this CPU can run (AVX2, and AVX-VNNI where present) against the scalar
+    /// reference, on one group of rows with activations at the i8 extremes, one and three
+    /// activation rows at a time.
+    fn every_kernel_matches_the_reference<B: BlockX8>(
+        kernels: &[(
+            &str,
+            bool,
+            fn(&[B], [&[Q8KBlock]; 1]) -> [[f32; ROWS]; 1],
+            fn(&[B], [&[Q8KBlock]; 3]) -> [[f32; ROWS]; 3],
+        )],
+    ) -> Result<()> {
+        if !supported() {
+            return Ok(());
+        }
+        let (n, k) = (16, 768);
+        let weight = Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu)?;
+        let q = QTensor::quantize(&weight, B::File::DTYPE)?;
+        let ours = KMatrixX8::<B>::from_qtensor(&q)?
+            .ok_or_else(|| EngineError::InvalidInput("a K-quant CPU tensor is taken".into()))?;
+        let mut extreme = values(3 * k, 13);
+        extreme[3] = 50.0;
+        extreme[k + 300] = -50.0;
+        extreme[2 * k + 700] = 45.0;
+        let act = quantize_rows(&extreme, k);
+        let per_row = k / QK_K;
+        let w = &ours.blocks[per_row..2 * per_row];
+        let rows = [
+            &act[..per_row],
+            &act[per_row..2 * per_row],
+            &act[2 * per_row..],
+        ];
+        let reference = scalar_dot(w, rows);
+        let mut ran = 0;
+        for (name, available, one, three) in kernels {
+            if !available {
+                continue;
+            }
+            ran += 1;
+            let close = |g: f32, e: f32| (g - e).abs() <= 1e-3 * e.abs().max(1.0);
+            for (g, e) in three(w, rows)
+                .iter()
+                .flatten()
+                .zip(reference.iter().flatten())
+            {
+                assert!(close(*g, *e), "{name}, three rows: {g} vs {e}");
+            }
+            for (g, e) in one(w, [rows[1]])[0].iter().zip(&reference[1]) {
+                assert!(close(*g, *e), "{name}, one row: {g} vs {e}");
+            }
+        }
+        assert!(
+            ran >= 1,
+            "the AVX2 kernel runs wherever `supported()` holds"
+        );
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q4k_kernels_match_the_reference() -> Result<()> {
+        // SAFETY (the calls below): each kernel runs only where its instructions are present.
+        every_kernel_matches_the_reference::<BlockQ4Kx8>(&[
+            (
+                "avx2",
+                supported(),
+                |w, x| unsafe { q4k::avx2::dot(w, x) },
+                |w, x| unsafe { q4k::avx2::dot(w, x) },
+            ),
+            (
+                "avx-vnni",
+                supported() && avx_vnni(),
+                |w, x| unsafe { q4k::vnni::dot(w, x) },
+                |w, x| unsafe { q4k::vnni::dot(w, x) },
+            ),
+        ])
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q6k_kernels_match_the_reference() -> Result<()> {
+        // SAFETY (the calls below): each kernel runs only where its instructions are present.
+        every_kernel_matches_the_reference::<BlockQ6Kx8>(&[
+            (
+                "avx2",
+                supported(),
+                |w, x| unsafe { q6k::avx2::dot(w, x) },
+                |w, x| unsafe { q6k::avx2::dot(w, x) },
+            ),
+            (
+                "avx-vnni",
+                supported() && avx_vnni(),
+                |w, x| unsafe { q6k::vnni::dot(w, x) },
+                |w, x| unsafe { q6k::vnni::dot(w, x) },
+            ),
+        ])
     }
 
     #[test]

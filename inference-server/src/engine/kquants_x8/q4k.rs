@@ -81,8 +81,14 @@ impl BlockX8 for BlockQ4Kx8 {
     fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R] {
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: a `KMatrixX8` exists only where `supported()` found AVX2, FMA and F16C.
-            unsafe { avx2::dot(w, x) }
+            if super::avx_vnni() {
+                // SAFETY: checked just now; AVX2, FMA and F16C as below.
+                unsafe { vnni::dot(w, x) }
+            } else {
+                // SAFETY: a `KMatrixX8` exists only where `supported()` found AVX2, FMA and
+                // F16C.
+                unsafe { avx2::dot(w, x) }
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -92,7 +98,7 @@ impl BlockX8 for BlockQ4Kx8 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::avx2::{
@@ -111,7 +117,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot<const R: usize>(
+    pub(in crate::engine::kquants_x8) unsafe fn dot<const R: usize>(
         w: &[BlockQ4Kx8],
         x: [&[Q8KBlock]; R],
     ) -> [[f32; ROWS]; R] {
@@ -146,6 +152,90 @@ mod avx2 {
             }
             // The minimums: row i subtracts dmin_i × Σ_j min_ij × (sum of the activation's
             // sub-block j), two sub-blocks per `madd`.
+            let mut summ = [_mm256_setzero_si256(); R];
+            for pair in 0..4 {
+                let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);
+                for r in 0..R {
+                    let s = &x[r][b].bsums;
+                    let sums = sum_pair(
+                        i32::from(s[4 * pair]) + i32::from(s[4 * pair + 1]),
+                        i32::from(s[4 * pair + 2]) + i32::from(s[4 * pair + 3]),
+                    );
+                    summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mins, sums));
+                }
+            }
+            let (d, dmin) = (scales_f32(&wb.d), scales_f32(&wb.dmin));
+            for r in 0..R {
+                let xd = _mm256_set1_ps(x[r][b].d);
+                let sumi = _mm256_cvtepi32_ps(sumi[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), sumi, acc[r]);
+                let summ = _mm256_cvtepi32_ps(summ[r]);
+                acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, xd), summ, acc[r]);
+            }
+        }
+        acc.map(|v| store(v))
+    }
+}
+
+/// The kernel with AVX-VNNI: `vpdpbusd` multiplies four unsigned nibbles of each row by four
+/// signed activation bytes and adds them to the row's 32-bit sum in one instruction, where
+/// AVX2 needs `maddubs`, an i16 addition and a `madd`.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::super::avx2::{broadcast4, load32, scales_f32, store, sum_pair, two_per_row};
+    use super::{BlockQ4Kx8, ROWS};
+    use crate::engine::kquants::Q8KBlock;
+
+    /// Eight bytes, one per row, as the rows' i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    fn row_lanes_u8(bytes: &[u8; ROWS]) -> __m256i {
+        // SAFETY: eight bytes, the width of the load.
+        _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(bytes.as_ptr().cast()) })
+    }
+
+    /// Eight interleaved Q4_K rows against `R` Q8_K rows, as [`super::avx2::dot`] computes
+    /// them: a sub-block's 32 products sum to at most 32 × 15 × 128 = 61440 in each row's i32
+    /// lane, times its scale (≤ 63) and eight sub-blocks stay far inside i32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, F16C and AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(in crate::engine::kquants_x8) unsafe fn dot<const R: usize>(
+        w: &[BlockQ4Kx8],
+        x: [&[Q8KBlock]; R],
+    ) -> [[f32; ROWS]; R] {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let mut p_lo = [_mm256_setzero_si256(); R];
+                let mut p_hi = [_mm256_setzero_si256(); R];
+                for g in 0..8 {
+                    let q = load32(&wb.qs, (8 * c + g) * 32);
+                    let lo = _mm256_and_si256(q, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                    for r in 0..R {
+                        let xq = &x[r][b].qs;
+                        let a_lo = broadcast4(&xq[64 * c + 4 * g..]);
+                        let a_hi = broadcast4(&xq[64 * c + 32 + 4 * g..]);
+                        p_lo[r] = _mm256_dpbusd_avx_epi32(p_lo[r], lo, a_lo);
+                        p_hi[r] = _mm256_dpbusd_avx_epi32(p_hi[r], hi, a_hi);
+                    }
+                }
+                let s_lo = row_lanes_u8(&wb.scales[2 * c]);
+                let s_hi = row_lanes_u8(&wb.scales[2 * c + 1]);
+                for r in 0..R {
+                    let p = _mm256_add_epi32(
+                        _mm256_mullo_epi32(p_lo[r], s_lo),
+                        _mm256_mullo_epi32(p_hi[r], s_hi),
+                    );
+                    sumi[r] = _mm256_add_epi32(sumi[r], p);
+                }
+            }
             let mut summ = [_mm256_setzero_si256(); R];
             for pair in 0..4 {
                 let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);

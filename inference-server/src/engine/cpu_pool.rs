@@ -1,0 +1,292 @@
+//! The threads the engine's own CPU kernels (Q8_0, Q4_K, Q6_K matrix products) run on.
+//!
+//! A decode step on the CPU is about a hundred matrix products, each a millisecond or less. On
+//! rayon's pool every product ends with the helper threads going to sleep and starts with
+//! waking them: on a virtual machine a wake-up of an idle vCPU costs tens of microseconds, a
+//! few per cent of a 1B model's decode step, and the core it leaves idle meanwhile. Here, as in
+//! llama.cpp's own thread pool, the helpers spin for a short while after each product, so the
+//! next one finds them awake; when no work has come for [`SPIN`] they park on a condition
+//! variable until the next product wakes them. While spinning they yield their core to any
+//! other thread that wants it (rayon's workers for candle's operations, the HTTP runtime).
+//!
+//! One product runs at a time: a caller that finds the pool busy (another thread's product,
+//! or a product started from inside a task) runs its tasks itself. A panic in a task is
+//! carried to the caller, after every helper has let go of the product.
+
+#![allow(unsafe_code)]
+
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long a helper keeps spinning after its last task before it parks.
+const SPIN: Duration = Duration::from_millis(3);
+/// Spin-loop hints between two yields of the core (and two looks at the clock).
+const SPINS_PER_YIELD: u32 = 64;
+
+/// Runs `f(0)`, …, `f(tasks - 1)`, spread over the calling thread and the pool's helpers, and
+/// returns when all have run. Tasks are handed out in order, one at a time, to whichever
+/// thread is free. A panicking task panics the caller once the others are done.
+pub(super) fn for_each_task<F: Fn(usize) + Sync>(tasks: usize, f: F) {
+    let pool = pool();
+    if tasks < 2 || pool.helpers == 0 {
+        (0..tasks).for_each(f);
+        return;
+    }
+    let Ok(_only_product) = pool.caller.try_lock() else {
+        (0..tasks).for_each(f);
+        return;
+    };
+    let job = Job {
+        data: (&f as *const F).cast(),
+        call: call::<F>,
+        tasks,
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+        panic: Mutex::new(None),
+    };
+    pool.job
+        .store((&job as *const Job).cast_mut(), Ordering::SeqCst);
+    pool.epoch.fetch_add(1, Ordering::SeqCst);
+    if pool.sleepers.load(Ordering::SeqCst) > 0 {
+        let _lock = pool.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.wake.notify_all();
+    }
+    job.work();
+    let mut spins = 0u32;
+    while job.done.load(Ordering::Acquire) < tasks {
+        spin(&mut spins);
+    }
+    // No helper may still hold `job` when it goes out of scope: take it down, then wait for
+    // those that picked it up before (see `helper`).
+    pool.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+    while pool.holders.load(Ordering::SeqCst) > 0 {
+        spin(&mut spins);
+    }
+    if job.failed.load(Ordering::Acquire) {
+        let payload = job
+            .panic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match payload {
+            Some(payload) => panic::resume_unwind(payload),
+            None => panic!("a task of the engine's CPU thread pool panicked"),
+        }
+    }
+}
+
+/// One product in flight: a type-erased `&F` and its task counters. It lives on the caller's
+/// stack; helpers reach it through [`Pool::job`] only while they are counted in
+/// [`Pool::holders`].
+struct Job {
+    data: *const (),
+    call: unsafe fn(*const (), usize),
+    tasks: usize,
+    /// The next task to hand out (may run past `tasks`: those are ignored).
+    next: AtomicUsize,
+    /// Tasks finished, panicked ones included.
+    done: AtomicUsize,
+    failed: AtomicBool,
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+// SAFETY: `data` points to an `F: Sync`, only ever called through a shared reference.
+unsafe impl Sync for Job {}
+
+/// Calls the `F` behind `data`.
+///
+/// # Safety
+/// `data` must point to a live `F`.
+unsafe fn call<F: Fn(usize)>(data: *const (), task: usize) {
+    // SAFETY: the caller's contract.
+    let f = unsafe { &*data.cast::<F>() };
+    f(task);
+}
+
+impl Job {
+    /// Takes tasks until none are left.
+    fn work(&self) {
+        loop {
+            let task = self.next.fetch_add(1, Ordering::Relaxed);
+            if task >= self.tasks {
+                return;
+            }
+            // SAFETY: `data` is the caller's `F`, alive until every task is done and every
+            // holder gone.
+            let result =
+                panic::catch_unwind(AssertUnwindSafe(|| unsafe { (self.call)(self.data, task) }));
+            if let Err(payload) = result {
+                let mut slot = self.panic.lock().unwrap_or_else(PoisonError::into_inner);
+                slot.get_or_insert(payload);
+                self.failed.store(true, Ordering::Release);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// The process's pool: its helpers run for the life of the process, as rayon's do.
+struct Pool {
+    /// Threads that take tasks besides the caller: one fewer than rayon's
+    /// (`RAYON_NUM_THREADS`, or one per core), so one setting sizes both.
+    helpers: usize,
+    /// The product in flight, or null.
+    job: AtomicPtr<Job>,
+    /// Bumped for every product, so helpers see new work without touching `job`.
+    epoch: AtomicU64,
+    /// Helpers that may be reading `job`.
+    holders: AtomicUsize,
+    /// Helpers parked (or about to park) on `wake`.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+    /// Held by the caller of the product in flight.
+    caller: Mutex<()>,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<&'static Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let pool: &'static Pool = Box::leak(Box::new(Pool {
+            helpers: rayon::current_num_threads().saturating_sub(1),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            epoch: AtomicU64::new(0),
+            holders: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            caller: Mutex::new(()),
+        }));
+        for index in 0..pool.helpers {
+            let spawned = std::thread::Builder::new()
+                .name(format!("llama-cpu-{index}"))
+                .spawn(move || helper(pool));
+            if let Err(err) = spawned {
+                // Still correct with fewer helpers: the caller takes whatever is left.
+                tracing::warn!(error = %err, "could not start a CPU kernel thread");
+                break;
+            }
+        }
+        pool
+    })
+}
+
+/// A helper's life: take the tasks of each new product, spin a while, park.
+fn helper(pool: &'static Pool) {
+    let mut seen = pool.epoch.load(Ordering::SeqCst);
+    let mut idle_since = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let epoch = pool.epoch.load(Ordering::SeqCst);
+        if epoch != seen {
+            seen = epoch;
+            // Counted first, then the pointer read: the caller takes the pointer down before
+            // it reads the count, so either it sees this helper or this helper sees null.
+            pool.holders.fetch_add(1, Ordering::SeqCst);
+            let job = pool.job.load(Ordering::SeqCst);
+            if !job.is_null() {
+                // SAFETY: non-null `job` is the live product of a caller that waits for
+                // `holders` to drop to zero before its `Job` goes away.
+                unsafe { (*job).work() };
+            }
+            pool.holders.fetch_sub(1, Ordering::SeqCst);
+            idle_since = Instant::now();
+            continue;
+        }
+        spin(&mut spins);
+        if spins == 0 && idle_since.elapsed() >= SPIN {
+            let lock = pool.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            pool.sleepers.fetch_add(1, Ordering::SeqCst);
+            let lock = if pool.epoch.load(Ordering::SeqCst) == seen {
+                pool.wake.wait(lock).unwrap_or_else(PoisonError::into_inner)
+            } else {
+                lock
+            };
+            pool.sleepers.fetch_sub(1, Ordering::SeqCst);
+            drop(lock);
+            idle_since = Instant::now();
+        }
+    }
+}
+
+/// One round of waiting: a spin-loop hint, and every [`SPINS_PER_YIELD`] rounds a yield of the
+/// core (`spins` is then back at zero).
+fn spin(spins: &mut u32) {
+    *spins += 1;
+    if *spins >= SPINS_PER_YIELD {
+        *spins = 0;
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::for_each_task;
+
+    #[test]
+    fn every_task_runs_once() {
+        for tasks in [0, 1, 2, 3, 17, 1000] {
+            let counts: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+            for_each_task(tasks, |t| {
+                counts[t].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                "{tasks} tasks"
+            );
+        }
+    }
+
+    #[test]
+    fn products_from_several_threads_and_from_inside_a_task_all_complete() {
+        let total = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..50 {
+                        for_each_task(8, |_| {
+                            // A nested product runs on the task's own thread.
+                            for_each_task(3, |_| {
+                                total.fetch_add(1, Ordering::Relaxed);
+                            });
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 50 * 8 * 3);
+    }
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_after_the_others_ran() {
+        let ran = AtomicUsize::new(0);
+        let result = std::panic::catch_unwind(|| {
+            for_each_task(64, |t| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                assert!(t != 10, "task ten fails");
+            });
+        });
+        let payload = result.expect_err("the panic reaches the caller");
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        assert!(message.contains("task ten fails"), "{message}");
+        assert_eq!(ran.load(Ordering::Relaxed), 64);
+        // The pool is usable afterwards.
+        let after = AtomicUsize::new(0);
+        for_each_task(5, |_| {
+            after.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(after.load(Ordering::Relaxed), 5);
+    }
+}
