@@ -241,12 +241,24 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
     out
 }
 
+/// Whether this CPU has AVX-VNNI, which the kernels use when it is there (cached by the
+/// standard library).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avxvnni")
+}
+
 /// One activation row against one weight quad.
 fn dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: a `Q8Matrix` exists only where `supported()` found AVX2, FMA and F16C.
-        unsafe { avx2::dot_1x4(w, x) }
+        if avx_vnni() {
+            // SAFETY: checked just now; AVX2, FMA and F16C as below.
+            unsafe { vnni::dot_1x4(w, x) }
+        } else {
+            // SAFETY: a `Q8Matrix` exists only where `supported()` found AVX2, FMA and F16C.
+            unsafe { avx2::dot_1x4(w, x) }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -258,8 +270,13 @@ fn dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
 fn dot_2x4(w: &[QuadBlock], x0: &[ActBlock], x1: &[ActBlock]) -> ([f32; ROWS], [f32; ROWS]) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: as in `dot_1x4`.
-        unsafe { avx2::dot_2x4(w, x0, x1) }
+        if avx_vnni() {
+            // SAFETY: as in `dot_1x4`.
+            unsafe { vnni::dot_2x4(w, x0, x1) }
+        } else {
+            // SAFETY: as in `dot_1x4`.
+            unsafe { avx2::dot_2x4(w, x0, x1) }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -284,6 +301,59 @@ fn scalar_dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
     out
 }
 
+/// The kernels' bodies, for one instruction set: `$features` enabled, `products` (the 32
+/// products of a weight block and an activation block, summed in eight f32 lanes) from the
+/// module they are expanded in.
+#[cfg(target_arch = "x86_64")]
+macro_rules! q8_kernels {
+    ($features:literal) => {
+        /// # Safety
+        /// The CPU must have the instructions of `$features`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            for (wb, xb) in w.iter().zip(x) {
+                let xq = load(&xb.qs);
+                let d = scales(wb, xb.d);
+                for lane in 0..ROWS {
+                    let p = products(load(&wb.qs[lane]), xq);
+                    acc[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d[lane]), p, acc[lane]);
+                }
+            }
+            [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+        }
+
+        /// # Safety
+        /// The CPU must have the instructions of `$features`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dot_2x4(
+            w: &[QuadBlock],
+            x0: &[ActBlock],
+            x1: &[ActBlock],
+        ) -> ([f32; ROWS], [f32; ROWS]) {
+            let mut acc0 = [_mm256_setzero_ps(); ROWS];
+            let mut acc1 = [_mm256_setzero_ps(); ROWS];
+            for ((wb, xb0), xb1) in w.iter().zip(x0).zip(x1) {
+                let xq0 = load(&xb0.qs);
+                let xq1 = load(&xb1.qs);
+                let d0 = scales(wb, xb0.d);
+                let d1 = scales(wb, xb1.d);
+                for lane in 0..ROWS {
+                    let wq = load(&wb.qs[lane]);
+                    let p0 = products(wq, xq0);
+                    let p1 = products(wq, xq1);
+                    acc0[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d0[lane]), p0, acc0[lane]);
+                    acc1[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d1[lane]), p1, acc1[lane]);
+                }
+            }
+            (
+                [hsum(acc0[0]), hsum(acc0[1]), hsum(acc0[2]), hsum(acc0[3])],
+                [hsum(acc1[0]), hsum(acc1[1]), hsum(acc1[2]), hsum(acc1[3])],
+            )
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -303,7 +373,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
+    pub(super) fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -312,7 +382,7 @@ mod avx2 {
     /// The four rows' scales times the activation's scale.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn scales(w: &QuadBlock, xd: f32) -> [f32; ROWS] {
+    pub(super) fn scales(w: &QuadBlock, xd: f32) -> [f32; ROWS] {
         // SAFETY: `w.d` is 4 × u16 = the 8 bytes `_mm_loadl_epi64` reads.
         let d = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(w.d.as_ptr().cast()) });
         let mut out = [0f32; ROWS];
@@ -323,55 +393,36 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn load(qs: &[i8; QK]) -> __m256i {
+    pub(super) fn load(qs: &[i8; QK]) -> __m256i {
         // SAFETY: `qs` is 32 bytes, the width of the unaligned load.
         unsafe { _mm256_loadu_si256(qs.as_ptr().cast()) }
     }
 
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
-        let mut acc = [_mm256_setzero_ps(); ROWS];
-        for (wb, xb) in w.iter().zip(x) {
-            let xq = load(&xb.qs);
-            let d = scales(wb, xb.d);
-            for lane in 0..ROWS {
-                let p = products(load(&wb.qs[lane]), xq);
-                acc[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d[lane]), p, acc[lane]);
-            }
-        }
-        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    q8_kernels!("avx2,fma,f16c");
+}
+
+/// The kernels with AVX-VNNI: `vpdpbusd` sums four unsigned-by-signed byte products into each
+/// 32-bit lane in one instruction, where AVX2 needs `maddubs` and `madd`.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::avx2::{hsum, load, scales};
+    use super::{ActBlock, QuadBlock, ROWS};
+
+    /// As AVX2's: the weight's sign moves to the activation, |w| ≤ 128 as unsigned bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    fn products(w: __m256i, x: __m256i) -> __m256 {
+        let sums = _mm256_dpbusd_avx_epi32(
+            _mm256_setzero_si256(),
+            _mm256_sign_epi8(w, w),
+            _mm256_sign_epi8(x, w),
+        );
+        _mm256_cvtepi32_ps(sums)
     }
 
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_2x4(
-        w: &[QuadBlock],
-        x0: &[ActBlock],
-        x1: &[ActBlock],
-    ) -> ([f32; ROWS], [f32; ROWS]) {
-        let mut acc0 = [_mm256_setzero_ps(); ROWS];
-        let mut acc1 = [_mm256_setzero_ps(); ROWS];
-        for ((wb, xb0), xb1) in w.iter().zip(x0).zip(x1) {
-            let xq0 = load(&xb0.qs);
-            let xq1 = load(&xb1.qs);
-            let d0 = scales(wb, xb0.d);
-            let d1 = scales(wb, xb1.d);
-            for lane in 0..ROWS {
-                let wq = load(&wb.qs[lane]);
-                let p0 = products(wq, xq0);
-                let p1 = products(wq, xq1);
-                acc0[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d0[lane]), p0, acc0[lane]);
-                acc1[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d1[lane]), p1, acc1[lane]);
-            }
-        }
-        (
-            [hsum(acc0[0]), hsum(acc0[1]), hsum(acc0[2]), hsum(acc0[3])],
-            [hsum(acc1[0]), hsum(acc1[1]), hsum(acc1[2]), hsum(acc1[3])],
-        )
-    }
+    q8_kernels!("avx2,fma,f16c,avxvnni");
 }
 
 #[cfg(test)]
@@ -442,6 +493,25 @@ mod tests {
         assert!(close(dot_1x4(w, x0), reference.0));
         let (d0, d1) = dot_2x4(w, x0, x1);
         assert!(close(d0, reference.0) && close(d1, reference.1));
+        // Each instruction set's kernels, wherever this CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `supported()` holds (checked above).
+            let (one, two) = unsafe { (avx2::dot_1x4(w, x0), avx2::dot_2x4(w, x0, x1)) };
+            assert!(
+                close(one, reference.0) && close(two.0, reference.0) && close(two.1, reference.1)
+            );
+            if avx_vnni() {
+                // SAFETY: checked just now.
+                let (one, two) = unsafe { (vnni::dot_1x4(w, x0), vnni::dot_2x4(w, x0, x1)) };
+                assert!(
+                    close(one, reference.0)
+                        && close(two.0, reference.0)
+                        && close(two.1, reference.1),
+                    "AVX-VNNI kernels"
+                );
+            }
+        }
         Ok(())
     }
 

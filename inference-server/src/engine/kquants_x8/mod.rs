@@ -31,6 +31,8 @@ use super::grouped_matmul::{self, GroupKernel};
 use super::kquants::{KBlock, Q8KBlock, QK_K};
 use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
+#[cfg(target_arch = "x86_64")]
+use super::q8_0::avx_vnni;
 use super::q8_0::supported;
 
 /// Rows interleaved in one block.
@@ -177,13 +179,6 @@ fn write<const R: usize>(dst: OutColumns, row: usize, col: usize, values: [[f32;
     for (r, row_values) in values.iter().enumerate() {
         dst.set_run(row + r, col, row_values);
     }
-}
-
-/// Whether this CPU has AVX-VNNI (`vpdpbusd` on 256-bit registers), which the kernels use
-/// when it is there. The answer is cached by the standard library.
-#[cfg(target_arch = "x86_64")]
-fn avx_vnni() -> bool {
-    std::arch::is_x86_feature_detected!("avxvnni")
 }
 
 /// The reference the kernels are tested against (and the path off x86-64): each row expanded
@@ -458,20 +453,12 @@ mod tests {
     #[test]
     fn q6k_kernels_match_the_reference() -> Result<()> {
         // SAFETY (the calls below): each kernel runs only where its instructions are present.
-        every_kernel_matches_the_reference::<BlockQ6Kx8>(&[
-            (
-                "avx2",
-                supported(),
-                |w, x| unsafe { q6k::avx2::dot(w, x) },
-                |w, x| unsafe { q6k::avx2::dot(w, x) },
-            ),
-            (
-                "avx-vnni",
-                supported() && avx_vnni(),
-                |w, x| unsafe { q6k::vnni::dot(w, x) },
-                |w, x| unsafe { q6k::vnni::dot(w, x) },
-            ),
-        ])
+        every_kernel_matches_the_reference::<BlockQ6Kx8>(&[(
+            "avx2",
+            supported(),
+            |w, x| unsafe { q6k::avx2::dot(w, x) },
+            |w, x| unsafe { q6k::avx2::dot(w, x) },
+        )])
     }
 
     #[test]

@@ -85,14 +85,11 @@ impl BlockX8 for BlockQ6Kx8 {
     fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R] {
         #[cfg(target_arch = "x86_64")]
         {
-            if super::avx_vnni() {
-                // SAFETY: checked just now; AVX2, FMA and F16C as below.
-                unsafe { vnni::dot(w, x) }
-            } else {
-                // SAFETY: a `KMatrixX8` exists only where `supported()` found AVX2, FMA and
-                // F16C.
-                unsafe { avx2::dot(w, x) }
-            }
+            // SAFETY: a `KMatrixX8` exists only where `supported()` found AVX2, FMA and F16C.
+            // (An AVX-VNNI variant was slower here: with `vpdpbusd` the sub-block scales can
+            // no longer be applied by the `madd` that sums the pairs, and the four chunks'
+            // separate sums spill registers at four activation rows.)
+            unsafe { avx2::dot(w, x) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -115,7 +112,7 @@ pub(super) mod avx2 {
     /// `ql` and `qh` bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn values(c: usize, qla: __m256i, qlb: __m256i, qh: __m256i) -> __m256i {
+    fn values(c: usize, qla: __m256i, qlb: __m256i, qh: __m256i) -> __m256i {
         let m4 = _mm256_set1_epi8(0x0F);
         let m30 = _mm256_set1_epi8(0x30);
         let (low, high) = match c {
@@ -165,90 +162,6 @@ pub(super) mod avx2 {
                 }
             }
             // The offset of 32: 32 × Σ_j scale_ij × (sum of the activation's 16 values j).
-            let mut offset = [_mm256_setzero_si256(); R];
-            for pair in 0..8 {
-                let scales = two_per_row(&wb.scales[2 * pair], &wb.scales[2 * pair + 1], true);
-                for r in 0..R {
-                    let s = &x[r][b].bsums;
-                    let sums = sum_pair(i32::from(s[2 * pair]), i32::from(s[2 * pair + 1]));
-                    offset[r] = _mm256_add_epi32(offset[r], _mm256_madd_epi16(scales, sums));
-                }
-            }
-            let d = scales_f32(&wb.d);
-            for r in 0..R {
-                let sum = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(offset[r]));
-                let xd = _mm256_set1_ps(x[r][b].d);
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), _mm256_cvtepi32_ps(sum), acc[r]);
-            }
-        }
-        acc.map(|v| store(v))
-    }
-}
-
-/// The kernel with AVX-VNNI: `vpdpbusd` multiplies four unsigned 6-bit values of each row by
-/// four signed activation bytes and adds them to the row's 32-bit sum in one instruction.
-#[cfg(target_arch = "x86_64")]
-pub(super) mod vnni {
-    use std::arch::x86_64::*;
-
-    use super::super::avx2::{broadcast4, load32, scales_f32, store, sum_pair, two_per_row};
-    use super::avx2::values;
-    use super::{BlockQ6Kx8, ROWS};
-    use crate::engine::kquants::Q8KBlock;
-
-    /// Eight signed bytes, one per row, as the rows' i32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    fn row_lanes_i8(bytes: &[u8; ROWS]) -> __m256i {
-        // SAFETY: eight bytes, the width of the load.
-        _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(bytes.as_ptr().cast()) })
-    }
-
-    /// Eight interleaved Q6_K rows against `R` Q8_K rows, as [`super::avx2::dot`] computes
-    /// them. A 16-value sub-block's products sum to at most 16 × 63 × 128 = 129024 in each
-    /// row's i32 lane before its scale (|scale| ≤ 128) is applied.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA, F16C and AVX-VNNI.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub(in crate::engine::kquants_x8) unsafe fn dot<const R: usize>(
-        w: &[BlockQ6Kx8],
-        x: [&[Q8KBlock]; R],
-    ) -> [[f32; ROWS]; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (b, wb) in w.iter().enumerate() {
-            let mut sumi = [_mm256_setzero_si256(); R];
-            for h in 0..2 {
-                // Groups 0–3 of the half's 32-value runs are its even sub-blocks' values,
-                // groups 4–7 the odd ones'.
-                for half in 0..2 {
-                    let mut p = [[_mm256_setzero_si256(); 4]; R];
-                    for gp in 2 * half..2 * half + 2 {
-                        let (g0, g1) = (8 * h + 2 * gp, 8 * h + 2 * gp + 1);
-                        let (qla0, qlb0) = (load32(&wb.ql, g0 * 64), load32(&wb.ql, g0 * 64 + 32));
-                        let (qla1, qlb1) = (load32(&wb.ql, g1 * 64), load32(&wb.ql, g1 * 64 + 32));
-                        let (qh0, qh1) = (load32(&wb.qh, g0 * 32), load32(&wb.qh, g1 * 32));
-                        for c in 0..4 {
-                            let w0 = values(c, qla0, qlb0, qh0);
-                            let w1 = values(c, qla1, qlb1, qh1);
-                            let at = 128 * h + 32 * c + 8 * gp;
-                            for r in 0..R {
-                                let xq = &x[r][b].qs;
-                                let sum =
-                                    _mm256_dpbusd_avx_epi32(p[r][c], w0, broadcast4(&xq[at..]));
-                                p[r][c] =
-                                    _mm256_dpbusd_avx_epi32(sum, w1, broadcast4(&xq[at + 4..]));
-                            }
-                        }
-                    }
-                    for c in 0..4 {
-                        let s = row_lanes_i8(&wb.scales[8 * h + 2 * c + half]);
-                        for r in 0..R {
-                            sumi[r] = _mm256_add_epi32(sumi[r], _mm256_mullo_epi32(p[r][c], s));
-                        }
-                    }
-                }
-            }
             let mut offset = [_mm256_setzero_si256(); R];
             for pair in 0..8 {
                 let scales = two_per_row(&wb.scales[2 * pair], &wb.scales[2 * pair + 1], true);
