@@ -9,7 +9,6 @@ use llama_server::generate_model::GenerateModel;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    llama_server::malloc_tuning::keep_freed_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
