@@ -372,17 +372,15 @@ mod tests {
         Ok(())
     }
 
+    /// A kernel under test at one and at three activation rows.
+    type KernelAt<B, const R: usize> = fn(&[B], [&[Q8KBlock]; R]) -> [[f32; ROWS]; R];
+    /// Its name, whether this CPU can run it, and the kernel at one and three rows.
+    type Kernel<'a, B> = (&'a str, bool, KernelAt<B, 1>, KernelAt<B, 3>);
+
     /// Every kernel this CPU can run (AVX2, and AVX-VNNI where present) against the scalar
     /// reference, on one group of rows with activations at the i8 extremes, one and three
     /// activation rows at a time.
-    fn every_kernel_matches_the_reference<B: BlockX8>(
-        kernels: &[(
-            &str,
-            bool,
-            fn(&[B], [&[Q8KBlock]; 1]) -> [[f32; ROWS]; 1],
-            fn(&[B], [&[Q8KBlock]; 3]) -> [[f32; ROWS]; 3],
-        )],
-    ) -> Result<()> {
+    fn every_kernel_matches_the_reference<B: BlockX8>(kernels: &[Kernel<B>]) -> Result<()> {
         if !supported() {
             return Ok(());
         }
