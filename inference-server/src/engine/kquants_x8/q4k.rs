@@ -150,30 +150,44 @@ pub(super) mod avx2 {
                     sumi[r] = _mm256_add_epi32(sumi[r], p);
                 }
             }
-            // The minimums: row i subtracts dmin_i × Σ_j min_ij × (sum of the activation's
-            // sub-block j), two sub-blocks per `madd`.
-            let mut summ = [_mm256_setzero_si256(); R];
-            for pair in 0..4 {
-                let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);
-                for r in 0..R {
-                    let s = &x[r][b].bsums;
-                    let sums = sum_pair(
-                        i32::from(s[4 * pair]) + i32::from(s[4 * pair + 1]),
-                        i32::from(s[4 * pair + 2]) + i32::from(s[4 * pair + 3]),
-                    );
-                    summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mins, sums));
-                }
-            }
-            let (d, dmin) = (scales_f32(&wb.d), scales_f32(&wb.dmin));
-            for r in 0..R {
-                let xd = _mm256_set1_ps(x[r][b].d);
-                let sumi = _mm256_cvtepi32_ps(sumi[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), sumi, acc[r]);
-                let summ = _mm256_cvtepi32_ps(summ[r]);
-                acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, xd), summ, acc[r]);
-            }
+            finish_block(wb, x, b, sumi, &mut acc);
         }
         acc.map(|v| store(v))
+    }
+
+    /// Adds block `b`'s share to each row's result: the integer sums `sumi` times the rows'
+    /// and the activation's scales, less the minimums (row i subtracts dmin_i × Σ_j min_ij ×
+    /// the sum of the activation's sub-block j, two sub-blocks per `madd`). Shared by the AVX2
+    /// and AVX-VNNI kernels, which differ only in how they form `sumi`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn finish_block<const R: usize>(
+        wb: &BlockQ4Kx8,
+        x: [&[Q8KBlock]; R],
+        b: usize,
+        sumi: [__m256i; R],
+        acc: &mut [__m256; R],
+    ) {
+        let mut summ = [_mm256_setzero_si256(); R];
+        for pair in 0..4 {
+            let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);
+            for r in 0..R {
+                let s = &x[r][b].bsums;
+                let sums = sum_pair(
+                    i32::from(s[4 * pair]) + i32::from(s[4 * pair + 1]),
+                    i32::from(s[4 * pair + 2]) + i32::from(s[4 * pair + 3]),
+                );
+                summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mins, sums));
+            }
+        }
+        let (d, dmin) = (scales_f32(&wb.d), scales_f32(&wb.dmin));
+        for r in 0..R {
+            let xd = _mm256_set1_ps(x[r][b].d);
+            let sumi = _mm256_cvtepi32_ps(sumi[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), sumi, acc[r]);
+            let summ = _mm256_cvtepi32_ps(summ[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, xd), summ, acc[r]);
+        }
     }
 }
 
@@ -184,7 +198,7 @@ pub(super) mod avx2 {
 pub(super) mod vnni {
     use std::arch::x86_64::*;
 
-    use super::super::avx2::{broadcast4, load32, scales_f32, store, sum_pair, two_per_row};
+    use super::super::avx2::{broadcast4, load32, store};
     use super::{BlockQ4Kx8, ROWS};
     use crate::engine::kquants::Q8KBlock;
 
@@ -236,26 +250,7 @@ pub(super) mod vnni {
                     sumi[r] = _mm256_add_epi32(sumi[r], p);
                 }
             }
-            let mut summ = [_mm256_setzero_si256(); R];
-            for pair in 0..4 {
-                let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);
-                for r in 0..R {
-                    let s = &x[r][b].bsums;
-                    let sums = sum_pair(
-                        i32::from(s[4 * pair]) + i32::from(s[4 * pair + 1]),
-                        i32::from(s[4 * pair + 2]) + i32::from(s[4 * pair + 3]),
-                    );
-                    summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mins, sums));
-                }
-            }
-            let (d, dmin) = (scales_f32(&wb.d), scales_f32(&wb.dmin));
-            for r in 0..R {
-                let xd = _mm256_set1_ps(x[r][b].d);
-                let sumi = _mm256_cvtepi32_ps(sumi[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), sumi, acc[r]);
-                let summ = _mm256_cvtepi32_ps(summ[r]);
-                acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, xd), summ, acc[r]);
-            }
+            super::avx2::finish_block(wb, x, b, sumi, &mut acc);
         }
         acc.map(|v| store(v))
     }
