@@ -9,7 +9,7 @@ use llama_operator::api::LlamaDeployment;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
-use testenv::llama::wait_ready;
+use testenv::llama::{condition, wait_ready};
 use testenv::{OperatorProcess, TestEnv};
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_llama-operator");
@@ -38,6 +38,20 @@ fn server_side_diff(
         (false, false) => Ok(Some(out.stdout)),
         _ => anyhow::bail!("kubectl diff failed: {}{}", out.stdout, out.stderr),
     }
+}
+
+/// The changed lines of a unified diff, without their `-`/`+` and indentation, leaving out
+/// `generation:` (a dry run of a changed spec bumps it).
+fn changed_lines(diff: &str) -> Vec<String> {
+    diff.lines()
+        .filter(|l| {
+            (l.starts_with('-') || l.starts_with('+'))
+                && !l.starts_with("---")
+                && !l.starts_with("+++")
+        })
+        .map(|l| l.trim_start_matches(['-', '+']).trim().to_string())
+        .filter(|l| !l.starts_with("generation:"))
+        .collect()
 }
 
 /// Who owns which top-level part of the object (`spec`, `status`, `metadata`), per manager.
@@ -117,6 +131,21 @@ async fn reapplying_the_example_manifests_after_ready_changes_nothing() -> anyho
         None,
     )?;
     anyhow::ensure!(out.success, "{}", out.stderr);
+    // Let the operator finish reconciling the new count first: its status writes while
+    // `kubectl diff` runs would show up in the diff (the live object is read before the
+    // dry-run apply returns the merged one).
+    let scaled = generation.map(|g| g + 1);
+    testenv::wait_for(Duration::from_secs(90), || async {
+        let ld = api.get("quickstart").await.ok()?;
+        let status = ld.status.as_ref()?;
+        let instances = status.instances.as_ref()?;
+        let settled = status.observed_generation == scaled
+            && instances.ready == 2
+            && condition(&ld, "Ready")?.0 == "True";
+        settled.then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("scaling to 2 never settled: {e}\n{}", op.log_text()))?;
     let out = env.run_kubectl(
         &["diff", "--server-side", GITOPS, "-f", "-"],
         Some(&manifest),
@@ -127,25 +156,20 @@ async fn reapplying_the_example_manifests_after_ready_changes_nothing() -> anyho
             && out.stderr.contains(".spec.compute.instanceCount"),
         "{out:?}"
     );
-    let diff = server_side_diff(&env, &manifest, &["--force-conflicts"])?
-        .ok_or_else(|| anyhow::anyhow!("scaling did not show in kubectl diff"))?;
-    let changed: Vec<&str> = diff
-        .lines()
-        .filter(|l| {
-            (l.starts_with('-') || l.starts_with('+'))
-                && !l.starts_with("---")
-                && !l.starts_with("+++")
-        })
-        .filter(|l| !l.contains("generation:"))
-        .collect();
-    assert_eq!(
-        changed
-            .iter()
-            .map(|l| l.trim_start_matches(['-', '+']).trim())
-            .collect::<Vec<_>>(),
-        ["instanceCount: 2", "instanceCount: 1"],
-        "{diff}"
-    );
+    // A status write landing between kubectl's read and its dry run (the resourceVersion then
+    // differs in the diff) is retried; any other extra line fails the test.
+    let mut attempts = 0;
+    let (diff, changed) = loop {
+        let diff = server_side_diff(&env, &manifest, &["--force-conflicts"])?
+            .ok_or_else(|| anyhow::anyhow!("scaling did not show in kubectl diff"))?;
+        let changed = changed_lines(&diff);
+        attempts += 1;
+        if attempts == 3 || !changed.iter().any(|l| l.starts_with("resourceVersion:")) {
+            break (diff, changed);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(changed, ["instanceCount: 2", "instanceCount: 1"], "{diff}");
     Ok(())
 }
 

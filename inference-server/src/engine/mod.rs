@@ -1,6 +1,7 @@
 //! The inference engine: model configuration, weights, the Llama forward pass and its caches.
 
 pub mod config;
+mod cpu_attention;
 mod cpu_pool;
 pub mod error;
 pub mod gguf;

@@ -5,9 +5,11 @@
 //! dimension for the position-independent work (projections, MLP). Every sequence's cache is a
 //! run of rows in the model's [`KvPool`], so each layer writes the new keys and values of the
 //! whole batch at once. Attention then runs at each sequence's own positions: per sequence, on
-//! a view of its rows, for prompt chunks (and on the CPU, where that reads the cache in place);
-//! on a GPU, the sequences that decode one token are gathered into one padded, masked batch,
-//! so a step launches the same kernels for 64 sequences as for one.
+//! a view of its rows, for prompt chunks. The sequences that decode one token attend together:
+//! on a GPU they are gathered into one padded, masked batch, so a step launches the same
+//! kernels for 64 sequences as for one; on the CPU one fused pass reads each sequence's rows in
+//! place, its (sequence, key/value head) pairs spread over the engine's threads
+//! (`cpu_attention.rs`).
 //!
 //! Weights come from a Hugging Face safetensors directory ([`LlamaModel::load`]) or a llama.cpp
 //! GGUF file ([`LlamaModel::load_gguf`], in `gguf/load.rs`); both end in the same structure.
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
+use super::cpu_attention::{self, DecodeRow};
 use super::error::{EngineError, Result};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
@@ -491,6 +494,22 @@ impl LlamaModel {
             Some(decode) => Some(self.attend_decode_batch(&q, &keys, &values, decode)?),
             None => None,
         };
+        let fused = if plan.fused.is_empty() {
+            None
+        } else {
+            Some(cpu_attention::decode_attention(
+                &q,
+                &keys,
+                &values,
+                &plan.fused,
+            )?)
+        };
+        if let Some(out) = &fused
+            && plan.fused.len() == plan.sequences.len()
+        {
+            // Every sequence decodes: the fused rows are the packed rows, in order.
+            return attn.o_proj.forward(out);
+        }
         let mut outputs = Vec::with_capacity(plan.sequences.len());
         let mut offset = 0;
         for seq in &plan.sequences {
@@ -500,6 +519,14 @@ impl LlamaModel {
                     None => {
                         return Err(EngineError::InvalidInput(
                             "decode batch missing from the attention plan".into(),
+                        ));
+                    }
+                },
+                None if seq.fused_index.is_some() => match (&fused, seq.fused_index) {
+                    (Some(out), Some(i)) => outputs.push(out.narrow(0, i, 1)?),
+                    _ => {
+                        return Err(EngineError::InvalidInput(
+                            "fused decode attention missing from the attention plan".into(),
                         ));
                     }
                 },
@@ -602,6 +629,9 @@ struct AttentionPlan {
     sequences: Vec<SequencePlan>,
     write: Write,
     decode: Option<DecodeBatch>,
+    /// On the CPU (f32), the sequences that decode one token outside a decode batch: they
+    /// attend in one fused pass over their rows in place (`engine/cpu_attention.rs`).
+    fused: Vec<DecodeRow>,
     /// Every sequence decodes one token, so the decode batch's rows are the packed rows.
     all_decode_in_order: bool,
 }
@@ -616,6 +646,9 @@ struct SequencePlan {
     new: usize,
     /// Its row in the decode batch, when it attends there.
     decode_index: Option<usize>,
+    /// Its row in the CPU's fused decode attention ([`AttentionPlan::fused`]), when it
+    /// attends there.
+    fused_index: Option<usize>,
 }
 
 /// Where the step's new keys and values go in the pool.
@@ -654,6 +687,7 @@ impl AttentionPlan {
                 past: step.cache.len(),
                 new,
                 decode_index: decodes.then_some(decoding.len()),
+                fused_index: None,
             });
             if decodes {
                 decoding.push(offset);
@@ -666,6 +700,21 @@ impl AttentionPlan {
                 seq.decode_index = None;
             }
             decoding.clear();
+        }
+        let mut fused = Vec::new();
+        if cpu_attention::supported(device, model.dtype) {
+            let mut token = 0;
+            for seq in &mut sequences {
+                if seq.decode_index.is_none() && seq.new == 1 {
+                    seq.fused_index = Some(fused.len());
+                    fused.push(DecodeRow {
+                        token,
+                        start: seq.start,
+                        len: seq.past + 1,
+                    });
+                }
+                token += seq.new;
+            }
         }
         let write = if rows.windows(2).all(|w| w[1] == w[0] + 1) {
             Write::Contiguous(rows.first().map_or(0, |&r| r as usize))
@@ -720,6 +769,7 @@ impl AttentionPlan {
             sequences,
             write,
             decode,
+            fused,
             all_decode_in_order,
         })
     }
