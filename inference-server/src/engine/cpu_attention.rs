@@ -10,11 +10,13 @@
 //! sequences now run side by side. The results equal candle's up to float rounding:
 //! `softmax(q·kᵀ / √d) v` in f32, each sequence computed the same way whatever the batch.
 
+use std::cell::RefCell;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::cpu_pool::for_each_task;
+use super::cpu_slice::with_f32;
 use super::error::{EngineError, Result};
 
 /// One decoding sequence: its query token among the step's packed tokens and its history in
@@ -28,6 +30,14 @@ pub(super) struct DecodeRow {
     /// Tokens the sequence attends to (its cached ones and the new one).
     pub(super) len: usize,
 }
+
+thread_local! {
+    /// A task's attention scores, kept by each worker thread between tasks.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How errors name this kernel.
+const KERNEL: &str = "decode attention";
 
 /// Whether [`decode_attention`] can run on tensors of this device and dtype.
 pub(super) fn supported(device: &Device, dtype: DType) -> bool {
@@ -75,9 +85,9 @@ pub(super) fn decode_attention(
     };
     let q = q.contiguous()?;
     let mut out = vec![0f32; rows.len() * heads * head_dim];
-    with_f32(&q, |q| {
-        with_f32(keys, |keys| {
-            with_f32(values, |values| {
+    with_f32(&q, KERNEL, |q| {
+        with_f32(keys, KERNEL, |keys| {
+            with_f32(values, KERNEL, |values| {
                 // Task `s * kv_heads + g` writes query heads `g * group ..` of sequence `s`:
                 // exactly chunk `s * kv_heads + g` of the output.
                 let chunks: Vec<Mutex<&mut [f32]>> = out
@@ -133,38 +143,46 @@ impl Shape {
         let keys = &keys[history..history + len * d];
         let values = &values[history..history + len * d];
         // Scores of every query head of the group, head by head: [group, len]. Each key row
-        // is read once for the whole group.
-        let mut scores = vec![0f32; self.group * len];
-        for (t, key) in keys.chunks_exact(d).enumerate() {
-            for r in 0..self.group {
-                scores[r * len + t] = dot(query(r), key) * self.scale;
-            }
-        }
-        for head in scores.chunks_exact_mut(len) {
-            softmax(head);
-        }
-        for (t, value) in values.chunks_exact(d).enumerate() {
-            for (r, out) in dst.chunks_exact_mut(d).enumerate() {
-                let p = scores[r * len + t];
-                for (o, v) in out.iter_mut().zip(value) {
-                    *o += p * v;
+        // is read once for the whole group. The buffer is the worker thread's, reused from
+        // task to task.
+        SCORES.with_borrow_mut(|scores| {
+            scores.clear();
+            scores.resize(self.group * len, 0.0);
+            for (t, key) in keys.chunks_exact(d).enumerate() {
+                for r in 0..self.group {
+                    scores[r * len + t] = dot(query(r), key) * self.scale;
                 }
             }
-        }
+            for head in scores.chunks_exact_mut(len) {
+                softmax(head);
+            }
+            for (t, value) in values.chunks_exact(d).enumerate() {
+                for (r, out) in dst.chunks_exact_mut(d).enumerate() {
+                    let p = scores[r * len + t];
+                    for (o, v) in out.iter_mut().zip(value) {
+                        *o += p * v;
+                    }
+                }
+            }
+        });
     }
 }
 
 /// `a · b` with eight partial sums, which the compiler keeps in vector registers.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     let mut lanes = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len().min(b.len()));
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+    for (x, y) in a8.zip(b8) {
         for l in 0..8 {
             lanes[l] += x[l] * y[l];
         }
     }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
     lanes.iter().sum::<f32>() + tail
 }
 
@@ -180,22 +198,6 @@ fn softmax(row: &mut [f32]) {
     for x in row.iter_mut() {
         *x *= inv;
     }
-}
-
-/// Runs `f` on the f32 elements of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(EngineError::InvalidInput(
-            "decode attention runs on the CPU only".into(),
-        ));
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(EngineError::InvalidInput(
-            "decode attention needs contiguous tensors".into(),
-        ));
-    };
-    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 #[cfg(test)]

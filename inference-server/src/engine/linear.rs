@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Storage, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
+use super::cpu_slice::with_f32;
 use super::error::{EngineError, Result};
 use super::kquants::{Q4KMatrix, Q6KMatrix};
 use super::kquants_x8::{Q4KX8Matrix, Q6KX8Matrix};
@@ -204,17 +205,9 @@ fn cpu_forward(
     }
     let m = leading.iter().product::<usize>();
     let input = x.to_dtype(DType::F32)?.contiguous()?;
-    let out = {
-        let (storage, layout) = input.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Err(EngineError::InvalidInput(
-                "the engine's quantized kernels run on the CPU only".into(),
-            ));
-        };
-        let start = layout.start_offset();
-        let values = &cpu.as_slice::<f32>()?[start..start + m * k];
-        matmul(values, m)?
-    };
+    let out = with_f32(&input, "the engine's quantized kernels", |values| {
+        matmul(values, m)
+    })?;
     let mut shape = leading.to_vec();
     shape.push(rows);
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
