@@ -19,6 +19,7 @@ pub mod generate_model;
 pub mod generation;
 pub mod gguf_export;
 pub mod llama_guard;
+pub mod malloc_tuning;
 pub mod metrics;
 pub mod rate_limit;
 pub mod rng;

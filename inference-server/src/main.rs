@@ -6,12 +6,16 @@ use clap::Parser;
 use llama_server::args::{Cli, Command, FetchArgs, GenerateModelArgs, ServeArgs};
 use llama_server::fetch;
 use llama_server::generate_model::GenerateModel;
+use llama_server::malloc_tuning;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    let threshold =
+        malloc_tuning::fix_mmap_threshold(std::env::var("GLIBC_TUNABLES").ok().as_deref());
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+    tracing::debug!(?threshold, "malloc mmap threshold");
     match Cli::parse().into_command() {
         Command::Serve(args) => serve(args),
         Command::GenerateModel(args) => generate_model(args),
