@@ -32,11 +32,11 @@ const SPINS_PER_YIELD: u32 = 64;
 pub(super) fn for_each_task<F: Fn(usize) + Sync>(tasks: usize, f: F) {
     let pool = pool();
     if tasks < 2 || pool.helpers == 0 {
-        (0..tasks).for_each(f);
+        run_here(tasks, f);
         return;
     }
     let Ok(_only_product) = pool.caller.try_lock() else {
-        (0..tasks).for_each(f);
+        run_here(tasks, f);
         return;
     };
     let job = Job {
@@ -76,6 +76,20 @@ pub(super) fn for_each_task<F: Fn(usize) + Sync>(tasks: usize, f: F) {
             Some(payload) => panic::resume_unwind(payload),
             None => panic!("a task of the engine's CPU thread pool panicked"),
         }
+    }
+}
+
+/// Runs every task on the calling thread, as the pool would: a panicking task panics the
+/// caller once the others have run.
+fn run_here<F: Fn(usize)>(tasks: usize, f: F) {
+    let mut first_panic = None;
+    for task in 0..tasks {
+        if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| f(task))) {
+            first_panic.get_or_insert(payload);
+        }
+    }
+    if let Some(payload) = first_panic {
+        panic::resume_unwind(payload);
     }
 }
 
@@ -229,7 +243,7 @@ fn spin(spins: &mut u32) {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::for_each_task;
+    use super::{for_each_task, run_here};
 
     #[test]
     fn every_task_runs_once() {
@@ -263,6 +277,19 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 4 * 50 * 8 * 3);
+    }
+
+    #[test]
+    fn a_panicking_task_run_on_the_callers_thread_lets_the_others_run() {
+        let ran = AtomicUsize::new(0);
+        let result = std::panic::catch_unwind(|| {
+            run_here(64, |t| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                assert!(t != 10, "task ten fails");
+            });
+        });
+        assert!(result.is_err(), "the panic reaches the caller");
+        assert_eq!(ran.load(Ordering::Relaxed), 64);
     }
 
     #[test]

@@ -198,6 +198,16 @@ fn scalar_dot<B: BlockX8, const R: usize>(w: &[B], x: [&[Q8KBlock]; R]) -> [[f32
     out
 }
 
+/// Whether this CPU has AVX-512 F, VL, BW and VNNI, which the Q4_K kernel uses when it is
+/// there (cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+fn avx512_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
 /// Helpers of the AVX2 kernels.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -249,11 +259,14 @@ mod avx2 {
         }
     }
 
-    /// Two i16 activation sums, `lo` and `hi`, in every 32-bit lane.
+    /// Two adjacent i16 activation sums, `sums[0]` in the low and `sums[1]` in the high half
+    /// of every 32-bit lane.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn sum_pair(lo: i32, hi: i32) -> __m256i {
-        _mm256_set1_epi32((lo & 0xFFFF) | (hi << 16))
+    pub(super) fn sum_pair(sums: &[i16]) -> __m256i {
+        assert!(sums.len() >= 2);
+        // SAFETY: at least two i16, read unaligned.
+        _mm256_set1_epi32(unsafe { sums.as_ptr().cast::<i32>().read_unaligned() })
     }
 
     /// Four activation bytes broadcast to every 32-bit lane.
@@ -377,7 +390,7 @@ mod tests {
     /// Its name, whether this CPU can run it, and the kernel at one and three rows.
     type Kernel<'a, B> = (&'a str, bool, KernelAt<B, 1>, KernelAt<B, 3>);
 
-    /// Every kernel this CPU can run (AVX2, and AVX-VNNI where present) against the scalar
+    /// Every kernel this CPU can run (AVX2; AVX-VNNI and AVX-512 VNNI where present) against the scalar
     /// reference, on one group of rows with activations at the i8 extremes, one and three
     /// activation rows at a time.
     fn every_kernel_matches_the_reference<B: BlockX8>(kernels: &[Kernel<B>]) -> Result<()> {
@@ -443,6 +456,12 @@ mod tests {
                 supported() && avx_vnni(),
                 |w, x| unsafe { q4k::vnni::dot(w, x) },
                 |w, x| unsafe { q4k::vnni::dot(w, x) },
+            ),
+            (
+                "avx-512 vnni",
+                supported() && avx512_vnni(),
+                |w, x| unsafe { q4k::avx512::dot(w, x) },
+                |w, x| unsafe { q4k::avx512::dot(w, x) },
             ),
         ])
     }

@@ -81,7 +81,10 @@ impl BlockX8 for BlockQ4Kx8 {
     fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R] {
         #[cfg(target_arch = "x86_64")]
         {
-            if super::avx_vnni() {
+            if super::avx512_vnni() {
+                // SAFETY: checked just now; AVX2, FMA and F16C as below.
+                unsafe { avx512::dot(w, x) }
+            } else if super::avx_vnni() {
                 // SAFETY: checked just now; AVX2, FMA and F16C as below.
                 unsafe { vnni::dot(w, x) }
             } else {
@@ -101,9 +104,7 @@ impl BlockX8 for BlockQ4Kx8 {
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::avx2::{
-        broadcast4, load32, row_pairs_u8, scales_f32, store, sum_pair, two_per_row,
-    };
+    use super::super::avx2::{broadcast4, load32, row_pairs_u8, scales_f32, store, two_per_row};
     use super::{BlockQ4Kx8, ROWS};
     use crate::engine::kquants::Q8KBlock;
 
@@ -155,6 +156,18 @@ pub(super) mod avx2 {
         acc.map(|v| store(v))
     }
 
+    /// An activation block's eight 32-value sums (`bsums` added in pairs: at most 32 × 128
+    /// in magnitude, so they fit i16), packed so that i32 lanes 0, 1, 4 and 5 hold
+    /// sub-blocks 0–1, 2–3, 4–5 and 6–7 as i16 pairs: the operands of the minimums' `madd`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn sub_block_sums(bsums: &[i16; 16]) -> __m256i {
+        // SAFETY: sixteen i16, the width of the load.
+        let v = unsafe { _mm256_loadu_si256(bsums.as_ptr().cast()) };
+        let sums = _mm256_madd_epi16(v, _mm256_set1_epi16(1));
+        _mm256_packs_epi32(sums, sums)
+    }
+
     /// Adds block `b`'s share to each row's result: the integer sums `sumi` times the rows'
     /// and the activation's scales, less the minimums (row i subtracts dmin_i × Σ_j min_ij ×
     /// the sum of the activation's sub-block j, two sub-blocks per `madd`). Shared by the AVX2
@@ -168,15 +181,13 @@ pub(super) mod avx2 {
         sumi: [__m256i; R],
         acc: &mut [__m256; R],
     ) {
+        let sums = x.map(|x| sub_block_sums(&x[b].bsums));
         let mut summ = [_mm256_setzero_si256(); R];
-        for pair in 0..4 {
+        for (pair, lane) in [0, 1, 4, 5].into_iter().enumerate() {
             let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);
+            let lane = _mm256_set1_epi32(lane);
             for r in 0..R {
-                let s = &x[r][b].bsums;
-                let sums = sum_pair(
-                    i32::from(s[4 * pair]) + i32::from(s[4 * pair + 1]),
-                    i32::from(s[4 * pair + 2]) + i32::from(s[4 * pair + 3]),
-                );
+                let sums = _mm256_permutevar8x32_epi32(sums[r], lane);
                 summ[r] = _mm256_add_epi32(summ[r], _mm256_madd_epi16(mins, sums));
             }
         }
@@ -251,6 +262,102 @@ pub(super) mod vnni {
                 }
             }
             super::avx2::finish_block(wb, x, b, sumi, &mut acc);
+        }
+        acc.map(|v| store(v))
+    }
+}
+
+/// The kernel with AVX-512 VNNI: two four-byte groups of each row in one 512-bit register.
+///
+/// The 64 bytes of groups `g` and `g + 1` are permuted once, so that lane `2 i` holds row
+/// `i`'s bytes of group `g` and lane `2 i + 1` those of group `g + 1`; one 8-byte broadcast
+/// of the activation then matches both lanes, and one `vpdpbusd` does the work of two in
+/// [`vnni`]. The permutation is shared by all activation rows; the two lanes of a row are
+/// added once per block. The sums are the same integers as [`vnni`]'s.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::super::avx2::store;
+    use super::{BlockQ4Kx8, ROWS};
+    use crate::engine::kquants::Q8KBlock;
+
+    /// Eight bytes, one per row, each in the row's two i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn row_pair_lanes_u8(bytes: &[u8; ROWS]) -> __m512i {
+        // SAFETY: eight bytes, the width of the load.
+        let v = unsafe { _mm_loadl_epi64(bytes.as_ptr().cast()) };
+        _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(v, v))
+    }
+
+    /// Eight activation bytes broadcast to every 64-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn broadcast8(values: &[i8]) -> __m512i {
+        assert!(values.len() >= 8);
+        // SAFETY: at least eight bytes, read unaligned.
+        _mm512_set1_epi64(unsafe { values.as_ptr().cast::<i64>().read_unaligned() })
+    }
+
+    /// Sixty-four weight bytes (groups `g` and `g + 1`) from `bytes[at ..]`, each row's two
+    /// groups side by side.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn load_pair(bytes: &[u8], at: usize) -> __m512i {
+        let chunk = &bytes[at..at + 64];
+        let order = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+        // SAFETY: 64 bytes, the width of the load.
+        _mm512_permutexvar_epi32(order, unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) })
+    }
+
+    /// Each row's two lanes added, as the rows' eight i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn fold_pairs(v: __m512i) -> __m256i {
+        _mm512_cvtepi64_epi32(_mm512_add_epi32(v, _mm512_srli_epi64::<32>(v)))
+    }
+
+    /// Eight interleaved Q4_K rows against `R` Q8_K rows, as [`super::vnni::dot`] computes
+    /// them (the same bounds: a row's lane pair sums what one lane sums there).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, F16C and AVX-512 F, VL, BW and VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub(in crate::engine::kquants_x8) unsafe fn dot<const R: usize>(
+        w: &[BlockQ4Kx8],
+        x: [&[Q8KBlock]; R],
+    ) -> [[f32; ROWS]; R] {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let mut p_lo = [_mm512_setzero_si512(); R];
+                let mut p_hi = [_mm512_setzero_si512(); R];
+                for g in (0..8).step_by(2) {
+                    let q = load_pair(&wb.qs, (8 * c + g) * 32);
+                    let lo = _mm512_and_si512(q, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                    for r in 0..R {
+                        let xq = &x[r][b].qs;
+                        let a_lo = broadcast8(&xq[64 * c + 4 * g..]);
+                        let a_hi = broadcast8(&xq[64 * c + 32 + 4 * g..]);
+                        p_lo[r] = _mm512_dpbusd_epi32(p_lo[r], lo, a_lo);
+                        p_hi[r] = _mm512_dpbusd_epi32(p_hi[r], hi, a_hi);
+                    }
+                }
+                let s_lo = row_pair_lanes_u8(&wb.scales[2 * c]);
+                let s_hi = row_pair_lanes_u8(&wb.scales[2 * c + 1]);
+                for r in 0..R {
+                    let p = _mm512_add_epi32(
+                        _mm512_mullo_epi32(p_lo[r], s_lo),
+                        _mm512_mullo_epi32(p_hi[r], s_hi),
+                    );
+                    sumi[r] = _mm512_add_epi32(sumi[r], p);
+                }
+            }
+            super::avx2::finish_block(wb, x, b, sumi.map(|v| fold_pairs(v)), &mut acc);
         }
         acc.map(|v| store(v))
     }

@@ -166,8 +166,7 @@ pub(super) mod avx2 {
             for pair in 0..8 {
                 let scales = two_per_row(&wb.scales[2 * pair], &wb.scales[2 * pair + 1], true);
                 for r in 0..R {
-                    let s = &x[r][b].bsums;
-                    let sums = sum_pair(i32::from(s[2 * pair]), i32::from(s[2 * pair + 1]));
+                    let sums = sum_pair(&x[r][b].bsums[2 * pair..]);
                     offset[r] = _mm256_add_epi32(offset[r], _mm256_madd_epi16(scales, sums));
                 }
             }
