@@ -390,9 +390,9 @@ mod tests {
     /// Its name, whether this CPU can run it, and the kernel at one and three rows.
     type Kernel<'a, B> = (&'a str, bool, KernelAt<B, 1>, KernelAt<B, 3>);
 
-    /// Every kernel this CPU can run (AVX2; AVX-VNNI and AVX-512 VNNI where present) against the scalar
-    /// reference, on one group of rows with activations at the i8 extremes, one and three
-    /// activation rows at a time.
+    /// Every kernel this CPU can run (AVX2; AVX-VNNI and AVX-512 VNNI where present) against
+    /// the scalar reference, on one group of rows with activations at the i8 extremes, one and
+    /// three activation rows at a time.
     fn every_kernel_matches_the_reference<B: BlockX8>(kernels: &[Kernel<B>]) -> Result<()> {
         if !supported() {
             return Ok(());
