@@ -420,6 +420,14 @@ async fn core_hours_accrue_survive_restarts_and_deletion() -> anyhow::Result<()>
         "retired {retired}"
     );
     assert!(summary.core_hours.unwrap_or_default() >= retired);
+    let entries: Vec<_> = summary
+        .recently_retired
+        .iter()
+        .filter(|r| r.name == "billed")
+        .collect();
+    assert_eq!(entries.len(), 1, "{:?}", summary.recently_retired);
+    assert_eq!(entries[0].core_hours, retired);
+    assert!(!entries[0].uid.is_empty() && entries[0].retired_at.is_some());
     drop(op);
     Ok(())
 }

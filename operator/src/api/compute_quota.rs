@@ -1,6 +1,6 @@
 //! `ComputeQuota`: a namespace's vCPU-core limits per instance family.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,30 @@ pub struct ComputeQuotaStatus {
     /// The part of `estimatedCost` from deployments that were deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_cost: Option<f64>,
+
+    /// The most recently deleted deployments (up to 50, newest last) and the totals each added
+    /// to `retiredCoreHours` and `retiredCost`. A deployment is counted once, by UID, however
+    /// often its deletion is processed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub recently_retired: Vec<RetiredDeployment>,
+}
+
+/// The final totals of one deleted LlamaDeployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiredDeployment {
+    /// The deployment's name.
+    pub name: String,
+    /// The deployment's `metadata.uid`.
+    pub uid: String,
+    /// vCPU core-hours it accrued over its life.
+    pub core_hours: f64,
+    /// Its estimated cost, in the ComputeQuota's `currency`.
+    pub estimated_cost: f64,
+    /// When its totals were moved into the retired sums.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<Time>,
 }
 
 /// Usage of one instance family.

@@ -12,6 +12,7 @@ mod status;
 pub use autoscaling::{AUTOSCALING_ANNOTATION, AutoscalingSpec, AutoscalingStatus, ObservedLoad};
 pub use compute_quota::{
     ComputeQuota, ComputeQuotaSpec, ComputeQuotaStatus, FamilyLimit, FamilyUsage, QuotaHolder,
+    RetiredDeployment,
 };
 pub use llama_deployment::{
     AuthMode, AuthSpec, ComputeSpec, ContentSafetySpec, HuggingFaceSource, LlamaDeployment,

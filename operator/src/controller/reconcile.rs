@@ -403,12 +403,15 @@ async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
             provider: ld.spec.node_pool.provider,
         };
         accrue_into(ctx, ld, &plan, &running, now, None, &mut status);
-        let retired = (
-            status.core_hours.unwrap_or(0.0),
-            status.estimated_cost.unwrap_or(0.0),
-        );
+        let retired = crate::api::RetiredDeployment {
+            name: name.clone(),
+            uid: ld.uid().unwrap_or_default(),
+            core_hours: status.core_hours.unwrap_or(0.0),
+            estimated_cost: status.estimated_cost.unwrap_or(0.0),
+            retired_at: Some(Time(now)),
+        };
         ctx.quota
-            .refresh(&ctx.client, &ns, Some(retired), &instance.currency)
+            .refresh(&ctx.client, &ns, Some(&retired), &instance.currency)
             .await?;
     }
     ctx.metrics

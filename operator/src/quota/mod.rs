@@ -7,8 +7,11 @@
 
 pub mod cost;
 pub mod ledger;
+pub mod summary;
 
-use crate::api::{ComputeQuota, LlamaDeployment, LlamaDeploymentStatus, Phase, QuotaSource};
+use crate::api::{
+    ComputeQuota, LlamaDeployment, LlamaDeploymentStatus, Phase, QuotaSource, RetiredDeployment,
+};
 use crate::config::OperatorConfig;
 use crate::controller::conditions;
 use crate::error::Error;
@@ -322,13 +325,13 @@ impl QuotaKeeper {
         })
     }
 
-    /// Recomputes the namespace's ComputeQuota statuses, adding `retired` totals (core-hours,
-    /// cost) of a deployment being deleted. Serialized with admissions.
+    /// Recomputes the namespace's ComputeQuota statuses, adding the final totals of a deployment
+    /// being deleted (`retired`, counted once by UID). Serialized with admissions.
     pub async fn refresh(
         &self,
         client: &Client,
         ns: &str,
-        retired: Option<(f64, f64)>,
+        retired: Option<&RetiredDeployment>,
         currency: &str,
     ) -> Result<(), Error> {
         let _guard = self.lock.lock().await;
@@ -416,58 +419,12 @@ async fn write_quota_statuses(
     quotas: &[ComputeQuota],
     holders: &[Holding],
     costs: &[(f64, f64)],
-    retired: Option<(f64, f64)>,
+    retired: Option<&RetiredDeployment>,
     currency: &str,
 ) -> Result<(), Error> {
-    use crate::api::{ComputeQuotaStatus, FamilyUsage, QuotaHolder};
     for q in quotas {
         let ns = q.namespace().unwrap_or_default();
-        let old = q.status.clone().unwrap_or_default();
-        let retired_hours = old.retired_core_hours.unwrap_or(0.0) + retired.map_or(0.0, |r| r.0);
-        let retired_cost = old.retired_cost.unwrap_or(0.0) + retired.map_or(0.0, |r| r.1);
-        let families = q
-            .spec
-            .limits
-            .iter()
-            .map(|l| {
-                let mine: Vec<&Holding> = holders
-                    .iter()
-                    .filter(|h| h.family == l.family && h.source == QuotaSource::Dedicated)
-                    .collect();
-                let used: i64 = mine.iter().map(|h| h.cores).sum();
-                FamilyUsage {
-                    family: l.family.clone(),
-                    limit: l.cores,
-                    used,
-                    available: (l.cores - used).max(0),
-                    holders: mine
-                        .iter()
-                        .map(|h| QuotaHolder {
-                            name: h.name.clone(),
-                            cores: h.cores,
-                            source: Some(h.source),
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
-        let status = ComputeQuotaStatus {
-            observed_generation: q.metadata.generation,
-            conditions: old.conditions.clone(),
-            families,
-            gpus_used: Some(
-                holders
-                    .iter()
-                    .filter(|h| h.source == QuotaSource::Dedicated)
-                    .map(|h| h.gpus)
-                    .sum(),
-            ),
-            core_hours: Some(retired_hours + costs.iter().map(|c| c.0).sum::<f64>()),
-            estimated_cost: Some(retired_cost + costs.iter().map(|c| c.1).sum::<f64>()),
-            currency: Some(currency.to_owned()),
-            retired_core_hours: Some(retired_hours),
-            retired_cost: Some(retired_cost),
-        };
+        let status = summary::quota_status(q, holders, costs, retired, currency);
         if q.status.as_ref() == Some(&status) {
             continue;
         }
