@@ -138,6 +138,7 @@ pub(super) mod avx2 {
     ) -> [[f32; ROWS]; R] {
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
+            super::super::prefetch_next(w, b);
             let mut sumi = [_mm256_setzero_si256(); R];
             for h in 0..2 {
                 for gp in 0..4 {
