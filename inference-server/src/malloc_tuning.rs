@@ -13,13 +13,22 @@
 //! prefill was no slower (65 tokens/s, against 62–63 at the larger thresholds), but in
 //! prefill-only runs the buffer-keeping tunables below were 10–20 % faster (65–68 against
 //! 53–60 tokens/s). The server favours the memory bound, which a deployment's limits rest
-//! on, and fixes the threshold at start, unless the operator chose one through
+//! on, and fixes the threshold at start (first at 128 KiB; at 2 MiB since faster kernels
+//! made the faults of batched decode stand out, see [`MMAP_THRESHOLD_BYTES`]), unless the operator chose one through
 //! `GLIBC_TUNABLES` (`glibc.malloc.mmap_threshold`); a prefill-heavy deployment with memory
 //! to spare can set
 //! `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=134217728`.
 
-/// The threshold the server fixes: glibc's own starting value.
-pub const MMAP_THRESHOLD_BYTES: usize = 128 * 1024;
+/// The threshold the server fixes: 2 MiB. Batched decode's activation buffers (a few hundred
+/// kilobytes a matrix at 8 to 16 streams) then come from the heap, without a fresh mapping
+/// and its page faults per buffer each step; prefill's multi-megabyte buffers still get their
+/// own. On the 2-core Xeon (2026-12-03, later kernels, `llama-server bench` with the
+/// benchmark script's arguments): Q4_K_M peak RSS 1,141 MB against 1,120 at glibc's starting
+/// value of 128 KiB (target 1,209: file + 201 MB key/value cache + 200 MB), Q8_0 1,643
+/// against 1,619 (target 1,722); decode at 16 streams 79–86 against 71–72 tokens/s (Q4_K_M)
+/// and 50.2 against 43.1 (Q8_0), at 8 streams 71.5–74.5 against 68.7–70.7 (Q4_K_M), system
+/// time 13.5–14.0 against 18.8–21.3 s.
+pub const MMAP_THRESHOLD_BYTES: usize = 2 * 1024 * 1024;
 
 /// What [`fix_mmap_threshold`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
