@@ -5,13 +5,22 @@
 //! through a function call per 32-value block; measured on a 2-core AMD EPYC it ran prefill at
 //! about a fifth of llama.cpp's speed on the same file (docs/benchmarks/engine-vs-llama-cpp.md).
 //! Here the weights are regrouped once, at load time, into blocks of four rows
-//! ([`QuadBlock`]): one pass over an activation block feeds four dot products with their own
-//! accumulators, the four scales convert in one F16C instruction, and a tile of two activation
-//! rows shares every weight block it loads (prefill, batched decode).
+//! ([`QuadBlock`]) whose values are interleaved eight bytes a row: one 32-byte load holds
+//! eight values of each of the four rows, and one broadcast of eight activation values
+//! multiplies all four in one instruction. The four rows' sums stay in the lanes of one
+//! register (two lanes a row), so a block costs one conversion and one FMA for all four rows,
+//! and a call takes up to eight activation rows, each loaded weight register serving them
+//! all (prefill, batched decode).
+//!
+//! The weights are stored offset by 128, as unsigned bytes: AVX-VNNI's `vpdpbusd` multiplies
+//! unsigned by signed bytes, so it takes them as they are, and the offset's share of the sum,
+//! 128 times the sum of the activation values of a lane, is subtracted by starting each sum
+//! from it (computed once per activation block when the activations are quantized). Without
+//! VNNI the kernel restores the signed weights once per block for all its rows.
 //!
 //! The arithmetic is llama.cpp's and candle's: the activations are quantized to Q8_0 blocks
-//! (scale `max|x| / 127`, kept as f16), the products of a block are summed in integers and
-//! scaled by both scales in f32. Only the order of the f32 additions differs.
+//! (scale `max|x| / 127`, kept as f16), the products of a block are summed exactly in
+//! integers and scaled by both scales in f32. Only the order of the f32 additions differs.
 //!
 //! Machines without AVX2, FMA and F16C keep candle's kernels ([`Q8Matrix::from_qtensor`]
 //! returns `None` there).
@@ -34,8 +43,12 @@ const QK: usize = 32;
 const GGUF_BLOCK_BYTES: usize = 2 + QK;
 /// Weight rows grouped into one [`QuadBlock`].
 const ROWS: usize = 4;
+/// Values of a row that sit together in a [`QuadBlock`] (one 64-bit broadcast of activations).
+const RUN: usize = 8;
 /// Bytes of quantized activations a task keeps in cache while it walks its weight rows.
 const ACTIVATION_TILE_BYTES: usize = 128 * 1024;
+/// Activation rows one kernel call takes at most.
+const MAX_CALL_ROWS: usize = 8;
 
 /// One 32-value block of four consecutive weight rows.
 #[repr(C)]
@@ -43,15 +56,27 @@ const ACTIVATION_TILE_BYTES: usize = 128 * 1024;
 struct QuadBlock {
     /// The rows' scales as f16 bits.
     d: [u16; ROWS],
-    /// The rows' quantized values.
-    qs: [[i8; QK]; ROWS],
+    /// The rows' values plus 128, as unsigned bytes, in runs of [`RUN`]: byte
+    /// `32 g + 8 row + j` holds value `8 g + j` of row `row`.
+    qs: [u8; ROWS * QK],
+}
+
+impl QuadBlock {
+    /// Value `i` (0 ..32) of row `lane`, signed.
+    fn value(&self, lane: usize, i: usize) -> i8 {
+        (self.qs[(i / RUN) * ROWS * RUN + lane * RUN + i % RUN] ^ 0x80) as i8
+    }
 }
 
 /// One 32-value block of a quantized activation row.
+#[repr(C)]
 #[derive(Clone, Copy)]
 struct ActBlock {
     /// The scale, already rounded through f16 as the weights' are.
     d: f32,
+    /// −128 times the sum of the values `v` with `v % 8 < 4` (`offset[0]`) and with
+    /// `v % 8 >= 4` (`offset[1]`): what the weights' offset adds to the two lanes of a row.
+    offset: [i32; 2],
     qs: [i8; QK],
 }
 
@@ -110,9 +135,10 @@ impl Q8Matrix {
             )));
         }
         let quads = rows.div_ceil(ROWS);
+        // Padding rows are zeros: 128 once offset.
         let empty = QuadBlock {
             d: [0; ROWS],
-            qs: [[0; QK]; ROWS],
+            qs: [0x80; ROWS * QK],
         };
         let mut blocks = vec![empty; quads * per_row];
         for (row, row_bytes) in data.chunks_exact(per_row * GGUF_BLOCK_BYTES).enumerate() {
@@ -120,8 +146,8 @@ impl Q8Matrix {
             for (b, block) in row_bytes.chunks_exact(GGUF_BLOCK_BYTES).enumerate() {
                 let target = &mut blocks[quad * per_row + b];
                 target.d[lane] = u16::from_le_bytes([block[0], block[1]]);
-                for (q, &byte) in target.qs[lane].iter_mut().zip(&block[2..]) {
-                    *q = byte as i8;
+                for (i, &byte) in block[2..].iter().enumerate() {
+                    target.qs[(i / RUN) * ROWS * RUN + lane * RUN + i % RUN] = byte ^ 0x80;
                 }
             }
         }
@@ -152,8 +178,8 @@ impl Q8Matrix {
             let blocks = &self.blocks[quad * per_row..(quad + 1) * per_row];
             for (block, values) in blocks.iter().zip(dst.chunks_exact_mut(QK)) {
                 let d = f16::from_bits(block.d[lane]).to_f32();
-                for (v, &q) in values.iter_mut().zip(&block.qs[lane]) {
-                    *v = f32::from(q) * d;
+                for (i, v) in values.iter_mut().enumerate() {
+                    *v = f32::from(block.value(lane, i)) * d;
                 }
             }
         })
@@ -170,29 +196,39 @@ impl Q8Matrix {
         // Tasks own whole weight quads: one row of activations needs few rows per task to
         // spread over the threads, a tile of many rows amortises each task's weights over more.
         let quads_per_task = if m == 1 { 16 } else { 4 };
-        let tile_rows =
-            (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<ActBlock>())).clamp(2, 64) & !1;
+        let tile_rows = (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<ActBlock>()))
+            .clamp(MAX_CALL_ROWS, 64)
+            & !(MAX_CALL_ROWS - 1);
         let dst = OutColumns::new(&mut out, m, n);
+        let x = |r: usize| &act[r * per_row..(r + 1) * per_row];
         for_each_task(quads.div_ceil(quads_per_task), |task| {
             let first = task * quads_per_task;
             let last = (first + quads_per_task).min(quads);
             for tile in (0..m).step_by(tile_rows) {
                 let tile_end = (tile + tile_rows).min(m);
                 for quad in first..last {
-                    let weights = &self.blocks[quad * per_row..(quad + 1) * per_row];
-                    let mut row = tile;
-                    while row < tile_end {
-                        let x0 = &act[row * per_row..(row + 1) * per_row];
-                        if row + 1 < tile_end {
-                            let x1 = &act[(row + 1) * per_row..(row + 2) * per_row];
-                            let (d0, d1) = dot_2x4(weights, x0, x1);
-                            write_quad(dst, row, quad, n, d0);
-                            write_quad(dst, row + 1, quad, n, d1);
-                            row += 2;
-                        } else {
-                            write_quad(dst, row, quad, n, dot_1x4(weights, x0));
-                            row += 1;
-                        }
+                    let w = &self.blocks[quad * per_row..(quad + 1) * per_row];
+                    let mut r = tile;
+                    while r < tile_end {
+                        let run = match tile_end - r {
+                            8.. => write_rows(
+                                dst,
+                                r,
+                                quad,
+                                n,
+                                dot(w, std::array::from_fn::<_, 8, _>(|i| x(r + i))),
+                            ),
+                            4..=7 => write_rows(
+                                dst,
+                                r,
+                                quad,
+                                n,
+                                dot(w, std::array::from_fn::<_, 4, _>(|i| x(r + i))),
+                            ),
+                            2 | 3 => write_rows(dst, r, quad, n, dot(w, [x(r), x(r + 1)])),
+                            _ => write_rows(dst, r, quad, n, dot(w, [x(r)])),
+                        };
+                        r += run;
                     }
                 }
             }
@@ -201,15 +237,21 @@ impl Q8Matrix {
     }
 }
 
-/// Writes the dot products of output row `row` with weight quad `quad` (columns `4 quad ..`,
-/// those below `n`).
-fn write_quad(dst: OutColumns, row: usize, quad: usize, n: usize, values: [f32; ROWS]) {
-    for (lane, value) in values.into_iter().enumerate() {
-        let col = quad * ROWS + lane;
-        if col < n {
-            dst.set(row, col, value);
-        }
+/// Writes the dot products of output rows `first ..` with weight quad `quad` (columns
+/// `4 quad ..`, those below `n`); returns how many rows it wrote.
+fn write_rows<const R: usize>(
+    dst: OutColumns,
+    first: usize,
+    quad: usize,
+    n: usize,
+    values: [[f32; ROWS]; R],
+) -> usize {
+    let col = quad * ROWS;
+    let width = ROWS.min(n - col);
+    for (i, row) in values.iter().enumerate() {
+        dst.set_run(first + i, col, &row[..width]);
     }
+    R
 }
 
 /// Quantizes rows of `k` values to Q8_0 blocks, as ggml's AVX2 code does (ties to even).
@@ -217,6 +259,7 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
     let per_row = k / QK;
     let empty = ActBlock {
         d: 0.0,
+        offset: [0; 2],
         qs: [0; QK],
     };
     let mut out = vec![empty; x.len() / QK];
@@ -226,9 +269,12 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
             let d = amax / 127.0;
             let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
             block.d = f16::from_f32(d).to_f32();
-            for (q, v) in block.qs.iter_mut().zip(chunk) {
+            let mut sums = [0i32; 2];
+            for (i, (q, v)) in block.qs.iter_mut().zip(chunk).enumerate() {
                 *q = nearest_int(v * inverse).clamp(-128, 127) as i8;
+                sums[(i % RUN) / 4] += i32::from(*q);
             }
+            block.offset = sums.map(|s| -128 * s);
         }
     };
     if x.len() >= 64 * k {
@@ -248,52 +294,32 @@ pub(super) fn avx_vnni() -> bool {
     std::arch::is_x86_feature_detected!("avxvnni")
 }
 
-/// One activation row against one weight quad.
-fn dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
+/// `R` activation rows against one weight quad: row `r`'s four dot products.
+fn dot<const R: usize>(w: &[QuadBlock], x: [&[ActBlock]; R]) -> [[f32; ROWS]; R] {
     #[cfg(target_arch = "x86_64")]
     {
         if avx_vnni() {
             // SAFETY: checked just now; AVX2, FMA and F16C as below.
-            unsafe { vnni::dot_1x4(w, x) }
+            unsafe { vnni::dot(w, x) }
         } else {
             // SAFETY: a `Q8Matrix` exists only where `supported()` found AVX2, FMA and F16C.
-            unsafe { avx2::dot_1x4(w, x) }
+            unsafe { avx2::dot(w, x) }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        scalar_dot_1x4(w, x)
-    }
-}
-
-/// Two activation rows against one weight quad.
-fn dot_2x4(w: &[QuadBlock], x0: &[ActBlock], x1: &[ActBlock]) -> ([f32; ROWS], [f32; ROWS]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if avx_vnni() {
-            // SAFETY: as in `dot_1x4`.
-            unsafe { vnni::dot_2x4(w, x0, x1) }
-        } else {
-            // SAFETY: as in `dot_1x4`.
-            unsafe { avx2::dot_2x4(w, x0, x1) }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        (scalar_dot_1x4(w, x0), scalar_dot_1x4(w, x1))
+        x.map(|x| scalar_dot(w, x))
     }
 }
 
 /// The reference the kernels are tested against (and the path off x86-64).
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-fn scalar_dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
+fn scalar_dot(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
     let mut out = [0f32; ROWS];
     for (wb, xb) in w.iter().zip(x) {
         for (lane, sum) in out.iter_mut().enumerate() {
-            let dot: i32 = wb.qs[lane]
-                .iter()
-                .zip(&xb.qs)
-                .map(|(&a, &b)| i32::from(a) * i32::from(b))
+            let dot: i32 = (0..QK)
+                .map(|i| i32::from(wb.value(lane, i)) * i32::from(xb.qs[i]))
                 .sum();
             *sum += dot as f32 * f16::from_bits(wb.d[lane]).to_f32() * xb.d;
         }
@@ -320,130 +346,136 @@ fn prefetch_ahead(w: &[QuadBlock], b: usize) {
     }
 }
 
-/// The kernels' bodies, for one instruction set: `$features` enabled, `products` (the 32
-/// products of a weight block and an activation block, summed in eight f32 lanes) from the
-/// module they are expanded in.
+/// What both instruction sets' kernels share: loads, scales and the final sums.
 #[cfg(target_arch = "x86_64")]
-macro_rules! q8_kernels {
-    ($features:literal) => {
-        /// # Safety
-        /// The CPU must have the instructions of `$features`.
-        #[target_feature(enable = $features)]
-        pub(super) unsafe fn dot_1x4(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
-            let mut acc = [_mm256_setzero_ps(); ROWS];
-            for (b, (wb, xb)) in w.iter().zip(x).enumerate() {
-                super::prefetch_ahead(w, b);
-                let xq = load(&xb.qs);
-                let d = scales(wb, xb.d);
-                for lane in 0..ROWS {
-                    let p = products(load(&wb.qs[lane]), xq);
-                    acc[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d[lane]), p, acc[lane]);
-                }
-            }
-            [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
-        }
-
-        /// # Safety
-        /// The CPU must have the instructions of `$features`.
-        #[target_feature(enable = $features)]
-        pub(super) unsafe fn dot_2x4(
-            w: &[QuadBlock],
-            x0: &[ActBlock],
-            x1: &[ActBlock],
-        ) -> ([f32; ROWS], [f32; ROWS]) {
-            let mut acc0 = [_mm256_setzero_ps(); ROWS];
-            let mut acc1 = [_mm256_setzero_ps(); ROWS];
-            for (b, ((wb, xb0), xb1)) in w.iter().zip(x0).zip(x1).enumerate() {
-                super::prefetch_ahead(w, b);
-                let xq0 = load(&xb0.qs);
-                let xq1 = load(&xb1.qs);
-                let d0 = scales(wb, xb0.d);
-                let d1 = scales(wb, xb1.d);
-                for lane in 0..ROWS {
-                    let wq = load(&wb.qs[lane]);
-                    let p0 = products(wq, xq0);
-                    let p1 = products(wq, xq1);
-                    acc0[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d0[lane]), p0, acc0[lane]);
-                    acc1[lane] = _mm256_fmadd_ps(_mm256_set1_ps(d1[lane]), p1, acc1[lane]);
-                }
-            }
-            (
-                [hsum(acc0[0]), hsum(acc0[1]), hsum(acc0[2]), hsum(acc0[3])],
-                [hsum(acc1[0]), hsum(acc1[1]), hsum(acc1[2]), hsum(acc1[3])],
-            )
-        }
-    };
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod common {
     use std::arch::x86_64::*;
 
-    use super::{ActBlock, QK, QuadBlock, ROWS};
+    use super::{ActBlock, QuadBlock, ROWS, RUN};
 
-    /// The 32 products of a weight block and an activation block, summed in eight lanes.
-    /// `maddubs` multiplies unsigned by signed bytes, so the weight's sign moves to the
-    /// activation: |w| ≤ 128 and |x| ≤ 127, so a pair sums to at most 32512 and never
-    /// saturates its i16.
+    /// The weights' 32-byte run `g` (0..4): eight values of each of the four rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn products(w: __m256i, x: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    pub(super) fn weights(w: &QuadBlock, g: usize) -> __m256i {
+        let run = &w.qs[g * ROWS * RUN..(g + 1) * ROWS * RUN];
+        // SAFETY: `run` is 32 bytes, the width of the unaligned load.
+        unsafe { _mm256_loadu_si256(run.as_ptr().cast()) }
     }
 
+    /// Activation values `8 g .. 8 g + 8`, in each of the four 64-bit lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    pub(super) fn activations(x: &ActBlock, g: usize) -> __m256i {
+        let run = &x.qs[g * RUN..(g + 1) * RUN];
+        // SAFETY: `run` is the 8 bytes read.
+        _mm256_set1_epi64x(unsafe { run.as_ptr().cast::<i64>().read_unaligned() })
     }
 
-    /// The four rows' scales times the activation's scale.
+    /// The four rows' scales, each in the two lanes of its row: `[d0, d0, d1, d1, …]`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn scales(w: &QuadBlock, xd: f32) -> [f32; ROWS] {
+    pub(super) fn scales(w: &QuadBlock) -> __m256 {
         // SAFETY: `w.d` is 4 × u16 = the 8 bytes `_mm_loadl_epi64` reads.
-        let d = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(w.d.as_ptr().cast()) });
+        let d = unsafe { _mm_loadl_epi64(w.d.as_ptr().cast()) };
+        _mm256_cvtph_ps(_mm_unpacklo_epi16(d, d))
+    }
+
+    /// Adds the block's integer sums, scaled, to the row's accumulator.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn accumulate(acc: __m256, sums: __m256i, scales: __m256, x: &ActBlock) -> __m256 {
+        let scale = _mm256_mul_ps(scales, _mm256_set1_ps(x.d));
+        _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc)
+    }
+
+    /// The four rows' dot products from their two lanes each.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn finish(acc: __m256) -> [f32; ROWS] {
+        let sums = _mm_hadd_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         let mut out = [0f32; ROWS];
         // SAFETY: `out` holds the 4 floats stored.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_mul_ps(d, _mm_set1_ps(xd))) };
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
         out
     }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn load(qs: &[i8; QK]) -> __m256i {
-        // SAFETY: `qs` is 32 bytes, the width of the unaligned load.
-        unsafe { _mm256_loadu_si256(qs.as_ptr().cast()) }
-    }
-
-    q8_kernels!("avx2,fma,f16c");
 }
 
-/// The kernels with AVX-VNNI: `vpdpbusd` sums four unsigned-by-signed byte products into each
-/// 32-bit lane in one instruction, where AVX2 needs `maddubs` and `madd`.
+/// The kernel with AVX-VNNI: `vpdpbusd` multiplies the offset weights (unsigned) by the
+/// activations (signed) and sums four products into each 32-bit lane, on top of the lane's
+/// offset correction.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::avx2::{hsum, load, scales};
+    use super::common::{accumulate, activations, finish, scales, weights};
     use super::{ActBlock, QuadBlock, ROWS};
 
-    /// As AVX2's: the weight's sign moves to the activation, |w| ≤ 128 as unsigned bytes.
-    #[inline]
+    /// # Safety
+    /// The CPU must have AVX2, FMA, F16C and AVX-VNNI.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    fn products(w: __m256i, x: __m256i) -> __m256 {
-        let sums = _mm256_dpbusd_avx_epi32(
-            _mm256_setzero_si256(),
-            _mm256_sign_epi8(w, w),
-            _mm256_sign_epi8(x, w),
-        );
-        _mm256_cvtepi32_ps(sums)
+    pub(super) unsafe fn dot<const R: usize>(
+        w: &[QuadBlock],
+        x: [&[ActBlock]; R],
+    ) -> [[f32; ROWS]; R] {
+        let x = x.map(|row| &row[..w.len()]);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            super::prefetch_ahead(w, b);
+            let wq = [0, 1, 2, 3].map(|g| weights(wb, g));
+            let d = scales(wb);
+            for (acc, row) in acc.iter_mut().zip(&x) {
+                let xb = &row[b];
+                // SAFETY: `offset` is the 8 bytes read.
+                let offset = unsafe { xb.offset.as_ptr().cast::<i64>().read_unaligned() };
+                let mut sums = _mm256_set1_epi64x(offset);
+                for (g, &wg) in wq.iter().enumerate() {
+                    sums = _mm256_dpbusd_avx_epi32(sums, wg, activations(xb, g));
+                }
+                *acc = accumulate(*acc, sums, d, xb);
+            }
+        }
+        acc.map(|a| finish(a))
     }
+}
 
-    q8_kernels!("avx2,fma,f16c,avxvnni");
+/// The kernel with AVX2 alone: the signed weights are restored once per block, and
+/// `maddubs` multiplies their magnitudes by the activations carrying their signs (|w| ≤ 128
+/// and |x| ≤ 127, so a pair sums to at most 32512 and never saturates its i16).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::common::{accumulate, activations, finish, scales, weights};
+    use super::{ActBlock, QuadBlock, ROWS};
+
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<const R: usize>(
+        w: &[QuadBlock],
+        x: [&[ActBlock]; R],
+    ) -> [[f32; ROWS]; R] {
+        let x = x.map(|row| &row[..w.len()]);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let (bias, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+        for (b, wb) in w.iter().enumerate() {
+            super::prefetch_ahead(w, b);
+            let signed = [0, 1, 2, 3].map(|g| _mm256_xor_si256(weights(wb, g), bias));
+            let magnitude = signed.map(|wg| _mm256_sign_epi8(wg, wg));
+            let d = scales(wb);
+            for (acc, row) in acc.iter_mut().zip(&x) {
+                let xb = &row[b];
+                let mut sums = _mm256_setzero_si256();
+                for g in 0..4 {
+                    let xs = _mm256_sign_epi8(activations(xb, g), signed[g]);
+                    let pairs = _mm256_maddubs_epi16(magnitude[g], xs);
+                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, ones));
+                }
+                *acc = accumulate(*acc, sums, d, xb);
+            }
+        }
+        acc.map(|a| finish(a))
+    }
 }
 
 #[cfg(test)]
@@ -474,7 +506,7 @@ mod tests {
         let ours = Q8Matrix::from_qtensor(&q)?
             .ok_or_else(|| EngineError::InvalidInput("a Q8_0 CPU tensor is regrouped".into()))?;
         let candle = QMatMul::from_qtensor(q)?;
-        for m in [1, 2, 3, 5, 70] {
+        for m in [1, 2, 3, 5, 8, 9, 12, 16, 70] {
             let x = values(m * k, 7 + m as u32);
             let expected: Vec<f32> = candle
                 .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?)?
@@ -501,37 +533,90 @@ mod tests {
         let weight = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu)?;
         let q = QTensor::quantize(&weight, GgmlDType::Q8_0)?;
         let matrix = Q8Matrix::from_gguf_bytes(n, k, &q.data()?)?;
-        let act = quantize_rows(&values(2 * k, 5), k);
         let per_row = k / QK;
-        let (x0, x1) = act.split_at(per_row);
-        let w = &matrix.blocks[..per_row];
-        let reference = (scalar_dot_1x4(w, x0), scalar_dot_1x4(w, x1));
-        let close = |a: [f32; ROWS], b: [f32; ROWS]| {
-            a.iter()
-                .zip(&b)
-                .all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0))
+        let act = quantize_rows(&values(8 * k, 5), k);
+        let rows: Vec<&[ActBlock]> = act.chunks_exact(per_row).collect();
+        let w = &matrix.blocks[per_row..2 * per_row];
+        let reference: Vec<[f32; ROWS]> = rows.iter().map(|x| scalar_dot(w, x)).collect();
+        let close = |got: &[[f32; ROWS]], what: &str| {
+            for (r, (g, e)) in got.iter().zip(&reference).enumerate() {
+                for (g, e) in g.iter().zip(e) {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                        "{what}, row {r}: {g} vs {e}"
+                    );
+                }
+            }
         };
-        assert!(close(dot_1x4(w, x0), reference.0));
-        let (d0, d1) = dot_2x4(w, x0, x1);
-        assert!(close(d0, reference.0) && close(d1, reference.1));
-        // Each instruction set's kernels, wherever this CPU has it.
+        close(&dot(w, [rows[0]]), "dispatched, 1 row");
+        close(&dot(w, [rows[0], rows[1]]), "dispatched, 2 rows");
+        close(
+            &dot(w, [rows[0], rows[1], rows[2], rows[3]]),
+            "dispatched, 4 rows",
+        );
+        close(
+            &dot(w, std::array::from_fn::<_, 8, _>(|i| rows[i])),
+            "dispatched, 8 rows",
+        );
+        // Each instruction set's kernel, wherever this CPU has it.
         #[cfg(target_arch = "x86_64")]
         {
+            let eight: [&[ActBlock]; 8] = std::array::from_fn(|i| rows[i]);
             // SAFETY: `supported()` holds (checked above).
-            let (one, two) = unsafe { (avx2::dot_1x4(w, x0), avx2::dot_2x4(w, x0, x1)) };
-            assert!(
-                close(one, reference.0) && close(two.0, reference.0) && close(two.1, reference.1)
-            );
+            unsafe {
+                close(&avx2::dot(w, [rows[0]]), "AVX2, 1 row");
+                close(&avx2::dot(w, eight), "AVX2, 8 rows");
+            }
             if avx_vnni() {
                 // SAFETY: checked just now.
-                let (one, two) = unsafe { (vnni::dot_1x4(w, x0), vnni::dot_2x4(w, x0, x1)) };
-                assert!(
-                    close(one, reference.0)
-                        && close(two.0, reference.0)
-                        && close(two.1, reference.1),
-                    "AVX-VNNI kernels"
-                );
+                unsafe {
+                    close(&vnni::dot(w, [rows[0]]), "AVX-VNNI, 1 row");
+                    close(&vnni::dot(w, eight), "AVX-VNNI, 8 rows");
+                }
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn extreme_values_sum_exactly() -> Result<()> {
+        if !supported() {
+            return Ok(());
+        }
+        // Weights of -128 and 127 against activations of ±127: the largest products, where
+        // an i16 pair sum or the offset correction would overflow if they could.
+        let (n, k) = (4, 64);
+        let mut data = Vec::new();
+        for row in 0..n {
+            for block in 0..k / QK {
+                data.extend_from_slice(&f16::from_f32(1.0).to_bits().to_le_bytes());
+                for i in 0..QK {
+                    let v: i8 = if (row + block + i) % 3 == 0 {
+                        -128
+                    } else {
+                        127
+                    };
+                    data.push(v as u8);
+                }
+            }
+        }
+        let matrix = Q8Matrix::from_gguf_bytes(n, k, &data)?;
+        let x: Vec<f32> = (0..k)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let got = matrix.matmul(&x, 1)?;
+        let weights = matrix.rows_f32(&[0, 1, 2, 3])?;
+        for (row, g) in got.iter().enumerate() {
+            let expected: f32 = weights[row * k..(row + 1) * k]
+                .iter()
+                .zip(&x)
+                .map(|(w, x)| w * x * 127.0)
+                .sum::<f32>()
+                * f16::from_f32(1.0 / 127.0).to_f32();
+            assert!(
+                (g - expected).abs() <= 1e-3 * expected.abs().max(1.0),
+                "row {row}: {g} vs {expected}"
+            );
         }
         Ok(())
     }
