@@ -199,8 +199,8 @@ fn scalar_dot<B: BlockX8, const R: usize>(w: &[B], x: [&[Q8KBlock]; R]) -> [[f32
     out
 }
 
-/// Whether this CPU has AVX-512 F, VL, BW and VNNI, which the Q4_K kernel uses when it is
-/// there (cached by the standard library).
+/// Whether this CPU has AVX-512 F, VL, BW and VNNI, which the Q4_K and Q6_K kernels use when
+/// it is there (cached by the standard library).
 #[cfg(target_arch = "x86_64")]
 fn avx512_vnni() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
@@ -505,13 +505,22 @@ mod tests {
     #[test]
     fn q6k_kernels_match_the_reference() -> Result<()> {
         // SAFETY (the calls below): each kernel runs only where its instructions are present.
-        every_kernel_matches_the_reference::<BlockQ6Kx8>(&[(
-            "avx2",
-            supported(),
-            |w, x| unsafe { q6k::avx2::dot(w, x) },
-            |w, x| unsafe { q6k::avx2::dot(w, x) },
-            |w, x| unsafe { q6k::avx2::dot(w, x) },
-        )])
+        every_kernel_matches_the_reference::<BlockQ6Kx8>(&[
+            (
+                "avx2",
+                supported(),
+                |w, x| unsafe { q6k::avx2::dot(w, x) },
+                |w, x| unsafe { q6k::avx2::dot(w, x) },
+                |w, x| unsafe { q6k::avx2::dot(w, x) },
+            ),
+            (
+                "avx-512",
+                supported() && avx512_vnni(),
+                |w, x| unsafe { q6k::avx512::dot(w, x) },
+                |w, x| unsafe { q6k::avx512::dot(w, x) },
+                |w, x| unsafe { q6k::avx512::dot(w, x) },
+            ),
+        ])
     }
 
     #[test]

@@ -85,11 +85,17 @@ impl BlockX8 for BlockQ6Kx8 {
     fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R] {
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: a `KMatrixX8` exists only where `supported()` found AVX2, FMA and F16C.
             // (An AVX-VNNI variant was slower here: with `vpdpbusd` the sub-block scales can
             // no longer be applied by the `madd` that sums the pairs, and the four chunks'
             // separate sums spill registers at four activation rows.)
-            unsafe { avx2::dot(w, x) }
+            if super::avx512_vnni() {
+                // SAFETY: checked just now; AVX2, FMA and F16C as below.
+                unsafe { avx512::dot(w, x) }
+            } else {
+                // SAFETY: a `KMatrixX8` exists only where `supported()` found AVX2, FMA and
+                // F16C.
+                unsafe { avx2::dot(w, x) }
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -162,21 +168,150 @@ pub(super) mod avx2 {
                     }
                 }
             }
-            // The offset of 32: 32 × Σ_j scale_ij × (sum of the activation's 16 values j).
-            let mut offset = [_mm256_setzero_si256(); R];
-            for pair in 0..8 {
-                let scales = two_per_row(&wb.scales[2 * pair], &wb.scales[2 * pair + 1], true);
-                for r in 0..R {
-                    let sums = sum_pair(&x[r][b].bsums[2 * pair..]);
-                    offset[r] = _mm256_add_epi32(offset[r], _mm256_madd_epi16(scales, sums));
+            finish_block(wb, x, b, sumi, &mut acc);
+        }
+        acc.map(|v| store(v))
+    }
+
+    /// Adds block `b`'s share to each row's result: the integer sums `sumi` less the offset
+    /// of 32 (32 × Σ_j scale_ij × the sum of the activation's 16 values j), times the row's
+    /// and the activation's scales. Shared by the AVX2 and AVX-512 kernels.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn finish_block<const R: usize>(
+        wb: &BlockQ6Kx8,
+        x: [&[Q8KBlock]; R],
+        b: usize,
+        sumi: [__m256i; R],
+        acc: &mut [__m256; R],
+    ) {
+        let mut offset = [_mm256_setzero_si256(); R];
+        for pair in 0..8 {
+            let scales = two_per_row(&wb.scales[2 * pair], &wb.scales[2 * pair + 1], true);
+            for r in 0..R {
+                let sums = sum_pair(&x[r][b].bsums[2 * pair..]);
+                offset[r] = _mm256_add_epi32(offset[r], _mm256_madd_epi16(scales, sums));
+            }
+        }
+        let d = scales_f32(&wb.d);
+        for r in 0..R {
+            let sum = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(offset[r]));
+            let xd = _mm256_set1_ps(x[r][b].d);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), _mm256_cvtepi32_ps(sum), acc[r]);
+        }
+    }
+}
+
+/// The kernel with AVX-512 (BW for the byte and word operations): two four-byte groups of
+/// each row in one 512-bit register, as in [`super::q4k::avx512`].
+///
+/// The groups `g` and `g + 1` of a half are permuted once per block, so that 64-bit lane `i`
+/// holds row `i`'s four bytes of each; one 8-byte broadcast of the activation matches both,
+/// and one `maddubs` and one `madd` do the work of two `maddubs`, an addition and a `madd`
+/// in [`avx2`]. Both groups lie in the same 16-value sub-block, so a row's four i16 lanes
+/// take the same scale. The i32 sums are [`avx2`]'s, split over two lanes a row, added once
+/// per block.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::super::avx2::store;
+    use super::{BlockQ6Kx8, ROWS};
+    use crate::engine::kquants::Q8KBlock;
+
+    /// The eight rows' 6-bit values (unsigned, 0..63) of chunk `c`, as [`super::avx2`]'s.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn values(c: usize, qla: __m512i, qlb: __m512i, qh: __m512i) -> __m512i {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m30 = _mm512_set1_epi8(0x30);
+        let (low, high) = match c {
+            0 => (qla, _mm512_slli_epi16::<4>(qh)),
+            1 => (qlb, _mm512_slli_epi16::<2>(qh)),
+            2 => (_mm512_srli_epi16::<4>(qla), qh),
+            _ => (_mm512_srli_epi16::<4>(qlb), _mm512_srli_epi16::<2>(qh)),
+        };
+        _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(high, m30))
+    }
+
+    /// 64 bytes from `bytes[at ..]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn load64(bytes: &[u8], at: usize) -> __m512i {
+        let chunk = &bytes[at..at + 64];
+        // SAFETY: 64 bytes, the width of the load.
+        unsafe { _mm512_loadu_si512(chunk.as_ptr().cast()) }
+    }
+
+    /// Eight signed scales, one per row, each in the row's four i16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn row_quads_i8(bytes: &[u8; ROWS]) -> __m512i {
+        // SAFETY: eight bytes, the width of the load.
+        let v = _mm_cvtepi8_epi16(unsafe { _mm_loadl_epi64(bytes.as_ptr().cast()) });
+        let order = _mm512_set_epi16(
+            7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0,
+            0, 0, 0,
+        );
+        _mm512_permutexvar_epi16(order, _mm512_castsi128_si512(v))
+    }
+
+    /// Eight activation bytes broadcast to every 64-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn broadcast8(values: &[i8]) -> __m512i {
+        assert!(values.len() >= 8);
+        // SAFETY: at least eight bytes, read unaligned.
+        _mm512_set1_epi64(unsafe { values.as_ptr().cast::<i64>().read_unaligned() })
+    }
+
+    /// Each row's two lanes added, as the rows' eight i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn fold_pairs(v: __m512i) -> __m256i {
+        _mm512_cvtepi64_epi32(_mm512_add_epi32(v, _mm512_srli_epi64::<32>(v)))
+    }
+
+    /// Eight interleaved Q6_K rows against `R` Q8_K rows, as [`super::avx2::dot`] computes
+    /// them (the same bounds: a row's lane pair sums what one lane sums there).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, F16C and AVX-512 F, VL, BW and VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub(in crate::engine::kquants_x8) unsafe fn dot<const R: usize>(
+        w: &[BlockQ6Kx8],
+        x: [&[Q8KBlock]; R],
+    ) -> [[f32; ROWS]; R] {
+        // Lane 2 i: row i's dword of the first source; lane 2 i + 1: of the second.
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let pair = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            super::super::prefetch_next(w, b);
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for h in 0..2 {
+                for gp in 0..4 {
+                    let (g0, g1) = (8 * h + 2 * gp, 8 * h + 2 * gp + 1);
+                    // [g0 p0, g0 p1] and [g1 p0, g1 p1], 32 bytes each.
+                    let (z0, z1) = (load64(&wb.ql, g0 * 64), load64(&wb.ql, g1 * 64));
+                    let qla = _mm512_permutex2var_epi32(z0, first, z1);
+                    let qlb = _mm512_permutex2var_epi32(z0, second, z1);
+                    let qh = _mm512_permutexvar_epi32(pair, load64(&wb.qh, g0 * 32));
+                    for c in 0..4 {
+                        let wv = values(c, qla, qlb, qh);
+                        let s = row_quads_i8(&wb.scales[8 * h + 2 * c + gp / 2]);
+                        let at = 128 * h + 32 * c + 8 * gp;
+                        for r in 0..R {
+                            let a = broadcast8(&x[r][b].qs[at..]);
+                            let p = _mm512_maddubs_epi16(wv, a);
+                            sumi[r] = _mm512_add_epi32(sumi[r], _mm512_madd_epi16(p, s));
+                        }
+                    }
                 }
             }
-            let d = scales_f32(&wb.d);
-            for r in 0..R {
-                let sum = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(offset[r]));
-                let xd = _mm256_set1_ps(x[r][b].d);
-                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), _mm256_cvtepi32_ps(sum), acc[r]);
-            }
+            super::avx2::finish_block(wb, x, b, sumi.map(|v| fold_pairs(v)), &mut acc);
         }
         acc.map(|v| store(v))
     }
