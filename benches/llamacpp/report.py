@@ -250,10 +250,11 @@ def main():
         "- llama.cpp runs with its defaults otherwise: the file memory-mapped, flash attention "
         f"`auto` (on for the CPU), f16 key/value cache; llama-server computes in "
         f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache; Q8_0, Q4_K and "
-        "Q6_K matrices are multiplied by the engine's own AVX2 kernels (AVX-VNNI for Q8_0 and "
-        "Q4_K where the CPU has it) over one copy of the weights, on its own kernel threads "
-        "(`inference-server/src/engine/q8_0.rs`; K-quants in blocks of eight interleaved rows, "
-        "`kquants_x8/`; threads: `cpu_pool.rs`)."
+        "Q6_K matrices are multiplied by the engine's own kernels (AVX2; AVX-VNNI for Q8_0, "
+        "AVX-512 VNNI/BW for Q4_K and Q6_K where the CPU has them) over one copy of the "
+        "weights, interleaved at load time (Q8_0 in blocks of four rows, K-quants of eight), "
+        "up to eight activation rows a call, on its own kernel threads "
+        "(`inference-server/src/engine/q8_0.rs`, `kquants_x8/`; threads: `cpu_pool.rs`)."
     )
     out += ["", "## Results", ""]
     for q in quants:
