@@ -3,6 +3,7 @@
 pub mod config;
 mod cpu_attention;
 mod cpu_pool;
+mod cpu_prefill_attention;
 mod cpu_slice;
 pub mod error;
 pub mod gguf;

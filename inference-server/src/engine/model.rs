@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use super::cpu_attention::{self, DecodeRow};
+use super::cpu_prefill_attention::{self, PrefillRows};
 use super::error::{EngineError, Result};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
@@ -530,6 +531,19 @@ impl LlamaModel {
                         ));
                     }
                 },
+                None if plan.cpu_prefill && head_dim <= cpu_prefill_attention::MAX_HEAD_DIM => {
+                    outputs.push(cpu_prefill_attention::prefill_attention(
+                        &q,
+                        &keys,
+                        &values,
+                        PrefillRows {
+                            token: offset,
+                            start: seq.start,
+                            past: seq.past,
+                            new: seq.new,
+                        },
+                    )?);
+                }
                 None => {
                     let q = q.narrow(1, offset, seq.new)?;
                     let k = keys.narrow(1, seq.start, seq.past + seq.new)?;
@@ -634,6 +648,9 @@ struct AttentionPlan {
     fused: Vec<DecodeRow>,
     /// Every sequence decodes one token, so the decode batch's rows are the packed rows.
     all_decode_in_order: bool,
+    /// On the CPU (f32), sequences that feed several tokens attend through the fused causal
+    /// kernel over their rows in place (`engine/cpu_prefill_attention.rs`).
+    cpu_prefill: bool,
 }
 
 /// One sequence's place in the pool and in the step.
@@ -771,6 +788,7 @@ impl AttentionPlan {
             decode,
             fused,
             all_decode_in_order,
+            cpu_prefill: cpu_attention::supported(device, model.dtype),
         })
     }
 }
