@@ -112,13 +112,17 @@ pub(super) fn prefill_attention(
                 for_each_task(blocks, |task| {
                     let b = blocks - 1 - task;
                     let first = b * block;
-                    let count = block.min(seq.new - first);
+                    let work = Work {
+                        seq,
+                        first,
+                        count: block.min(seq.new - first),
+                        kv_heads: 0..kv_heads,
+                        out_base: 0,
+                    };
                     let mut dst = chunks[b]
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    SCRATCH.with_borrow_mut(|scratch| {
-                        shape.attend_block(q, keys, values, seq, first, count, scratch, &mut dst);
-                    });
+                    shape.run(q, keys, values, work, &mut dst);
                 });
                 Ok(())
             })
@@ -131,67 +135,114 @@ pub(super) fn prefill_attention(
     )?)
 }
 
-/// The dimensions one task needs.
+/// The dimensions of one layer's attention, as the kernel reads its slices.
 #[derive(Clone, Copy)]
-struct Shape {
-    tokens: usize,
-    heads: usize,
+pub(super) struct Shape {
+    /// Packed tokens of the step (the second dimension of the queries).
+    pub(super) tokens: usize,
+    pub(super) heads: usize,
     /// Query heads per key/value head.
-    group: usize,
-    head_dim: usize,
-    pool_rows: usize,
-    scale: f32,
+    pub(super) group: usize,
+    pub(super) head_dim: usize,
+    /// Rows of the key/value pool.
+    pub(super) pool_rows: usize,
+    /// `1 / √head_dim`.
+    pub(super) scale: f32,
+}
+
+/// What one task computes: new tokens `first .. first + count` of `seq`, for the query heads
+/// of key/value heads `kv_heads`, into a destination whose element `(i * heads + head) *
+/// head_dim - out_base` is token `first + i`'s output of `head`.
+#[derive(Clone)]
+pub(super) struct Work {
+    pub(super) seq: PrefillRows,
+    pub(super) first: usize,
+    pub(super) count: usize,
+    pub(super) kv_heads: std::ops::Range<usize>,
+    pub(super) out_base: usize,
 }
 
 impl Shape {
-    /// New tokens `first .. first + count` of `seq`, every head, into `dst` (`[count, heads *
-    /// head_dim]`).
-    #[allow(clippy::too_many_arguments)]
-    fn attend_block(
-        &self,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        seq: PrefillRows,
-        first: usize,
-        count: usize,
-        scratch: &mut Scratch,
-        dst: &mut [f32],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: AVX2 and FMA were detected just now.
-            unsafe {
-                match self.head_dim {
-                    64 => fma::block_64(self, q, keys, values, seq, first, count, scratch, dst),
-                    128 => fma::block_128(self, q, keys, values, seq, first, count, scratch, dst),
-                    _ => fma::block_any(self, q, keys, values, seq, first, count, scratch, dst),
+    /// Runs `work` on the calling thread with its buffers, through the fastest kernel the
+    /// CPU has.
+    pub(super) fn run(&self, q: &[f32], keys: &[f32], values: &[f32], work: Work, dst: &mut [f32]) {
+        SCRATCH.with_borrow_mut(|scratch| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: AVX2 and FMA were detected just now.
+                unsafe {
+                    match self.head_dim {
+                        64 => fma::block_64(self, q, keys, values, work, scratch, dst),
+                        128 => fma::block_128(self, q, keys, values, work, scratch, dst),
+                        _ => fma::block_any(self, q, keys, values, work, scratch, dst),
+                    }
                 }
+                return;
             }
-            return;
-        }
-        attend_block::<false>(
-            self,
-            self.head_dim,
-            q,
-            keys,
-            values,
-            seq,
-            first,
-            count,
-            scratch,
-            dst,
-        );
+            attend::<false>(self, self.head_dim, q, keys, values, work, scratch, dst);
+        });
     }
 }
 
 /// The kernel compiled for AVX2 and FMA, with the common head dimensions as constants so the
 /// accumulators stay in registers.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 mod fma {
-    use super::{PrefillRows, Scratch, Shape, attend_block};
+    use std::arch::x86_64::*;
+
+    use super::{KEYS, Scratch, Shape, Work, attend, transpose_scalar};
+
+    /// [`super::transpose`] in 8 × 8 tiles: eight keys' eight dimensions are loaded, turned
+    /// with unpack, shuffle and lane permutes, and stored as eight columns.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn transpose(keys: &[f32], d: usize, keys_t: &mut [f32]) {
+        let n = keys.len() / d;
+        let (tiled_keys, tiled_dims) = (n / 8 * 8, d / 8 * 8);
+        for t0 in (0..tiled_keys).step_by(8) {
+            for j0 in (0..tiled_dims).step_by(8) {
+                // SAFETY: each slice is eight floats long, so the unaligned load reads inside it.
+                let r: [__m256; 8] = std::array::from_fn(|i| unsafe {
+                    _mm256_loadu_ps(keys[(t0 + i) * d + j0..][..8].as_ptr())
+                });
+                let t = [
+                    _mm256_unpacklo_ps(r[0], r[1]),
+                    _mm256_unpackhi_ps(r[0], r[1]),
+                    _mm256_unpacklo_ps(r[2], r[3]),
+                    _mm256_unpackhi_ps(r[2], r[3]),
+                    _mm256_unpacklo_ps(r[4], r[5]),
+                    _mm256_unpackhi_ps(r[4], r[5]),
+                    _mm256_unpacklo_ps(r[6], r[7]),
+                    _mm256_unpackhi_ps(r[6], r[7]),
+                ];
+                // Dimensions j and j + 4 of four keys each (rows 0-3, then 4-7).
+                let u = [
+                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                ];
+                for j in 0..4 {
+                    let low = _mm256_permute2f128_ps::<0x20>(u[j], u[j + 4]);
+                    let high = _mm256_permute2f128_ps::<0x31>(u[j], u[j + 4]);
+                    // SAFETY: as for the loads, eight floats a slice.
+                    unsafe {
+                        _mm256_storeu_ps(keys_t[(j0 + j) * KEYS + t0..][..8].as_mut_ptr(), low);
+                        _mm256_storeu_ps(
+                            keys_t[(j0 + j + 4) * KEYS + t0..][..8].as_mut_ptr(),
+                            high,
+                        );
+                    }
+                }
+            }
+        }
+        transpose_scalar(keys, d, tiled_keys, tiled_dims, keys_t);
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn block_64(
@@ -199,13 +250,11 @@ mod fma {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        seq: PrefillRows,
-        first: usize,
-        count: usize,
+        work: Work,
         scratch: &mut Scratch,
         dst: &mut [f32],
     ) {
-        attend_block::<true>(s, 64, q, k, v, seq, first, count, scratch, dst);
+        attend::<true>(s, 64, q, k, v, work, scratch, dst);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -214,13 +263,11 @@ mod fma {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        seq: PrefillRows,
-        first: usize,
-        count: usize,
+        work: Work,
         scratch: &mut Scratch,
         dst: &mut [f32],
     ) {
-        attend_block::<true>(s, 128, q, k, v, seq, first, count, scratch, dst);
+        attend::<true>(s, 128, q, k, v, work, scratch, dst);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -229,13 +276,11 @@ mod fma {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        seq: PrefillRows,
-        first: usize,
-        count: usize,
+        work: Work,
         scratch: &mut Scratch,
         dst: &mut [f32],
     ) {
-        attend_block::<true>(s, s.head_dim, q, k, v, seq, first, count, scratch, dst);
+        attend::<true>(s, s.head_dim, q, k, v, work, scratch, dst);
     }
 }
 
@@ -246,30 +291,60 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
+/// Writes the `n × d` row-major keys `keys` as `[d, KEYS]` columns into `keys_t`: with AVX2
+/// eight by eight in registers where the caller was compiled for it.
+#[inline(always)]
+fn transpose<const FMA: bool>(keys: &[f32], d: usize, keys_t: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: `FMA` is set only by the `fma` module's kernels, which run where AVX2 and
+        // FMA were detected.
+        unsafe { fma::transpose(keys, d, keys_t) };
+        return;
+    }
+    transpose_scalar(keys, d, 0, 0, keys_t);
+}
+
+/// The scalar transpose of `keys` (see [`transpose`]), of its keys from `from_key` on and,
+/// for the keys before, of the dimensions from `from_dim` on.
+fn transpose_scalar(keys: &[f32], d: usize, from_key: usize, from_dim: usize, keys_t: &mut [f32]) {
+    for (t, key) in keys.chunks_exact(d).enumerate() {
+        let first = if t < from_key { from_dim } else { 0 };
+        for (j, &x) in key.iter().enumerate().skip(first) {
+            keys_t[j * KEYS + t] = x;
+        }
+    }
+}
+
 /// The work of one task: for each key/value head, the `group × count` query rows that share
-/// it walk the keys a block at a time. Query row `r = h * count + i` is head `kv_head * group
-/// + h` of new token `first + i`, at position `past + first + i`.
+/// it walk the keys a block at a time. Query row `r = h * count + i` is head
+/// `kv_head * group + h` of new token `first + i`, at position `past + first + i`. `d` is the
+/// head dimension (a constant where the caller passes one).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_block<const FMA: bool>(
+fn attend<const FMA: bool>(
     s: &Shape,
     d: usize,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    seq: PrefillRows,
-    first: usize,
-    count: usize,
+    work: Work,
     scratch: &mut Scratch,
     dst: &mut [f32],
 ) {
+    let Work {
+        seq,
+        first,
+        count,
+        kv_heads,
+        out_base,
+    } = work;
     let rows = s.group * count;
-    let kv_heads = s.heads / s.group;
     // Keys the block's last token attends to.
     let len = seq.past + first + count;
     scratch.keys_t.clear();
     scratch.keys_t.resize(d * KEYS, 0.0);
-    for kv_head in 0..kv_heads {
+    for kv_head in kv_heads {
         scratch.acc.clear();
         scratch.acc.resize(rows * d, 0.0);
         scratch.max.clear();
@@ -281,11 +356,7 @@ fn attend_block<const FMA: bool>(
             let n = KEYS.min(len - k0);
             let block_keys = &keys[history + k0 * d..][..n * d];
             let block_values = &values[history + k0 * d..][..n * d];
-            for (t, key) in block_keys.chunks_exact(d).enumerate() {
-                for (j, &x) in key.iter().enumerate() {
-                    scratch.keys_t[j * KEYS + t] = x;
-                }
-            }
+            transpose::<FMA>(block_keys, d, &mut scratch.keys_t);
             for r in 0..rows {
                 let (h, i) = (r / count, r % count);
                 let position = seq.past + first + i;
@@ -334,7 +405,7 @@ fn attend_block<const FMA: bool>(
             let (h, i) = (r / count, r % count);
             let head = kv_head * s.group + h;
             let inv = 1.0 / scratch.sum[r];
-            let out = &mut dst[(i * s.heads + head) * d..][..d];
+            let out = &mut dst[(i * s.heads + head) * d - out_base..][..d];
             for (o, &a) in out.iter_mut().zip(&scratch.acc[r * d..][..d]) {
                 *o = a * inv;
             }
@@ -467,6 +538,64 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn the_portable_kernel_matches_the_dispatched_one() {
+        // The dispatched kernel is the AVX2/FMA one on x86-64 machines with them; the
+        // portable one runs elsewhere. Both over the same task, dimensions with and without
+        // a tail of eight, keys with a partial last block.
+        for head_dim in [64, 20] {
+            let (heads, kv_heads, tokens, pool_rows) = (4, 2, 30, 100);
+            let q = values(heads * tokens * head_dim, 4);
+            let keys = values(kv_heads * pool_rows * head_dim, 5);
+            let vals = values(kv_heads * pool_rows * head_dim, 6);
+            let shape = Shape {
+                tokens,
+                heads,
+                group: heads / kv_heads,
+                head_dim,
+                pool_rows,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            };
+            let work = Work {
+                seq: PrefillRows {
+                    token: 5,
+                    start: 3,
+                    past: 71,
+                    new: 20,
+                },
+                first: 4,
+                count: 9,
+                kv_heads: 1..2,
+                out_base: 2 * head_dim,
+            };
+            let len = 9 * heads * head_dim;
+            let mut dispatched = vec![0f32; len];
+            shape.run(&q, &keys, &vals, work.clone(), &mut dispatched);
+            let mut portable = vec![0f32; len];
+            let mut scratch = Scratch::default();
+            attend::<false>(
+                &shape,
+                head_dim,
+                &q,
+                &keys,
+                &vals,
+                work,
+                &mut scratch,
+                &mut portable,
+            );
+            let worst = dispatched
+                .iter()
+                .zip(&portable)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "head_dim {head_dim}: off by {worst}");
+            assert!(
+                portable.iter().any(|&x| x != 0.0),
+                "the task wrote its heads"
+            );
+        }
     }
 
     #[test]

@@ -531,7 +531,7 @@ impl LlamaModel {
                         ));
                     }
                 },
-                None if plan.cpu_prefill && head_dim <= cpu_prefill_attention::MAX_HEAD_DIM => {
+                None if plan.cpu_prefill => {
                     outputs.push(cpu_prefill_attention::prefill_attention(
                         &q,
                         &keys,
@@ -719,7 +719,7 @@ impl AttentionPlan {
             decoding.clear();
         }
         let mut fused = Vec::new();
-        if cpu_attention::supported(device, model.dtype) {
+        if cpu_attention::supported(device, model.dtype, model.config.head_dim()) {
             let mut token = 0;
             for seq in &mut sequences {
                 if seq.decode_index.is_none() && seq.new == 1 {
@@ -788,7 +788,7 @@ impl AttentionPlan {
             decode,
             fused,
             all_decode_in_order,
-            cpu_prefill: cpu_attention::supported(device, model.dtype),
+            cpu_prefill: cpu_attention::supported(device, model.dtype, model.config.head_dim()),
         })
     }
 }
