@@ -182,7 +182,10 @@ pub(super) mod avx2 {
         sumi: [__m256i; R],
         acc: &mut [__m256; R],
     ) {
-        let sums = x.map(|x| sub_block_sums(&x[b].bsums));
+        let mut sums = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            sums[r] = sub_block_sums(&x[r][b].bsums);
+        }
         let mut summ = [_mm256_setzero_si256(); R];
         for (pair, lane) in [0, 1, 4, 5].into_iter().enumerate() {
             let mins = two_per_row(&wb.mins[2 * pair], &wb.mins[2 * pair + 1], false);
@@ -360,7 +363,13 @@ pub(super) mod avx512 {
                     sumi[r] = _mm512_add_epi32(sumi[r], p);
                 }
             }
-            super::avx2::finish_block(wb, x, b, sumi.map(|v| fold_pairs(v)), &mut acc);
+            // A loop, not `array::map`: the map was not inlined into the kernel and moved
+            // the sums through memory (about 2 % of an 8-stream decode step).
+            let mut folded = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                folded[r] = fold_pairs(sumi[r]);
+            }
+            super::avx2::finish_block(wb, x, b, folded, &mut acc);
         }
         acc.map(|v| store(v))
     }

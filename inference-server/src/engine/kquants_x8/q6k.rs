@@ -311,7 +311,13 @@ pub(super) mod avx512 {
                     }
                 }
             }
-            super::avx2::finish_block(wb, x, b, sumi.map(|v| fold_pairs(v)), &mut acc);
+            // A loop, not `array::map`: the map was not inlined into the kernel and moved
+            // the sums through memory (about 2 % of an 8-stream decode step).
+            let mut folded = [_mm256_setzero_si256(); R];
+            for r in 0..R {
+                folded[r] = fold_pairs(sumi[r]);
+            }
+            super::avx2::finish_block(wb, x, b, folded, &mut acc);
         }
         acc.map(|v| store(v))
     }
