@@ -175,7 +175,7 @@ pub(super) mod avx2 {
 
     /// Adds block `b`'s share to each row's result: the integer sums `sumi` less the offset
     /// of 32 (32 × Σ_j scale_ij × the sum of the activation's 16 values j), times the row's
-    /// and the activation's scales. Shared by the AVX2 and AVX-512 kernels.
+    /// and the activation's scales (the AVX2 kernel's; [`super::avx512`] has its own).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn finish_block<const R: usize>(
@@ -215,9 +215,71 @@ pub(super) mod avx2 {
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::avx2::store;
+    use super::super::avx2::{scales_f32, store};
     use super::{BlockQ6Kx8, ROWS};
     use crate::engine::kquants::Q8KBlock;
+
+    /// `vpermw` indices that turn the sign-extended scales of four sub-blocks `4 q ..
+    /// 4 q + 4` (16-bit word `8 j + i`: row `i`'s scale of sub-block `4 q + j`) into 32-bit
+    /// lane `8 p + i` = row `i`'s scales of sub-blocks `4 q + 2 p` and `4 q + 2 p + 1`.
+    const SCALE_PAIRS: [i16; 32] = {
+        let mut idx = [0i16; 32];
+        let mut k = 0;
+        while k < 32 {
+            let (lane, half) = (k / 2, k % 2);
+            let (p, i) = (lane / 8, lane % 8);
+            idx[k] = ((2 * p + half) * 8 + i) as i16;
+            k += 1;
+        }
+        idx
+    };
+
+    /// Adds block `b`'s share to each row's result, as [`super::avx2::finish_block`] does,
+    /// with the offset of 32 formed in 512-bit registers: per activation row four `vpdpwssd`
+    /// of four sub-blocks' scales (all eight rows) against the activation's matching sums,
+    /// where the AVX2 form takes eight `madd`s and eight additions.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    fn finish_block<const R: usize>(
+        wb: &BlockQ6Kx8,
+        x: [&[Q8KBlock]; R],
+        b: usize,
+        sumi: [__m256i; R],
+        acc: &mut [__m256; R],
+    ) {
+        // SAFETY: 32 i16, the width of the load.
+        let pairs = unsafe { _mm512_loadu_si512(SCALE_PAIRS.as_ptr().cast()) };
+        let scales: [__m512i; 4] = std::array::from_fn(|q| {
+            // SAFETY: `scales[4 q .. 4 q + 4]` are 32 contiguous bytes of the block.
+            let bytes = unsafe { _mm256_loadu_si256(wb.scales[4 * q].as_ptr().cast()) };
+            _mm512_permutexvar_epi16(pairs, _mm512_cvtepi8_epi16(bytes))
+        });
+        let d = scales_f32(&wb.d);
+        for r in 0..R {
+            // SAFETY: sixteen i16, the width of the load.
+            let sums = unsafe { _mm256_loadu_si256(x[r][b].bsums.as_ptr().cast()) };
+            let sums = _mm512_castsi256_si512(sums);
+            let mut offset = _mm512_setzero_si512();
+            for (q, scales) in scales.iter().enumerate() {
+                // 32-bit lane 8 p + i: the activation's sums of sub-blocks 4 q + 2 p, + 1.
+                let lane = _mm512_add_epi32(
+                    _mm512_set1_epi32(2 * q as i32),
+                    _mm512_srli_epi32::<3>(_mm512_setr_epi32(
+                        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                    )),
+                );
+                let matching = _mm512_permutexvar_epi32(lane, sums);
+                offset = _mm512_dpwssd_epi32(offset, *scales, matching);
+            }
+            let offset = _mm256_add_epi32(
+                _mm512_castsi512_si256(offset),
+                _mm512_extracti64x4_epi64::<1>(offset),
+            );
+            let sum = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32::<5>(offset));
+            let xd = _mm256_set1_ps(x[r][b].d);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, xd), _mm256_cvtepi32_ps(sum), acc[r]);
+        }
+    }
 
     /// The eight rows' 6-bit values (unsigned, 0..63) of chunk `c`, as [`super::avx2`]'s.
     #[inline]
@@ -317,7 +379,7 @@ pub(super) mod avx512 {
             for r in 0..R {
                 folded[r] = fold_pairs(sumi[r]);
             }
-            super::avx2::finish_block(wb, x, b, folded, &mut acc);
+            finish_block(wb, x, b, folded, &mut acc);
         }
         acc.map(|v| store(v))
     }
