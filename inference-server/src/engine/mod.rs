@@ -1,10 +1,12 @@
 //! The inference engine: model configuration, weights, the Llama forward pass and its caches.
 
 pub mod config;
+mod cpu_argmax;
 mod cpu_attention;
 mod cpu_pool;
 mod cpu_prefill_attention;
 mod cpu_slice;
+mod cpu_swiglu;
 pub mod error;
 pub mod gguf;
 mod grouped_matmul;

@@ -20,8 +20,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
+use super::cpu_argmax::argmax_rows;
 use super::cpu_attention::{self, DecodeRow};
 use super::cpu_prefill_attention::{self, PrefillRows};
+use super::cpu_swiglu::swiglu;
 use super::error::{EngineError, Result};
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
@@ -306,8 +308,7 @@ impl LlamaModel {
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             let mlp = &layer.mlp;
-            let gated =
-                (candle_nn::ops::silu(&mlp.gate_proj.forward(&h)?)? * mlp.up_proj.forward(&h)?)?;
+            let gated = swiglu(&mlp.gate_proj.forward(&h)?, &mlp.up_proj.forward(&h)?)?;
             x = (x + mlp.down_proj.forward(&gated)?)?;
         }
         for step in batch.iter_mut() {
@@ -347,7 +348,7 @@ impl LlamaModel {
         // Sampling runs on the host: one copy for the whole batch, not one per sequence, and
         // only ids for the sequences that just want the argmax.
         let argmax = if batch.iter().any(|s| s.logits == LogitsFor::Argmax) {
-            Some(to_host(all.argmax_keepdim(1)?)?)
+            Some(to_host(argmax_rows(&all)?)?)
         } else {
             None
         };

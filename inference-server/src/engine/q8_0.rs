@@ -263,20 +263,7 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
         qs: [0; QK],
     };
     let mut out = vec![empty; x.len() / QK];
-    let quantize = |(values, blocks): (&[f32], &mut [ActBlock])| {
-        for (chunk, block) in values.chunks_exact(QK).zip(blocks) {
-            let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-            block.d = f16::from_f32(d).to_f32();
-            let mut sums = [0i32; 2];
-            for (i, (q, v)) in block.qs.iter_mut().zip(chunk).enumerate() {
-                *q = nearest_int(v * inverse).clamp(-128, 127) as i8;
-                sums[(i % RUN) / 4] += i32::from(*q);
-            }
-            block.offset = sums.map(|s| -128 * s);
-        }
-    };
+    let quantize = |(values, blocks): (&[f32], &mut [ActBlock])| quantize_row(values, blocks);
     if x.len() >= 64 * k {
         x.par_chunks(k)
             .zip(out.par_chunks_mut(per_row))
@@ -285,6 +272,50 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
         x.chunks(k).zip(out.chunks_mut(per_row)).for_each(quantize);
     }
     out
+}
+
+/// Quantizes one row's blocks, compiled for AVX2 where the CPU has it (the portable build's
+/// search for the largest magnitude ran a value at a time).
+fn quantize_row(values: &[f32], blocks: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected just now.
+        unsafe { quantize_row_avx2(values, blocks) };
+        return;
+    }
+    quantize_row_portable(values, blocks);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_row_avx2(values: &[f32], blocks: &mut [ActBlock]) {
+    quantize_row_portable(values, blocks);
+}
+
+/// [`quantize_row`]'s arithmetic: the largest magnitude kept per lane of eight and folded
+/// after, so that the search vectorizes (maximums are exact: the order does not matter).
+#[inline(always)]
+fn quantize_row_portable(values: &[f32], blocks: &mut [ActBlock]) {
+    for (chunk, block) in values.chunks_exact(QK).zip(blocks) {
+        let mut lanes = [0f32; RUN];
+        for run in chunk.chunks_exact(RUN) {
+            for i in 0..RUN {
+                lanes[i] = lanes[i].max(run[i].abs());
+            }
+        }
+        let amax = lanes.into_iter().fold(0f32, f32::max);
+        let d = amax / 127.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d).to_f32();
+        for (q, v) in block.qs.iter_mut().zip(chunk) {
+            *q = nearest_int(v * inverse).clamp(-128, 127) as i8;
+        }
+        let mut sums = [0i32; 2];
+        for (i, &q) in block.qs.iter().enumerate() {
+            sums[(i % RUN) / 4] += i32::from(q);
+        }
+        block.offset = sums.map(|s| -128 * s);
+    }
 }
 
 /// Whether this CPU has AVX-VNNI, which the kernels use when it is there (cached by the
@@ -492,6 +523,43 @@ mod tests {
                 (h as f32 - 1000.0) / 700.0
             })
             .collect()
+    }
+
+    #[test]
+    fn quantized_rows_match_ggml_value_by_value() {
+        let k = 4 * QK;
+        let mut x = values(k, 3);
+        x.extend(std::iter::repeat_n(0.0, QK));
+        x.extend((0..QK).map(|i| (i as f32 - 15.5) * 8.0));
+        let mut odd = values(QK, 4);
+        odd[2] = f32::NAN;
+        x.extend(odd);
+        x.extend((0..2 * QK).map(|i| -((i % 5) as f32) * 0.5));
+        let k = x.len();
+        let got = quantize_rows(&x, k);
+        for (b, (block, chunk)) in got.iter().zip(x.chunks_exact(QK)).enumerate() {
+            let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let qs: Vec<i8> = chunk
+                .iter()
+                .map(|v| (v * inverse).round_ties_even().clamp(-128.0, 127.0) as i8)
+                .collect();
+            let sum = |lo: usize| -> i32 {
+                (0..QK)
+                    .filter(|i| (i % RUN) / 4 == lo)
+                    .map(|i| i32::from(qs[i]))
+                    .sum::<i32>()
+                    * -128
+            };
+            assert_eq!(
+                block.d.to_bits(),
+                f16::from_f32(d).to_f32().to_bits(),
+                "block {b}"
+            );
+            assert_eq!(block.qs.as_slice(), qs.as_slice(), "block {b}");
+            assert_eq!(block.offset, [sum(0), sum(1)], "block {b}");
+        }
     }
 
     #[test]
