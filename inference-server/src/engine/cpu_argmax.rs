@@ -6,10 +6,9 @@
 //! gives candle's answer: the first index of the largest value, NaNs skipped (a row that
 //! starts with NaN answers 0, as candle's walk does).
 
-#![allow(unsafe_code)]
-
 use candle_core::{DType, Tensor};
 
+use super::cpu_features::with_avx2;
 use super::cpu_slice::with_f32;
 use super::error::Result;
 
@@ -34,18 +33,10 @@ pub(super) fn argmax_rows(logits: &Tensor) -> Result<Tensor> {
 
 /// The first index of `row`'s largest value, as candle's walk finds it.
 fn first_max(row: &[f32]) -> u32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected just now.
-        return unsafe { first_max_avx2(row) };
-    }
-    first_max_portable(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn first_max_avx2(row: &[f32]) -> u32 {
-    first_max_portable(row)
+    with_avx2(
+        #[inline(always)]
+        || first_max_portable(row),
+    )
 }
 
 #[inline(always)]

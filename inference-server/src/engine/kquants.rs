@@ -25,6 +25,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::cpu_features::with_avx2;
 use super::error::{EngineError, Result};
 use super::grouped_matmul::{self, GroupKernel};
 use super::matrix_shape::MatrixShape;
@@ -380,23 +381,12 @@ pub(super) fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8KBlock> {
 /// magnitude that did not vectorize) was 2.4 % of the samples, all of it on the thread that
 /// the matrix products wait for.
 fn quantize_row(values: &[f32], blocks: &mut [Q8KBlock]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected just now.
-        unsafe { quantize_row_avx2(values, blocks) };
-        return;
-    }
-    quantize_row_portable(values, blocks);
+    with_avx2(
+        #[inline(always)]
+        || quantize_row_portable(values, blocks),
+    );
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn quantize_row_avx2(values: &[f32], blocks: &mut [Q8KBlock]) {
-    quantize_row_portable(values, blocks);
-}
-
-/// [`quantize_row`]'s arithmetic, written so that each loop vectorizes: the largest
-/// magnitude, the largest and the smallest value are kept per lane of 16 and folded after.
 #[inline(always)]
 fn quantize_row_portable(values: &[f32], blocks: &mut [Q8KBlock]) {
     const LANES: usize = 16;

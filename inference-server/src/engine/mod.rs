@@ -3,6 +3,7 @@
 pub mod config;
 mod cpu_argmax;
 mod cpu_attention;
+mod cpu_features;
 mod cpu_pool;
 mod cpu_prefill_attention;
 mod cpu_slice;

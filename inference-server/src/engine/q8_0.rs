@@ -31,6 +31,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::cpu_features::with_avx2;
 use super::cpu_pool::for_each_task;
 use super::error::{EngineError, Result};
 use super::kquants::nearest_int;
@@ -277,23 +278,12 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
 /// Quantizes one row's blocks, compiled for AVX2 where the CPU has it (the portable build's
 /// search for the largest magnitude ran a value at a time).
 fn quantize_row(values: &[f32], blocks: &mut [ActBlock]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected just now.
-        unsafe { quantize_row_avx2(values, blocks) };
-        return;
-    }
-    quantize_row_portable(values, blocks);
+    with_avx2(
+        #[inline(always)]
+        || quantize_row_portable(values, blocks),
+    );
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn quantize_row_avx2(values: &[f32], blocks: &mut [ActBlock]) {
-    quantize_row_portable(values, blocks);
-}
-
-/// [`quantize_row`]'s arithmetic: the largest magnitude kept per lane of eight and folded
-/// after, so that the search vectorizes (maximums are exact: the order does not matter).
 #[inline(always)]
 fn quantize_row_portable(values: &[f32], blocks: &mut [ActBlock]) {
     for (chunk, block) in values.chunks_exact(QK).zip(blocks) {
