@@ -298,6 +298,19 @@ mod avx2 {
         _mm256_set1_epi32(unsafe { values.as_ptr().cast::<i32>().read_unaligned() })
     }
 
+    /// Four activation bytes `values[at .. at + 4]` broadcast to every 32-bit lane, read
+    /// without a bounds check (the kernels' inner loops).
+    ///
+    /// # Safety
+    /// `at + 4 <= 256`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn broadcast4_at(values: &[i8; 256], at: usize) -> __m256i {
+        debug_assert!(at + 4 <= values.len());
+        // SAFETY: the caller keeps the four bytes inside the block.
+        _mm256_set1_epi32(unsafe { values.as_ptr().add(at).cast::<i32>().read_unaligned() })
+    }
+
     /// Thirty-two weight bytes (four of each row) from `bytes[at ..]`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -104,7 +104,9 @@ impl BlockX8 for BlockQ4Kx8 {
 pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::avx2::{broadcast4, load32, row_pairs_u8, scales_f32, store, two_per_row};
+    use super::super::avx2::{
+        broadcast4, broadcast4_at, load32, row_pairs_u8, scales_f32, store, two_per_row,
+    };
     use super::{BlockQ4Kx8, ROWS};
     use crate::engine::kquants::Q8KBlock;
 
@@ -115,6 +117,15 @@ pub(super) mod avx2 {
     /// sub-block are summed in i16 (at most 8 × 3840 = 30720, no overflow), then `madd` with
     /// the rows' sub-block scales sums to one i32 per row.
     ///
+    /// Up to four activation rows take both nibbles of a chunk at once (one weight load for
+    /// two sub-blocks). More rows take one sub-block at a time: only their `R` i16 sums, one
+    /// unpacked weight register and one broadcast then live in the inner loop, so eight rows
+    /// fit the sixteen AVX2 registers, and the activations are read through references
+    /// checked once per block. Both nibbles at once with eight rows kept sixteen sums live,
+    /// spilled them to the stack and left bounds checks in the inner loop: on the 2-core AMD
+    /// EPYC (Zen 3, no AVX-512) this form takes 22 ns per block and activation row against
+    /// 26–28 ns (one thread, L3-resident weights, best of 60 interleaved runs).
+    ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -122,34 +133,64 @@ pub(super) mod avx2 {
         w: &[BlockQ4Kx8],
         x: [&[Q8KBlock]; R],
     ) -> [[f32; ROWS]; R] {
+        let x = x.map(|row| &row[..w.len()]);
         let m4 = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
             super::super::prefetch_next(w, b);
+            let xq: [&[i8; 256]; R] = std::array::from_fn(|r| &x[r][b].qs);
             let mut sumi = [_mm256_setzero_si256(); R];
-            for c in 0..4 {
-                let mut p_lo = [_mm256_setzero_si256(); R];
-                let mut p_hi = [_mm256_setzero_si256(); R];
-                for g in 0..8 {
-                    let q = load32(&wb.qs, (8 * c + g) * 32);
-                    let lo = _mm256_and_si256(q, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+            if R <= 4 {
+                // Both nibbles of a chunk at once: each weight load serves two sub-blocks.
+                for c in 0..4 {
+                    let chunk = &wb.qs[c * 256..(c + 1) * 256];
+                    let mut p_lo = [_mm256_setzero_si256(); R];
+                    let mut p_hi = [_mm256_setzero_si256(); R];
+                    for g in 0..8 {
+                        let q = load32(chunk, 32 * g);
+                        let lo = _mm256_and_si256(q, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                        for r in 0..R {
+                            let a_lo = broadcast4(&xq[r][64 * c + 4 * g..]);
+                            let a_hi = broadcast4(&xq[r][64 * c + 32 + 4 * g..]);
+                            p_lo[r] = _mm256_add_epi16(p_lo[r], _mm256_maddubs_epi16(lo, a_lo));
+                            p_hi[r] = _mm256_add_epi16(p_hi[r], _mm256_maddubs_epi16(hi, a_hi));
+                        }
+                    }
+                    let s_lo = row_pairs_u8(&wb.scales[2 * c]);
+                    let s_hi = row_pairs_u8(&wb.scales[2 * c + 1]);
                     for r in 0..R {
-                        let xq = &x[r][b].qs;
-                        let a_lo = broadcast4(&xq[64 * c + 4 * g..]);
-                        let a_hi = broadcast4(&xq[64 * c + 32 + 4 * g..]);
-                        p_lo[r] = _mm256_add_epi16(p_lo[r], _mm256_maddubs_epi16(lo, a_lo));
-                        p_hi[r] = _mm256_add_epi16(p_hi[r], _mm256_maddubs_epi16(hi, a_hi));
+                        let p = _mm256_add_epi32(
+                            _mm256_madd_epi16(p_lo[r], s_lo),
+                            _mm256_madd_epi16(p_hi[r], s_hi),
+                        );
+                        sumi[r] = _mm256_add_epi32(sumi[r], p);
                     }
                 }
-                let s_lo = row_pairs_u8(&wb.scales[2 * c]);
-                let s_hi = row_pairs_u8(&wb.scales[2 * c + 1]);
-                for r in 0..R {
-                    let p = _mm256_add_epi32(
-                        _mm256_madd_epi16(p_lo[r], s_lo),
-                        _mm256_madd_epi16(p_hi[r], s_hi),
-                    );
-                    sumi[r] = _mm256_add_epi32(sumi[r], p);
+            } else {
+                // One sub-block at a time: only `R` i16 sums live in the inner loop.
+                for j in 0..8 {
+                    // Sub-block j: chunk j / 2, its low nibbles when j is even, else its high
+                    // ones.
+                    let chunk = &wb.qs[(j / 2) * 256..(j / 2 + 1) * 256];
+                    let mut p = [_mm256_setzero_si256(); R];
+                    for g in 0..8 {
+                        let q = load32(chunk, 32 * g);
+                        let v = if j % 2 == 0 {
+                            _mm256_and_si256(q, m4)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4)
+                        };
+                        for r in 0..R {
+                            // SAFETY: 32 j + 4 g + 4 <= 256, inside the activation block.
+                            let a = unsafe { broadcast4_at(xq[r], 32 * j + 4 * g) };
+                            p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(v, a));
+                        }
+                    }
+                    let s = row_pairs_u8(&wb.scales[j]);
+                    for r in 0..R {
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p[r], s));
+                    }
                 }
             }
             finish_block(wb, x, b, sumi, &mut acc);
