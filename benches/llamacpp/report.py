@@ -190,7 +190,10 @@ def main():
     decode = find(first_ours, "decode")
     cpu, cores, mem, flags = machine()
     commit = command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-    if command_output(["git", "status", "--porcelain", "--untracked-files=no"]):
+    # The run's own outputs (the raw JSON it has just written, the results file) are not
+    # changes to what was measured.
+    own = [f":(exclude){os.path.abspath(path)}" for path in (args.raw, args.out)]
+    if command_output(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *own]):
         commit += " (with uncommitted changes)"
     raw_dir = os.path.relpath(args.raw, os.path.dirname(os.path.abspath(args.out)))
 
