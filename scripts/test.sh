@@ -52,6 +52,10 @@ cargo fmt --all -- --check
 
 step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The product's code (libraries and binaries, without their tests) neither unwraps nor expects:
+# bad input must become an error, not a panic. Tests may expect (a failed test, not a crash).
+cargo clippy --workspace --lib --bins --locked -- -D warnings -D clippy::unwrap_used \
+  -D clippy::expect_used
 
 step "tests (unit, then integration on the real control plane)"
 log=$(mktemp)
