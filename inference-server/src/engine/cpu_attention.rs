@@ -7,17 +7,18 @@
 //! products, scaling, softmax, copies), each allocating its output and run one sequence at a
 //! time while the pool's helpers wait. The arithmetic is small (a 1B model's decode step
 //! attends over a few million values), so what this saves is that overhead, and the batch's
-//! sequences now run side by side. Each task runs the kernel of
-//! [`super::cpu_prefill_attention`] for its one token (a 64-key block transposed in AVX2
-//! registers, scores and the weighted sum of values with FMA): that replaced a portable loop
-//! of dot products that spent 11-12 % of an 8-stream Q4_K_M decode step against about 9-10 %
-//! now. The results equal candle's up to float rounding:
+//! sequences now run side by side. Each task runs [`super::cpu_decode_kernel`] for its one
+//! token where the CPU has AVX2 and FMA and the head dimension is 16, 32, 64 or 128 (every
+//! Llama 3 shape), and otherwise the kernel of [`super::cpu_prefill_attention`]. The results
+//! equal candle's up to float rounding:
 //! `softmax(q·kᵀ / √d) v` in f32, each sequence computed the same way whatever the batch.
 
+use std::cell::RefCell;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::cpu_decode_kernel as decode_kernel;
 use super::cpu_pool::for_each_task;
 use super::cpu_prefill_attention as prefill;
 use super::cpu_slice::with_f32;
@@ -101,11 +102,15 @@ pub(super) fn decode_attention(
                     .chunks_mut(shape.group * head_dim)
                     .map(Mutex::new)
                     .collect();
+                let kernel = decode_kernel::supported(head_dim);
                 for_each_task(chunks.len(), |task| {
                     let (row, kv_head) = (rows[task / kv_heads], task % kv_heads);
                     let mut dst = chunks[task]
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if kernel && attend_here(&shape, q, keys, values, row, kv_head, &mut dst) {
+                        return;
+                    }
                     let work = prefill::Work {
                         seq: prefill::PrefillRows {
                             token: row.token,
@@ -129,6 +134,43 @@ pub(super) fn decode_attention(
         (rows.len(), heads * head_dim),
         &Device::Cpu,
     )?)
+}
+
+thread_local! {
+    static SCRATCH: RefCell<decode_kernel::Scratch> =
+        RefCell::new(decode_kernel::Scratch::default());
+}
+
+/// Runs task `(row, kv_head)` through [`decode_kernel`] with this thread's buffers: the
+/// group's query rows scaled by `1/√d`, the sequence's keys and values of the head in place.
+/// False where the kernel does not take the shape (the caller then runs the prefill kernel).
+fn attend_here(
+    s: &prefill::Shape,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    row: DecodeRow,
+    kv_head: usize,
+    dst: &mut [f32],
+) -> bool {
+    let d = s.head_dim;
+    let history =
+        (kv_head * s.pool_rows + row.start) * d..(kv_head * s.pool_rows + row.start + row.len) * d;
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.q.clear();
+        for h in kv_head * s.group..(kv_head + 1) * s.group {
+            let query = &q[(h * s.tokens + row.token) * d..][..d];
+            scratch.q.extend(query.iter().map(|&x| x * s.scale));
+        }
+        decode_kernel::attend(
+            d,
+            s.group,
+            &keys[history.clone()],
+            &values[history],
+            scratch,
+            dst,
+        )
+    })
 }
 
 #[cfg(test)]
@@ -166,15 +208,24 @@ mod tests {
 
     #[test]
     fn matches_candle_for_every_sequence_of_a_batch() -> Result<()> {
-        // 8 query heads on 2 key/value heads, head_dim 64 (a multiple of 8) and 20 (a tail).
-        for head_dim in [64, 20] {
-            let (heads, kv_heads, tokens, pool_rows) = (8, 2, 5, 40);
+        // 8 query heads on 2 key/value heads. Head dimensions 16, 32, 64 and 128 run the
+        // AVX2 decode kernel where the CPU has it, 20 the prefill kernel; queries scaled up
+        // make the softmax peaky, so the rescaling between 64-key blocks shows.
+        for (head_dim, sharpness) in [
+            (64, 1.0),
+            (64, 8.0),
+            (20, 1.0),
+            (16, 1.0),
+            (32, 4.0),
+            (128, 1.0),
+        ] {
+            let (heads, kv_heads, tokens, pool_rows) = (8, 2, 5, 200);
             let dev = Device::Cpu;
-            let q = Tensor::from_vec(
+            let q = (Tensor::from_vec(
                 values(heads * tokens * head_dim, 1),
                 (heads, tokens, head_dim),
                 &dev,
-            )?;
+            )? * sharpness)?;
             let keys = Tensor::from_vec(
                 values(kv_heads * pool_rows * head_dim, 2),
                 (kv_heads, pool_rows, head_dim),
@@ -201,9 +252,15 @@ mod tests {
                     start: 20,
                     len: 20,
                 },
+                // Three 64-key blocks, the last of 22 keys.
+                DecodeRow {
+                    token: 3,
+                    start: 45,
+                    len: 150,
+                },
             ];
             let out = decode_attention(&q, &keys, &vals, &rows)?;
-            assert_eq!(out.dims(), [3, heads * head_dim]);
+            assert_eq!(out.dims(), [rows.len(), heads * head_dim]);
             for (i, &row) in rows.iter().enumerate() {
                 let got: Vec<f32> = out.narrow(0, i, 1)?.flatten_all()?.to_vec1()?;
                 let want: Vec<f32> = reference(&q, &keys, &vals, row)?.flatten_all()?.to_vec1()?;

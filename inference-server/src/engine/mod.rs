@@ -3,6 +3,8 @@
 pub mod config;
 mod cpu_argmax;
 mod cpu_attention;
+mod cpu_decode_kernel;
+mod cpu_exp;
 mod cpu_features;
 mod cpu_pool;
 mod cpu_prefill_attention;
