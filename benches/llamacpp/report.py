@@ -256,8 +256,11 @@ def main():
         "Q6_K matrices are multiplied by the engine's own kernels (AVX2; AVX-VNNI for Q8_0, "
         "AVX-512 VNNI/BW for Q4_K and Q6_K where the CPU has them) over one copy of the "
         "weights, interleaved at load time (Q8_0 in blocks of four rows, K-quants of eight), "
-        "up to eight activation rows a call, on its own kernel threads "
-        "(`inference-server/src/engine/q8_0.rs`, `kquants_x8/`; threads: `cpu_pool.rs`)."
+        "up to eight activation rows a call (Q8_0 on AVX2 without VNNI: passes of four), on "
+        "its own kernel threads (`inference-server/src/engine/q8_0.rs`, `kquants_x8/`; "
+        "threads: `cpu_pool.rs`); attention runs in the engine's own kernels, one pass over "
+        "the cache in place (`cpu_prefill_attention.rs`, and `cpu_decode_kernel.rs` for "
+        "decoding tokens)."
     )
     out += ["", "## Results", ""]
     for q in quants:
