@@ -19,6 +19,8 @@
 
 #![allow(unsafe_code)]
 
+use super::cpu_prefill_attention::refill;
+
 /// Keys a block: the scores of a block (group × 64 floats) and its keys and values (16 KiB
 /// each at head_dim 64) stay in L1 while the group's heads walk them.
 pub(super) const BLOCK: usize = 64;
@@ -71,12 +73,9 @@ pub(super) fn attend(
     if !fits || !supported(head_dim) {
         return false;
     }
-    scratch.scores.clear();
-    scratch.scores.resize(group * BLOCK, 0.0);
-    scratch.max.clear();
-    scratch.max.resize(group, f32::NEG_INFINITY);
-    scratch.sum.clear();
-    scratch.sum.resize(group, 0.0);
+    refill(&mut scratch.scores, group * BLOCK, 0.0);
+    refill(&mut scratch.max, group, f32::NEG_INFINITY);
+    refill(&mut scratch.sum, group, 0.0);
     out.fill(0.0);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `supported` checked AVX2 and FMA; the lengths were checked above.

@@ -284,6 +284,13 @@ mod fma {
     }
 }
 
+/// Makes `buffer` `len` copies of `value`, keeping its allocation (the kernels' per-thread
+/// scratch buffers).
+pub(super) fn refill(buffer: &mut Vec<f32>, len: usize, value: f32) {
+    buffer.clear();
+    buffer.resize(len, value);
+}
+
 /// `a * b + c`, fused where the caller was compiled with FMA (elsewhere `mul_add` would be a
 /// library call).
 #[inline(always)]
@@ -374,15 +381,11 @@ fn attend<const FMA: bool>(
     let rows = s.group * count;
     // Keys the block's last token attends to.
     let len = seq.past + first + count;
-    scratch.keys_t.clear();
-    scratch.keys_t.resize(d * KEYS, 0.0);
+    refill(&mut scratch.keys_t, d * KEYS, 0.0);
     for kv_head in kv_heads {
-        scratch.acc.clear();
-        scratch.acc.resize(rows * d, 0.0);
-        scratch.max.clear();
-        scratch.max.resize(rows, f32::NEG_INFINITY);
-        scratch.sum.clear();
-        scratch.sum.resize(rows, 0.0);
+        refill(&mut scratch.acc, rows * d, 0.0);
+        refill(&mut scratch.max, rows, f32::NEG_INFINITY);
+        refill(&mut scratch.sum, rows, 0.0);
         let history = (kv_head * s.pool_rows + seq.start) * d;
         for k0 in (0..len).step_by(KEYS) {
             let n = KEYS.min(len - k0);
