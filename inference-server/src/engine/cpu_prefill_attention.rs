@@ -305,20 +305,20 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 fn exponentials<const FMA: bool>(scores: &mut [f32], top: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        use std::arch::x86_64::*;
         let mut sum = 0f32;
-        for run in scores.chunks_mut(8) {
-            // A short last run is padded with −∞, whose exponential is 0.
-            let mut lanes = [f32::NEG_INFINITY; 8];
-            lanes[..run.len()].copy_from_slice(run);
+        let (runs, tail) = scores.as_chunks_mut::<8>();
+        for run in runs {
             // SAFETY: `FMA` is set only by the `fma` module's kernels, which run where AVX2
-            // and FMA were detected; `lanes` is the eight floats loaded and stored.
-            unsafe {
-                let x = _mm256_sub_ps(_mm256_loadu_ps(lanes.as_ptr()), _mm256_set1_ps(top));
-                _mm256_storeu_ps(lanes.as_mut_ptr(), super::cpu_exp::exp8(x));
-            }
-            run.copy_from_slice(&lanes[..run.len()]);
-            sum += lanes.iter().sum::<f32>();
+            // and FMA were detected.
+            sum += unsafe { exp_run(run, top) };
+        }
+        if !tail.is_empty() {
+            // The short last run, padded with −∞, whose exponential is 0.
+            let mut lanes = [f32::NEG_INFINITY; 8];
+            lanes[..tail.len()].copy_from_slice(tail);
+            // SAFETY: as above.
+            sum += unsafe { exp_run(&mut lanes, top) };
+            tail.copy_from_slice(&lanes[..tail.len()]);
         }
         return sum;
     }
@@ -328,6 +328,22 @@ fn exponentials<const FMA: bool>(scores: &mut [f32], top: f32) -> f32 {
         total += *score;
     }
     total
+}
+
+/// Replaces eight scores `s` by `e^(s - top)`; returns their sum.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_run(run: &mut [f32; 8], top: f32) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: `run` is the eight floats loaded and stored.
+    unsafe {
+        let x = _mm256_sub_ps(_mm256_loadu_ps(run.as_ptr()), _mm256_set1_ps(top));
+        _mm256_storeu_ps(run.as_mut_ptr(), super::cpu_exp::exp8(x));
+    }
+    run.iter().sum()
 }
 
 /// Writes the `n × d` row-major keys `keys` as `[d, KEYS]` columns into `keys_t`: with AVX2
