@@ -12,7 +12,8 @@
 //!
 //! Here a key is read as it lies: eight keys' dot products with one query head gather in eight
 //! registers and are summed across lanes at once (one `hadd` tree gives the eight scores).
-//! The softmax runs eight scores at a time through [`super::cpu_exp::exp8`], online over
+//! The softmax runs eight scores at a time through [`super::cpu_exp::exp8`] (the prefill
+//! kernel's [`super::cpu_prefill_attention::exponentials`]), online over
 //! blocks of [`BLOCK`] keys as in the prefill kernel, and each head's weighted sum of values
 //! stays in registers while it walks the block. The query is scaled by `1/√d` before the dot
 //! products instead of each score after; results equal candle's up to float rounding.
@@ -94,7 +95,7 @@ pub(super) fn attend(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::cpu_exp::exp8;
+    use super::super::cpu_prefill_attention::exponentials;
     use super::{BLOCK, Scratch};
 
     /// Eight floats from `values[at..]`.
@@ -131,15 +132,6 @@ mod avx2 {
             _mm256_permute2f128_ps::<0x20>(u[0], u[1]),
             _mm256_permute2f128_ps::<0x31>(u[0], u[1]),
         )
-    }
-
-    /// The sum of the eight lanes of `v`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn total(v: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair)))
     }
 
     /// The largest of the eight lanes of `v`.
@@ -188,8 +180,8 @@ mod avx2 {
                     }
                     store(scores, t, sum_lanes(a));
                 }
-                // The online softmax: the block's maximum, the rescaling of what the head
-                // gathered so far, and the block's exponentials (lanes past `n` give 0).
+                // The online softmax: the block's maximum (lanes past `n` set to −∞), the
+                // rescaling of what the head gathered so far, and the block's exponentials.
                 let chunks = n.div_ceil(8);
                 scores[n..chunks * 8].fill(f32::NEG_INFINITY);
                 let mut top = _mm256_set1_ps(scratch.max[h]);
@@ -199,13 +191,9 @@ mod avx2 {
                 let top = largest(top);
                 let correction = (scratch.max[h] - top).exp();
                 scratch.max[h] = top;
-                let mut sum = _mm256_setzero_ps();
-                for c in 0..chunks {
-                    let p = exp8(_mm256_sub_ps(load(scores, 8 * c), _mm256_set1_ps(top)));
-                    sum = _mm256_add_ps(sum, p);
-                    store(scores, 8 * c, p);
-                }
-                scratch.sum[h] = scratch.sum[h] * correction + total(sum);
+                // This function runs only where AVX2 and FMA were detected.
+                let block_sum = exponentials::<true>(&mut scores[..n], top);
+                scratch.sum[h] = scratch.sum[h] * correction + block_sum;
                 let correction = _mm256_set1_ps(correction);
                 let mut acc: [__m256; D8] =
                     std::array::from_fn(|j| _mm256_mul_ps(load(out, h * d + 8 * j), correction));

@@ -300,16 +300,17 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 
 /// Replaces each score `s` by `e^(s - top)` and returns their sum: eight at a time through
 /// [`super::cpu_exp::exp8`] where the caller was compiled with AVX2 and FMA (the C library's
-/// scalar `expf` was about a sixth of the kernel's time in decode).
+/// scalar `expf` was about a sixth of the kernel's time in decode). `FMA` is set only by
+/// kernels that run where AVX2 and FMA were detected: the `fma` module's here, and
+/// [`super::cpu_decode_kernel`]'s.
 #[inline(always)]
-fn exponentials<const FMA: bool>(scores: &mut [f32], top: f32) -> f32 {
+pub(super) fn exponentials<const FMA: bool>(scores: &mut [f32], top: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if FMA {
         let mut sum = 0f32;
         let (runs, tail) = scores.as_chunks_mut::<8>();
         for run in runs {
-            // SAFETY: `FMA` is set only by the `fma` module's kernels, which run where AVX2
-            // and FMA were detected.
+            // SAFETY: `FMA` is set only where AVX2 and FMA were detected (see above).
             sum += unsafe { exp_run(run, top) };
         }
         if !tail.is_empty() {
