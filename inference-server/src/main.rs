@@ -10,12 +10,13 @@ use llama_server::malloc_tuning;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let threshold =
-        malloc_tuning::fix_mmap_threshold(std::env::var("GLIBC_TUNABLES").ok().as_deref());
+    let tunables = std::env::var("GLIBC_TUNABLES").ok();
+    let threshold = malloc_tuning::fix_mmap_threshold(tunables.as_deref());
+    let trim = malloc_tuning::fix_trim_threshold(tunables.as_deref());
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    tracing::debug!(?threshold, "malloc mmap threshold");
+    tracing::debug!(?threshold, ?trim, "malloc mmap and trim thresholds");
     match Cli::parse().into_command() {
         Command::Serve(args) => serve(args),
         Command::GenerateModel(args) => generate_model(args),

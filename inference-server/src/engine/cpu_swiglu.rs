@@ -8,11 +8,9 @@
 //! The arithmetic is candle's, `v / (1 + e^(-v))` then the product, so the result is the same
 //! to the bit.
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Tensor};
 
-use super::cpu_pool::for_each_task;
+use super::cpu_pool::for_each_chunk;
 use super::cpu_slice::with_f32;
 use super::error::Result;
 
@@ -34,11 +32,7 @@ pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; gate.elem_count()];
     with_f32(&gate, KERNEL, |gate| {
         with_f32(&up, KERNEL, |up| {
-            let chunks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(CHUNK).map(Mutex::new).collect();
-            for_each_task(chunks.len(), |task| {
-                let mut dst = chunks[task]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for_each_chunk(&mut out, CHUNK, |task, dst| {
                 let (gate, up) = (&gate[task * CHUNK..], &up[task * CHUNK..]);
                 for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
                     *o = g / (1.0 + (-g).exp()) * u;

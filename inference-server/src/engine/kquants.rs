@@ -23,9 +23,9 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
-use rayon::prelude::*;
 
 use super::cpu_features::with_avx2;
+use super::cpu_pool::for_each_row;
 use super::error::{EngineError, Result};
 use super::grouped_matmul::{self, GroupKernel};
 use super::matrix_shape::MatrixShape;
@@ -365,14 +365,7 @@ pub(super) fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8KBlock> {
         bsums: [0; QK_K / 16],
     };
     let mut out = vec![empty; x.len() / QK_K];
-    let quantize = |(values, blocks): (&[f32], &mut [Q8KBlock])| quantize_row(values, blocks);
-    if x.len() >= 64 * k {
-        x.par_chunks(k)
-            .zip(out.par_chunks_mut(per_row))
-            .for_each(quantize);
-    } else {
-        x.chunks(k).zip(out.chunks_mut(per_row)).for_each(quantize);
-    }
+    for_each_row(x, k, &mut out, per_row, quantize_row);
     out
 }
 

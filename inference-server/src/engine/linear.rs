@@ -60,6 +60,15 @@ impl Linear {
         }
     }
 
+    /// Whether the engine's own CPU kernels multiply this weight (on the engine's CPU pool,
+    /// not candle's operations on rayon's).
+    pub fn on_engine_kernels(&self) -> bool {
+        match self {
+            Self::Dense(_) | Self::Quantized(_) => false,
+            Self::Q8_0(_) | Self::Q4K(_) | Self::Q4KX8(_) | Self::Q6K(_) | Self::Q6KX8(_) => true,
+        }
+    }
+
     /// Bytes the weight occupies in memory (quantized blocks at their packed size).
     pub fn bytes(&self) -> u64 {
         match self {

@@ -23,6 +23,7 @@ pub mod model;
 mod out_columns;
 pub mod q8_0;
 pub mod rope;
+mod weight_buffer;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::LlamaConfig;
 use super::cpu_argmax::argmax_rows;
 use super::cpu_attention::{self, DecodeRow};
+use super::cpu_pool;
 use super::cpu_prefill_attention::{self, PrefillRows};
 use super::cpu_swiglu::swiglu;
 use super::error::{EngineError, Result};
@@ -91,6 +92,9 @@ pub struct LlamaModel {
     pub(super) kv_pool: Arc<KvPool>,
     /// Whether decoding sequences attend as one padded batch (see the module docs).
     pub(super) batched_decode: bool,
+    /// Whether every matrix product runs on the engine's own CPU kernels, so that a step runs
+    /// on the engine's step thread ([`cpu_pool::on_step_thread`]).
+    pub(super) on_engine_kernels: bool,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -198,7 +202,24 @@ impl LlamaModel {
             dtype,
             device,
         ));
+        let on_engine_kernels = device.is_cpu()
+            && lm_head.on_engine_kernels()
+            && layers.iter().all(|layer| {
+                let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+                [
+                    &attn.q_proj,
+                    &attn.k_proj,
+                    &attn.v_proj,
+                    &attn.o_proj,
+                    &mlp.gate_proj,
+                    &mlp.up_proj,
+                    &mlp.down_proj,
+                ]
+                .iter()
+                .all(|linear| linear.on_engine_kernels())
+            });
         Self {
+            on_engine_kernels,
             config,
             dtype,
             device: device.clone(),
@@ -272,7 +293,12 @@ impl LlamaModel {
             // product, norm, rope and softmax). Issued from a thread outside the rayon pool,
             // each one is injected into the pool and waited for by sleeping on a lock, two
             // thread wake-ups per operation. Run from a worker, the step's own thread takes
-            // part in every operation and waits by stealing work instead.
+            // part in every operation and waits by stealing work instead. Where the engine's
+            // own kernels do every product, on its own pool, the step runs on a rayon pool of
+            // one thread, so candle's small operations run inline and wake no one.
+            if self.on_engine_kernels {
+                return cpu_pool::on_step_thread(|| self.forward_step(batch));
+            }
             return rayon::scope(|_| self.forward_step(batch));
         }
         self.forward_step(batch)

@@ -29,14 +29,14 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
-use rayon::prelude::*;
 
 use super::cpu_features::with_avx2;
-use super::cpu_pool::for_each_task;
+use super::cpu_pool::{for_each_row, for_each_task};
 use super::error::{EngineError, Result};
 use super::kquants::nearest_int;
 use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
+use super::weight_buffer::WeightBuffer;
 
 /// Values per Q8_0 block.
 const QK: usize = 32;
@@ -96,7 +96,7 @@ struct ActBlock {
 pub struct Q8Matrix {
     shape: MatrixShape,
     /// `[rows / 4 (rounded up)][cols / 32]`; rows past `rows` are zero.
-    blocks: Vec<QuadBlock>,
+    blocks: WeightBuffer<QuadBlock>,
 }
 
 impl std::fmt::Debug for Q8Matrix {
@@ -152,7 +152,7 @@ impl Q8Matrix {
             d: [0; ROWS],
             qs: [0x80; ROWS * QK],
         };
-        let mut blocks = vec![empty; quads * per_row];
+        let mut blocks = WeightBuffer::from_fn(quads * per_row, |_| empty);
         for (row, row_bytes) in data.chunks_exact(per_row * GGUF_BLOCK_BYTES).enumerate() {
             let (quad, lane) = (row / ROWS, row % ROWS);
             for (b, block) in row_bytes.chunks_exact(GGUF_BLOCK_BYTES).enumerate() {
@@ -275,14 +275,7 @@ fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
         qs: [0; QK],
     };
     let mut out = vec![empty; x.len() / QK];
-    let quantize = |(values, blocks): (&[f32], &mut [ActBlock])| quantize_row(values, blocks);
-    if x.len() >= 64 * k {
-        x.par_chunks(k)
-            .zip(out.par_chunks_mut(per_row))
-            .for_each(quantize);
-    } else {
-        x.chunks(k).zip(out.chunks_mut(per_row)).for_each(quantize);
-    }
+    for_each_row(x, k, &mut out, per_row, quantize_row);
     out
 }
 

@@ -34,6 +34,7 @@ use super::out_columns::OutColumns;
 #[cfg(target_arch = "x86_64")]
 use super::q8_0::avx_vnni;
 use super::q8_0::supported;
+use super::weight_buffer::WeightBuffer;
 
 /// Rows interleaved in one block.
 const ROWS: usize = 8;
@@ -54,7 +55,7 @@ pub trait BlockX8: Copy + Send + Sync + 'static {
 pub struct KMatrixX8<B: BlockX8> {
     shape: MatrixShape,
     /// Row group after row group, each `cols / 256` blocks.
-    blocks: Vec<B>,
+    blocks: WeightBuffer<B>,
 }
 
 /// A Q4_K matrix in blocks of eight rows.
@@ -101,16 +102,14 @@ impl<B: BlockX8> KMatrixX8<B> {
             )));
         }
         let row_bytes = per_row * bytes;
-        let mut blocks = Vec::with_capacity(rows / ROWS * per_row);
-        for group in data.chunks_exact(ROWS * row_bytes) {
-            for b in 0..per_row {
-                let parsed: [B::File; ROWS] = std::array::from_fn(|i| {
-                    let at = i * row_bytes + b * bytes;
-                    B::File::parse(&group[at..at + bytes])
-                });
-                blocks.push(B::interleave(std::array::from_fn(|i| &parsed[i])));
-            }
-        }
+        let blocks = WeightBuffer::from_fn(rows / ROWS * per_row, |n| {
+            let (group, b) = (n / per_row, n % per_row);
+            let parsed: [B::File; ROWS] = std::array::from_fn(|i| {
+                let at = (group * ROWS + i) * row_bytes + b * bytes;
+                B::File::parse(&data[at..at + bytes])
+            });
+            B::interleave(std::array::from_fn(|i| &parsed[i]))
+        });
         let shape = MatrixShape { rows, cols };
         Ok(Self { shape, blocks })
     }
