@@ -154,9 +154,17 @@ fn q4_k_m_of_tiny_256_uses_k_quants_and_tracks_the_f32_model() {
     assert!((4.5..6.6).contains(&bits), "{bits}");
 
     let quantized = load(&path);
+    // Every product on the engine's K-quant kernels (where the CPU has AVX2): its steps run on
+    // the engine's step thread; the f32 model's dense products keep rayon's pool.
+    assert_eq!(
+        quantized.on_engine_kernels(),
+        llama_server::engine::q8_0::supported()
+    );
+    let f32_model = load(&tiny_model(ModelShape::Tiny256, 3));
+    assert!(!f32_model.on_engine_kernels());
     // Rope scaling is covered above; shallower context keeps this wider model quick.
     let depths = [0, 256];
-    let reference = Probed::at(&load(&tiny_model(ModelShape::Tiny256, 3)), &depths);
+    let reference = Probed::at(&f32_model, &depths);
     for diff in reference.against(&quantized, "tiny-256 q4_k_m") {
         assert!(diff.correlation > 0.97, "{diff:?}");
         assert!(diff.rms < 0.25 * diff.spread, "{diff:?}");

@@ -78,6 +78,22 @@ pub(super) struct DecoderLayer {
     pub(super) mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// The block's seven weight matrices.
+    fn linears(&self) -> [&Linear; 7] {
+        let (attn, mlp) = (&self.self_attn, &self.mlp);
+        [
+            &attn.q_proj,
+            &attn.k_proj,
+            &attn.v_proj,
+            &attn.o_proj,
+            &mlp.gate_proj,
+            &mlp.up_proj,
+            &mlp.down_proj,
+        ]
+    }
+}
+
 /// A loaded Llama model, ready to run on its device.
 pub struct LlamaModel {
     pub(super) config: LlamaConfig,
@@ -204,20 +220,9 @@ impl LlamaModel {
         ));
         let on_engine_kernels = device.is_cpu()
             && lm_head.on_engine_kernels()
-            && layers.iter().all(|layer| {
-                let (attn, mlp) = (&layer.self_attn, &layer.mlp);
-                [
-                    &attn.q_proj,
-                    &attn.k_proj,
-                    &attn.v_proj,
-                    &attn.o_proj,
-                    &mlp.gate_proj,
-                    &mlp.up_proj,
-                    &mlp.down_proj,
-                ]
+            && layers
                 .iter()
-                .all(|linear| linear.on_engine_kernels())
-            });
+                .all(|layer| layer.linears().iter().all(|l| l.on_engine_kernels()));
         Self {
             on_engine_kernels,
             config,
@@ -238,6 +243,12 @@ impl LlamaModel {
     /// results; tests run each on the CPU.
     pub fn set_batched_decode(&mut self, batched: bool) {
         self.batched_decode = batched;
+    }
+
+    /// Whether every matrix product runs on the engine's own CPU kernels, so that steps run on
+    /// the engine's step thread instead of rayon's global pool.
+    pub fn on_engine_kernels(&self) -> bool {
+        self.on_engine_kernels
     }
 
     /// The key/value pool the caches of this model take their rows from.
@@ -410,22 +421,9 @@ impl LlamaModel {
             .layers
             .iter()
             .map(|layer| {
-                let attn = &layer.self_attn;
-                let mlp = &layer.mlp;
                 dense(&layer.input_layernorm)
                     + dense(&layer.post_attention_layernorm)
-                    + [
-                        &attn.q_proj,
-                        &attn.k_proj,
-                        &attn.v_proj,
-                        &attn.o_proj,
-                        &mlp.gate_proj,
-                        &mlp.up_proj,
-                        &mlp.down_proj,
-                    ]
-                    .iter()
-                    .map(|linear| linear.bytes())
-                    .sum::<u64>()
+                    + layer.linears().iter().map(|l| l.bytes()).sum::<u64>()
             })
             .sum();
         let head = if self.config.tie_word_embeddings {
