@@ -87,7 +87,7 @@ mod mapped {
     const MIN_BYTES: usize = HUGE_PAGE;
 
     /// `len` initialised values of `T` at `values`, inside a mapping of `map_len` bytes at
-    /// `map` that this value owns.
+    /// `map` that this value owns (`T: Copy`, so unmapping drops nothing).
     pub(super) struct Mapping<T: Copy> {
         values: NonNull<T>,
         len: usize,
@@ -146,18 +146,22 @@ mod mapped {
             // memory stays ordinary pages.
             // SAFETY: the range is the mapping kept above.
             unsafe { libc::madvise(map.as_ptr(), map_len, libc::MADV_HUGEPAGE) };
-            let values = map.cast::<T>();
-            for i in 0..len {
-                // SAFETY: `i < len` and the mapping holds `len` values, aligned (2 MiB is a
-                // multiple of `T`'s alignment).
-                unsafe { values.as_ptr().add(i).write(f(i)) };
-            }
-            Some(Self {
-                values,
-                len,
+            // Owned from here: should `f` panic, the mapping is unmapped with the values
+            // written so far.
+            let mut mapping = Self {
+                values: map.cast::<T>(),
+                len: 0,
                 map,
                 map_len,
-            })
+            };
+            for i in 0..len {
+                let value = f(i);
+                // SAFETY: `i < len` and the mapping holds `len` values, aligned (2 MiB is a
+                // multiple of `T`'s alignment).
+                unsafe { mapping.values.as_ptr().add(i).write(value) };
+                mapping.len = i + 1;
+            }
+            Some(mapping)
         }
 
         pub(super) fn as_slice(&self) -> &[T] {
@@ -219,6 +223,14 @@ mod tests {
             assert_eq!(buffer.as_ptr() as usize % (2 << 20), 0);
         }
         drop(buffer);
+        // A panicking `f` leaves no half-built buffer behind.
+        let failed = std::panic::catch_unwind(|| {
+            WeightBuffer::from_fn(len, |i| {
+                assert!(i < 1000, "value {i}");
+                i as u64
+            })
+        });
+        assert!(failed.is_err());
         // The mapping is gone and a new one works.
         let again = WeightBuffer::from_fn(len, |_| 7u64);
         assert_eq!(again.iter().copied().sum::<u64>(), 7 * len as u64);
