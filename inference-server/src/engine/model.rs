@@ -108,9 +108,6 @@ pub struct LlamaModel {
     pub(super) kv_pool: Arc<KvPool>,
     /// Whether decoding sequences attend as one padded batch (see the module docs).
     pub(super) batched_decode: bool,
-    /// Whether every matrix product runs on the engine's own CPU kernels, so that a step runs
-    /// on the engine's step thread ([`cpu_pool::on_step_thread`]).
-    pub(super) on_engine_kernels: bool,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -218,13 +215,7 @@ impl LlamaModel {
             dtype,
             device,
         ));
-        let on_engine_kernels = device.is_cpu()
-            && lm_head.on_engine_kernels()
-            && layers
-                .iter()
-                .all(|layer| layer.linears().iter().all(|l| l.on_engine_kernels()));
         Self {
-            on_engine_kernels,
             config,
             dtype,
             device: device.clone(),
@@ -246,9 +237,14 @@ impl LlamaModel {
     }
 
     /// Whether every matrix product runs on the engine's own CPU kernels, so that steps run on
-    /// the engine's step thread instead of rayon's global pool.
+    /// the engine's step thread ([`cpu_pool::on_step_thread`]) instead of rayon's global pool.
     pub fn on_engine_kernels(&self) -> bool {
-        self.on_engine_kernels
+        self.device.is_cpu()
+            && self.lm_head.on_engine_kernels()
+            && self
+                .layers
+                .iter()
+                .all(|layer| layer.linears().iter().all(|l| l.on_engine_kernels()))
     }
 
     /// The key/value pool the caches of this model take their rows from.
@@ -307,7 +303,7 @@ impl LlamaModel {
             // part in every operation and waits by stealing work instead. Where the engine's
             // own kernels do every product, on its own pool, the step runs on a rayon pool of
             // one thread, so candle's small operations run inline and wake no one.
-            if self.on_engine_kernels {
+            if self.on_engine_kernels() {
                 return cpu_pool::on_step_thread(|| self.forward_step(batch));
             }
             return rayon::scope(|_| self.forward_step(batch));
