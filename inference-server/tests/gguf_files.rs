@@ -187,6 +187,17 @@ fn broken_files_give_errors_that_name_the_file_and_the_fault() {
     assert!(matches!(err, EngineError::GgufMetadata { .. }), "{err:?}");
     expect(err, &yarn, &["llama.rope.scaling.type", "yarn"]);
 
+    // candle's header parser divides by the alignment: zero is a malformed header, not a
+    // panic of the loading process.
+    let unaligned = variant(
+        "unaligned.gguf",
+        &|metadata| metadata.push(("general.alignment".into(), Value::U32(0))),
+        &|_| true,
+    );
+    let err = attempt(&unaligned);
+    assert!(matches!(err, EngineError::InvalidGguf { .. }), "{err:?}");
+    expect(err, &unaligned, &["header is malformed", "divide by zero"]);
+
     let err = attempt(&out.path().join("absent.gguf"));
     assert!(matches!(err, EngineError::Io { .. }), "{err:?}");
 }

@@ -40,9 +40,9 @@ impl GgufFile {
             inner: BufReader::with_capacity(1 << 20, file),
             position: 0,
         };
-        let content = Content::read(&mut reader).map_err(|err| EngineError::InvalidGguf {
+        let content = read_header(&mut reader).map_err(|reason| EngineError::InvalidGguf {
             path: path.to_owned(),
-            reason: err.to_string(),
+            reason,
         })?;
         Ok(Self {
             path: path.to_owned(),
@@ -109,6 +109,28 @@ impl GgufFile {
             .tensor_infos
             .get(name)
             .ok_or_else(|| missing(&self.path, name))
+    }
+}
+
+/// Parses the header with candle's reader. Its checks cover most malformed headers; a few
+/// values still make it panic (a `general.alignment` of zero divides by zero), so a panic is
+/// caught and reported as a malformed header of this file instead of taking the process down.
+fn read_header(reader: &mut PositionedReader) -> std::result::Result<Content, String> {
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(reader)));
+    match parsed {
+        Ok(Ok(content)) => Ok(content),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(payload) => {
+            let detail = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(format!(
+                "its header is malformed (the GGUF parser stopped with \"{detail}\"): \
+                 re-export or re-download the file"
+            ))
+        }
     }
 }
 
