@@ -121,6 +121,15 @@ impl LlamaGuard {
         })
     }
 
+    /// Whether the classifier can still answer: its engine thread runs (always, for a
+    /// function).
+    pub fn is_running(&self) -> bool {
+        match &self.backend {
+            Backend::Model { handle, .. } => handle.is_running(),
+            Backend::Function(_) => true,
+        }
+    }
+
     /// A classifier that answers with `classify` instead of a model: for tests (a verdict
     /// that differs between the prompt and the completion check, which a programmed model
     /// cannot give) and for embedders with their own classifier. Set it into

@@ -14,7 +14,7 @@
 mod worker;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -70,11 +70,29 @@ struct Job {
     enqueued: Instant,
 }
 
+/// Owned by the engine thread: clears the running flag when the thread ends, however it ends,
+/// and logs a panic's end as an error.
+struct RunningFlag(Arc<AtomicBool>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+        if std::thread::panicking() {
+            tracing::error!(
+                "the engine thread stopped after a panic: requests fail from now on and \
+                 /health/live answers 503 so that the server is restarted"
+            );
+        }
+    }
+}
+
 /// The HTTP side's handle on the engine thread. Cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: std::sync::mpsc::Sender<Job>,
     queued: Arc<AtomicUsize>,
+    /// Cleared when the engine thread ends, by return or by panic.
+    running: Arc<AtomicBool>,
     limits: SchedulerLimits,
     context: usize,
 }
@@ -100,15 +118,28 @@ impl EngineHandle {
         let queued = Arc::new(AtomicUsize::new(0));
         let context = limits.context_tokens.min(model.context_length());
         let worker = worker::Worker::new(model, tokenizer, limits, Arc::clone(&queued), gauges);
+        let running = Arc::new(AtomicBool::new(true));
+        let ended = RunningFlag(Arc::clone(&running));
         std::thread::Builder::new()
             .name("llama-engine".into())
-            .spawn(move || worker.run(inbox))?;
+            .spawn(move || {
+                let _ended = ended;
+                worker.run(inbox)
+            })?;
         Ok(Self {
             jobs,
             queued,
+            running,
             limits,
             context,
         })
+    }
+
+    /// Whether the engine thread still runs. It ends only when every handle is dropped, or
+    /// when a step panics: then no request can be served again, and the server's liveness
+    /// probe fails so that the pod is restarted.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
     }
 
     /// The model's context window.
@@ -183,5 +214,31 @@ impl EngineHandle {
             return Err(SubmitError::Stopped);
         }
         Ok(receiver)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::RunningFlag;
+
+    #[test]
+    fn the_running_flag_clears_when_its_thread_returns_or_panics() {
+        for panics in [false, true] {
+            let running = Arc::new(AtomicBool::new(true));
+            let flag = RunningFlag(Arc::clone(&running));
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let _flag = flag;
+                let _ = wait.recv();
+                assert!(!panics, "a step panicked");
+            });
+            assert!(running.load(Ordering::Acquire), "set while the thread runs");
+            go.send(()).expect("send");
+            assert_eq!(thread.join().is_err(), panics);
+            assert!(!running.load(Ordering::Acquire), "panics: {panics}");
+        }
     }
 }
