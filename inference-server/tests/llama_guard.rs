@@ -63,6 +63,14 @@ async fn chat(state: &Arc<AppState>) -> (StatusCode, serde_json::Value) {
 async fn an_unsafe_verdict_refuses_the_prompt_naming_the_category() {
     let state = server(&programmed_guard("unsafe\nS9"), false).await;
     let guard = state.guard.get().expect("guard loaded");
+    // Both engine threads run, so both probes are green.
+    assert!(guard.is_running());
+    assert!(state.engine().expect("engine").handle.is_running());
+    for probe in ["/health/live", "/health/ready"] {
+        let request = Request::get(probe).body(Body::empty()).expect("request");
+        let (status, body) = common::send(&state, request).await;
+        assert_eq!(status, StatusCode::OK, "{probe}: {body}");
+    }
     let verdict = guard
         .classify(&[("user", "hello")], Judged::User)
         .await
