@@ -1,0 +1,313 @@
+//! No request body makes the server fail: hundreds of valid chat requests, each mutated at one
+//! to three random places (a value replaced by an odd one, a field dropped, an unknown field
+//! added, a type changed), are sent to the real application with the real engine and a tiny
+//! random-weight model. Every answer must be a success or an Azure-shaped client error (never
+//! 500), and afterwards the engine thread still runs and the server still answers.
+//!
+//! The mutations come from a fixed seed, so a failure names a case that reproduces.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use llama_server::auth::Authenticator;
+use llama_server::generate_model::ModelShape;
+use llama_server::server_config::ServerConfig;
+use llama_server::state::AppState;
+use serde_json::{Value, json};
+
+/// Cases sent.
+const CASES: usize = 1000;
+/// Completion tokens a case may ask for at most: a request that would generate more (or sets
+/// no limit) is given this limit after its mutations, so that the test's time goes into many
+/// requests rather than long generations in an unoptimised test build. Values the server
+/// must refuse (negative, zero, fractional, not a number, past the context) are left as
+/// mutated.
+const MAX_TOKENS: u64 = 4;
+
+/// xorshift64*: deterministic, so a failing case can be replayed by its number.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Valid requests that exercise the parameters the mutations then break.
+fn valid_requests() -> Vec<Value> {
+    let user = json!([{"role": "user", "content": "Say something."}]);
+    vec![
+        json!({"messages": user, "max_tokens": 4}),
+        json!({"messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": [{"type": "text", "text": "Again"}]}],
+               "max_tokens": 3, "temperature": 0.7, "top_p": 0.9, "seed": 7,
+               "stop": ["\n", "."], "presence_penalty": 0.5, "frequency_penalty": 0.5}),
+        json!({"messages": user, "max_tokens": 3, "logprobs": true, "top_logprobs": 2,
+               "n": 2, "stream": true}),
+        json!({"messages": user, "max_tokens": 3, "stream": true,
+               "stream_options": {"include_usage": true}}),
+        json!({"messages": user, "max_tokens": 3,
+               "tools": [{"type": "function", "function": {
+                   "name": "f", "description": "d",
+                   "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}}],
+               "tool_choice": "auto"}),
+        json!({"messages": user, "max_tokens": 3, "response_format": {"type": "text"},
+               "model": "any", "user": "u-1"}),
+        json!({"messages": user, "max_tokens": 3, "best_of": 2, "use_beam_search": true,
+               "temperature": 0, "ignore_eos": true, "skip_special_tokens": false,
+               "stop_token_ids": [13]}),
+        json!({"messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"id": "c1", "type": "function",
+                                 "function": {"name": "f", "arguments": "{\"a\": \"x\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+               "max_tokens": 3}),
+    ]
+}
+
+/// A value that is wrong in some way for most fields.
+fn odd_value(random: &mut Random) -> Value {
+    match random.below(22) {
+        0 => Value::Null,
+        1 => json!(true),
+        2 => json!(-1),
+        3 => json!(0),
+        4 => json!(1),
+        5 => json!(2_147_483_648_i64),
+        6 => json!(9_007_199_254_740_993_u64),
+        7 => json!(-1e308),
+        8 => json!(1e308),
+        9 => json!(0.5),
+        10 => json!(""),
+        11 => json!("x".repeat(5_000)),
+        12 => json!("\u{0}<|eot_id|>\u{fffd}"),
+        13 => json!([]),
+        14 => json!({}),
+        15 => json!([[[]]]),
+        16 => json!({"role": "user"}),
+        17 => json!(["a", 1, null]),
+        18 => json!("NaN"),
+        19 => json!(-0.0),
+        20 => json!(u64::MAX),
+        _ => json!(i64::MIN),
+    }
+}
+
+/// The paths of every value in `value`, objects' keys and arrays' indices.
+fn paths(value: &Value, prefix: &mut Vec<Step>, out: &mut Vec<Vec<Step>>) {
+    out.push(prefix.clone());
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                prefix.push(Step::Key(key.clone()));
+                paths(child, prefix, out);
+                prefix.pop();
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                prefix.push(Step::Index(i));
+                paths(child, prefix, out);
+                prefix.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+fn at<'a>(value: &'a mut Value, path: &[Step]) -> &'a mut Value {
+    path.iter().fold(value, |v, step| match step {
+        Step::Key(k) => &mut v[k.as_str()],
+        Step::Index(i) => &mut v[*i],
+    })
+}
+
+/// One mutation somewhere in `body`.
+fn mutate(body: &mut Value, random: &mut Random) {
+    let mut all = Vec::new();
+    paths(body, &mut Vec::new(), &mut all);
+    let path = all[random.below(all.len())].clone();
+    match random.below(5) {
+        // Replace the value.
+        0..=2 => *at(body, &path) = odd_value(random),
+        // Drop it from its object or array.
+        3 => {
+            if let Some((last, parent)) = path.split_last() {
+                match (at(body, parent), last) {
+                    (Value::Object(map), Step::Key(k)) => {
+                        map.remove(k);
+                    }
+                    (Value::Array(items), Step::Index(i)) if *i < items.len() => {
+                        items.remove(*i);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Add an unknown field beside it, or wrap it in an array.
+        _ => match at(body, &path) {
+            Value::Object(map) => {
+                map.insert(format!("unknown_{}", random.below(100)), odd_value(random));
+            }
+            other => {
+                let inner = other.take();
+                *other = Value::Array(vec![inner]);
+            }
+        },
+    }
+}
+
+/// Caps a served request's generation at [`MAX_TOKENS`]: a positive `max_tokens` up to the
+/// context becomes that, and a missing or null one is set to it.
+fn bound_generation(body: &mut Value) {
+    let Value::Object(map) = body else { return };
+    match map.get("max_tokens").and_then(Value::as_u64) {
+        Some(n) if n > MAX_TOKENS && n <= CONTEXT => {
+            map.insert("max_tokens".into(), json!(MAX_TOKENS));
+        }
+        // Missing or null: the default, up to the context (tests/http_context.rs).
+        None if map.get("max_tokens").is_none_or(Value::is_null) => {
+            map.insert("max_tokens".into(), json!(MAX_TOKENS));
+        }
+        _ => {}
+    }
+}
+
+/// The context window served.
+const CONTEXT: u64 = 192;
+
+async fn server() -> Arc<AppState> {
+    let dir = common::tiny_model(ModelShape::Tiny, 42);
+    let config = ServerConfig::from_yaml(&format!(
+        "modelPath: {}\ncontextLength: {CONTEXT}\n",
+        dir.display()
+    ))
+    .expect("config");
+    let state = AppState::new(config, Authenticator::Open);
+    let loader = Arc::clone(&state);
+    tokio::task::spawn_blocking(move || loader.load_engine())
+        .await
+        .expect("join")
+        .expect("load");
+    state
+}
+
+/// What every answer must be: a success (JSON, or an SSE stream ending in `[DONE]`) or an
+/// Azure-shaped error with a client status or 503/429.
+fn check(case: usize, body: &Value, headers: &[(&str, &str)], status: StatusCode, text: &str) {
+    let context = || format!("case {case} {headers:?} {body}\n→ {status} {text}");
+    assert_ne!(status, StatusCode::INTERNAL_SERVER_ERROR, "{}", context());
+    if status.is_success() {
+        if text.starts_with("data: ") {
+            assert!(text.ends_with("data: [DONE]\n\n"), "{}", context());
+        } else {
+            let json: Value =
+                serde_json::from_str(text).unwrap_or_else(|_| panic!("{}", context()));
+            assert!(json["choices"].is_array(), "{}", context());
+        }
+        return;
+    }
+    assert!(
+        status.is_client_error() || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        context()
+    );
+    let json: Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("{}", context()));
+    let error = &json["error"];
+    assert!(
+        error["code"].as_str().is_some_and(|c| !c.is_empty()),
+        "{}",
+        context()
+    );
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        context()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_chat_requests_never_fail_the_server() {
+    let state = server().await;
+    let valid = valid_requests();
+    let mut random = Random(0x5eed_1234_abcd_0001);
+    let (mut ok, mut refused) = (0, 0);
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    let started = std::time::Instant::now();
+    for case in 0..CASES {
+        let sent = std::time::Instant::now();
+        let mut body = valid[case % valid.len()].clone();
+        for _ in 0..1 + random.below(3) {
+            mutate(&mut body, &mut random);
+        }
+        bound_generation(&mut body);
+        let extra = ["pass-through", "pass-through", "drop", "error", "bogus"][random.below(5)];
+        let path = ["/chat/completions", "/v1/chat/completions"][random.below(2)];
+        let headers = [("extra-parameters", extra)];
+        let request = Request::post(path)
+            .header("content-type", "application/json")
+            .header("extra-parameters", extra)
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let (status, text) = common::send(&state, request).await;
+        check(case, &body, &headers, status, &text);
+        if sent.elapsed().as_secs_f64() > 2.0 {
+            println!(
+                "case {case} took {:.1} s: {body}",
+                sent.elapsed().as_secs_f64()
+            );
+        }
+        if status.is_success() {
+            ok += 1;
+        } else {
+            refused += 1;
+            let code = serde_json::from_str::<Value>(&text).expect("checked")["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            *codes
+                .entry(format!("{} {code}", status.as_u16()))
+                .or_insert(0) += 1;
+        }
+    }
+    println!(
+        "{CASES} mutated requests in {:.0} s: {ok} served, {refused} refused with a client error",
+        started.elapsed().as_secs_f64()
+    );
+    println!("refusals by status and code: {codes:?}");
+    // Both outcomes occur, or the mutations test nothing.
+    assert!(ok > CASES / 20 && refused > CASES / 20, "{ok} / {refused}");
+    let engine = state.engine().expect("engine");
+    assert!(engine.handle.is_running(), "the engine thread survived");
+    let live = Request::get("/health/live")
+        .body(Body::empty())
+        .expect("request");
+    assert_eq!(common::send(&state, live).await.0, StatusCode::OK);
+    // And a plain request is still answered.
+    let request = Request::post("/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(valid[0].to_string()))
+        .expect("request");
+    let (status, text) = common::send(&state, request).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}
