@@ -19,7 +19,9 @@ pub struct ServerConfig {
     /// `safetensors` or `gguf`. A file path is read as GGUF and a directory as safetensors, except
     /// that with `gguf` a directory is taken to hold exactly one `.gguf` file.
     pub format: Option<String>,
-    /// Context window to serve; defaults to the model's own.
+    /// Context window to serve: prompt and completion together, at most the model's own
+    /// (the default). A request's prompt must leave room for one token, and no completion
+    /// runs past it (`finish_reason: length`).
     pub context_length: Option<usize>,
     /// GPUs per instance, as planned by the operator. Recorded and reported; one device is used.
     pub tensor_parallel: Option<u32>,
