@@ -237,9 +237,6 @@ fn generate_model_writes_gguf_files_the_server_can_load() {
 /// A `.gguf` `modelPath` is served, with the tokenizer files of its directory.
 #[tokio::test]
 async fn the_server_serves_a_gguf_model_path() {
-    use llama_server::auth::Authenticator;
-    use llama_server::server_config::ServerConfig;
-    use llama_server::state::AppState;
     use tower::ServiceExt;
 
     let out = scratch();
@@ -250,14 +247,7 @@ async fn the_server_serves_a_gguf_model_path() {
     let gguf = out.path().join("model-q8_0.gguf");
     std::os::unix::fs::symlink(gguf_of(ModelShape::Tiny, 42, GgufFileType::Q8_0), &gguf)
         .expect("link");
-    let config =
-        ServerConfig::from_yaml(&format!("modelPath: {}\n", gguf.display())).expect("config");
-    let state = AppState::new(config, Authenticator::Open);
-    let loader = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || loader.load_engine())
-        .await
-        .expect("join")
-        .expect("GGUF model loads");
+    let state = common::open_server(&format!("modelPath: {}\n", gguf.display())).await;
     let request = axum::http::Request::post("/chat/completions")
         .header("content-type", "application/json")
         .body(axum::body::Body::from(
@@ -296,15 +286,7 @@ async fn a_directory_with_one_gguf_file_loads_with_the_fallback_tokenizer() {
         )
     };
 
-    let state = AppState::new(
-        ServerConfig::from_yaml(&yaml(&common::tokenizer_dir())).expect("config"),
-        Authenticator::Open,
-    );
-    let loader = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || loader.load_engine())
-        .await
-        .expect("join")
-        .expect("the directory's one GGUF file loads");
+    let state = common::open_server(&yaml(&common::tokenizer_dir())).await;
     let request = axum::http::Request::post("/chat/completions")
         .header("content-type", "application/json")
         .body(axum::body::Body::from(

@@ -7,44 +7,19 @@ mod common;
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use llama_server::auth::Authenticator;
-use llama_server::generate_model::ModelShape;
-use llama_server::server_config::ServerConfig;
+use axum::http::StatusCode;
 use llama_server::state::AppState;
 use serde_json::{Value, json};
 
 const CONTEXT: u64 = 48;
 
-async fn server() -> Arc<AppState> {
-    let dir = common::tiny_model(ModelShape::Tiny, 42);
-    let config = ServerConfig::from_yaml(&format!(
-        "modelPath: {}\ncontextLength: {CONTEXT}\n",
-        dir.display()
-    ))
-    .expect("config");
-    let state = AppState::new(config, Authenticator::Open);
-    let loader = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || loader.load_engine())
-        .await
-        .expect("join")
-        .expect("load");
-    state
-}
-
 async fn chat(state: &Arc<AppState>, body: Value) -> (StatusCode, String) {
-    let request = Request::post("/chat/completions")
-        .header("content-type", "application/json")
-        .header("extra-parameters", "pass-through")
-        .body(Body::from(body.to_string()))
-        .expect("request");
-    common::send(state, request).await
+    common::post_chat(state, body).await
 }
 
 #[tokio::test]
 async fn the_configured_context_bounds_every_completion() {
-    let state = server().await;
+    let state = common::tiny_server(CONTEXT).await;
     let messages = json!([{"role": "user", "content": "Count."}]);
     // `ignore_eos`: the random model must not stop early, so the context is what stops it.
     for max_tokens in [Value::Null, json!(1000), json!(CONTEXT)] {

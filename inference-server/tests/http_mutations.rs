@@ -8,14 +8,8 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use llama_server::auth::Authenticator;
-use llama_server::generate_model::ModelShape;
-use llama_server::server_config::ServerConfig;
-use llama_server::state::AppState;
 use serde_json::{Value, json};
 
 /// Cases sent.
@@ -196,22 +190,6 @@ fn bound_generation(body: &mut Value) {
 /// The context window served.
 const CONTEXT: u64 = 192;
 
-async fn server() -> Arc<AppState> {
-    let dir = common::tiny_model(ModelShape::Tiny, 42);
-    let config = ServerConfig::from_yaml(&format!(
-        "modelPath: {}\ncontextLength: {CONTEXT}\n",
-        dir.display()
-    ))
-    .expect("config");
-    let state = AppState::new(config, Authenticator::Open);
-    let loader = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || loader.load_engine())
-        .await
-        .expect("join")
-        .expect("load");
-    state
-}
-
 /// What every answer must be: a success (JSON, or an SSE stream ending in `[DONE]`) or an
 /// Azure-shaped error with a client status or 503/429.
 fn check(case: usize, body: &Value, headers: &[(&str, &str)], status: StatusCode, text: &str) {
@@ -248,7 +226,7 @@ fn check(case: usize, body: &Value, headers: &[(&str, &str)], status: StatusCode
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_chat_requests_never_fail_the_server() {
-    let state = server().await;
+    let state = common::tiny_server(CONTEXT).await;
     let valid = valid_requests();
     let mut random = Random(0x5eed_1234_abcd_0001);
     let (mut ok, mut refused) = (0, 0);

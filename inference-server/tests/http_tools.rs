@@ -10,10 +10,8 @@ use std::sync::{Arc, OnceLock};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use llama_server::auth::Authenticator;
 use llama_server::chat_template::ChatTemplate;
 use llama_server::generate_model::ModelShape;
-use llama_server::server_config::ServerConfig;
 use llama_server::state::AppState;
 use llama_server::tokenizer::LlamaTokenizer;
 use serde_json::{Value, json};
@@ -99,15 +97,7 @@ fn prompt_tokens(messages: &Value, tools: Option<&Value>) -> u64 {
 }
 
 async fn server() -> Arc<AppState> {
-    let config = ServerConfig::from_yaml(&format!("modelPath: {}\n", tool_model().display()))
-        .expect("config");
-    let state = AppState::new(config, Authenticator::Open);
-    let loader = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || loader.load_engine())
-        .await
-        .expect("join")
-        .expect("load");
-    state
+    common::open_server(&format!("modelPath: {}\n", tool_model().display())).await
 }
 
 async fn post(state: &Arc<AppState>, path: &str, body: Value) -> (StatusCode, String) {

@@ -40,11 +40,7 @@ async fn server(guard: &Path, fail_closed: bool) -> Arc<AppState> {
     .expect("config");
     config.engine.demo_seed = 42;
     let state = AppState::new(config, Authenticator::Open);
-    let loader = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || loader.load_engine())
-        .await
-        .expect("join")
-        .expect("load");
+    common::load_engine(&state).await;
     state
 }
 
@@ -140,21 +136,12 @@ async fn completion_flagging_server(flag_from: usize) -> (Arc<AppState>, Judgmen
         })
     });
     state.guard.set(classifier).expect("no guard configured");
-    let loader = Arc::clone(&state);
-    tokio::task::spawn_blocking(move || loader.load_engine())
-        .await
-        .expect("join")
-        .expect("load");
+    common::load_engine(&state).await;
     (state, judgments)
 }
 
 async fn post_raw(state: &Arc<AppState>, body: serde_json::Value) -> (StatusCode, String) {
-    let request = Request::post("/chat/completions")
-        .header("content-type", "application/json")
-        .header("extra-parameters", "pass-through")
-        .body(Body::from(body.to_string()))
-        .expect("request");
-    common::send(state, request).await
+    common::post_chat(state, body).await
 }
 
 fn filtered(state: &AppState, stage: &str) -> Option<u64> {

@@ -188,3 +188,45 @@ pub async fn send(
         .to_bytes();
     (status, String::from_utf8(body.to_vec()).expect("utf-8"))
 }
+
+/// Loads the engine of `state` as the server does at start (on a blocking thread); panics with
+/// the loader's error, which names what failed.
+pub async fn load_engine(state: &std::sync::Arc<llama_server::state::AppState>) {
+    let loader = std::sync::Arc::clone(state);
+    tokio::task::spawn_blocking(move || loader.load_engine())
+        .await
+        .expect("join")
+        .unwrap_or_else(|err| panic!("the engine loads: {err}"));
+}
+
+/// An application without authentication that serves `yaml`'s configuration, its engine
+/// loaded.
+pub async fn open_server(yaml: &str) -> std::sync::Arc<llama_server::state::AppState> {
+    let config = llama_server::server_config::ServerConfig::from_yaml(yaml).expect("config");
+    let state = llama_server::state::AppState::new(config, llama_server::auth::Authenticator::Open);
+    load_engine(&state).await;
+    state
+}
+
+/// [`open_server`] for the tiny model (seed 42), serving a context of `context` tokens.
+pub async fn tiny_server(context: u64) -> std::sync::Arc<llama_server::state::AppState> {
+    let dir = tiny_model(ModelShape::Tiny, 42);
+    open_server(&format!(
+        "modelPath: {}\ncontextLength: {context}\n",
+        dir.display()
+    ))
+    .await
+}
+
+/// POSTs `body` to `/chat/completions` with `extra-parameters: pass-through`.
+pub async fn post_chat(
+    state: &std::sync::Arc<llama_server::state::AppState>,
+    body: serde_json::Value,
+) -> (axum::http::StatusCode, String) {
+    let request = axum::http::Request::post("/chat/completions")
+        .header("content-type", "application/json")
+        .header("extra-parameters", "pass-through")
+        .body(axum::body::Body::from(body.to_string()))
+        .expect("request");
+    send(state, request).await
+}
