@@ -1,15 +1,17 @@
-//! No request body makes the server fail: hundreds of valid chat requests, each mutated at one
+//! No request body makes the server fail: a thousand valid chat requests, each mutated at one
 //! to three random places (a value replaced by an odd one, a field dropped, an unknown field
 //! added, a type changed), are sent to the real application with the real engine and a tiny
 //! random-weight model. Every answer must be a success or an Azure-shaped client error (never
 //! 500), and afterwards the engine thread still runs and the server still answers.
 //!
-//! The mutations come from a fixed seed, so a failure names a case that reproduces.
+//! The mutations (the workspace's `json-mutations` crate, shared with the operator's
+//! tests/spec_mutations.rs) come from a fixed seed, so a failure names a case that reproduces.
 
 mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use json_mutations::{Random, mutate};
 use serde_json::{Value, json};
 
 /// Cases sent.
@@ -20,22 +22,6 @@ const CASES: usize = 1000;
 /// must refuse (negative, zero, fractional, not a number, past the context) are left as
 /// mutated.
 const MAX_TOKENS: u64 = 4;
-
-/// xorshift64*: deterministic, so a failing case can be replayed by its number.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// Valid requests that exercise the parameters the mutations then break.
 fn valid_requests() -> Vec<Value> {
@@ -71,104 +57,6 @@ fn valid_requests() -> Vec<Value> {
                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
                "max_tokens": 3}),
     ]
-}
-
-/// A value that is wrong in some way for most fields.
-fn odd_value(random: &mut Random) -> Value {
-    match random.below(22) {
-        0 => Value::Null,
-        1 => json!(true),
-        2 => json!(-1),
-        3 => json!(0),
-        4 => json!(1),
-        5 => json!(2_147_483_648_i64),
-        6 => json!(9_007_199_254_740_993_u64),
-        7 => json!(-1e308),
-        8 => json!(1e308),
-        9 => json!(0.5),
-        10 => json!(""),
-        11 => json!("x".repeat(5_000)),
-        12 => json!("\u{0}<|eot_id|>\u{fffd}"),
-        13 => json!([]),
-        14 => json!({}),
-        15 => json!([[[]]]),
-        16 => json!({"role": "user"}),
-        17 => json!(["a", 1, null]),
-        18 => json!("NaN"),
-        19 => json!(-0.0),
-        20 => json!(u64::MAX),
-        _ => json!(i64::MIN),
-    }
-}
-
-/// The paths of every value in `value`, objects' keys and arrays' indices.
-fn paths(value: &Value, prefix: &mut Vec<Step>, out: &mut Vec<Vec<Step>>) {
-    out.push(prefix.clone());
-    match value {
-        Value::Object(map) => {
-            for (key, child) in map {
-                prefix.push(Step::Key(key.clone()));
-                paths(child, prefix, out);
-                prefix.pop();
-            }
-        }
-        Value::Array(items) => {
-            for (i, child) in items.iter().enumerate() {
-                prefix.push(Step::Index(i));
-                paths(child, prefix, out);
-                prefix.pop();
-            }
-        }
-        _ => {}
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Step {
-    Key(String),
-    Index(usize),
-}
-
-fn at<'a>(value: &'a mut Value, path: &[Step]) -> &'a mut Value {
-    path.iter().fold(value, |v, step| match step {
-        Step::Key(k) => &mut v[k.as_str()],
-        Step::Index(i) => &mut v[*i],
-    })
-}
-
-/// One mutation somewhere in `body`.
-fn mutate(body: &mut Value, random: &mut Random) {
-    let mut all = Vec::new();
-    paths(body, &mut Vec::new(), &mut all);
-    let path = all[random.below(all.len())].clone();
-    match random.below(5) {
-        // Replace the value.
-        0..=2 => *at(body, &path) = odd_value(random),
-        // Drop it from its object or array.
-        3 => {
-            if let Some((last, parent)) = path.split_last() {
-                match (at(body, parent), last) {
-                    (Value::Object(map), Step::Key(k)) => {
-                        map.remove(k);
-                    }
-                    (Value::Array(items), Step::Index(i)) if *i < items.len() => {
-                        items.remove(*i);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        // Add an unknown field beside it, or wrap it in an array.
-        _ => match at(body, &path) {
-            Value::Object(map) => {
-                map.insert(format!("unknown_{}", random.below(100)), odd_value(random));
-            }
-            other => {
-                let inner = other.take();
-                *other = Value::Array(vec![inner]);
-            }
-        },
-    }
 }
 
 /// Caps a served request's generation at [`MAX_TOKENS`]: a positive `max_tokens` up to the
