@@ -1,7 +1,7 @@
 //! No request body makes the server fail: a thousand valid chat requests, each mutated at one
 //! to three random places (a value replaced by an odd one, a field dropped, an unknown field
-//! added, a type changed), are sent to the real application with the real engine and a tiny
-//! random-weight model. Every answer must be a success or an Azure-shaped client error (never
+//! added, a type changed), are sent four at a time (so that they share the engine's batches)
+//! to the real application with the real engine and a tiny random-weight model. Every answer must be a success or an Azure-shaped client error (never
 //! 500), and afterwards the engine thread still runs and the server still answers.
 //!
 //! The mutations (the workspace's `json-mutations` crate, shared with the operator's
@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 
 /// Cases sent.
 const CASES: usize = 1000;
+/// Requests in flight together.
+const WAVE: usize = 4;
 /// Completion tokens a case may ask for at most: a request that would generate more (or sets
 /// no limit) is given this limit after its mutations, so that the test's time goes into many
 /// requests rather than long generations in an unoptimised test build. Values the server
@@ -120,40 +122,44 @@ async fn mutated_chat_requests_never_fail_the_server() {
     let (mut ok, mut refused) = (0, 0);
     let mut codes = std::collections::BTreeMap::<String, usize>::new();
     let started = std::time::Instant::now();
-    for case in 0..CASES {
-        let sent = std::time::Instant::now();
-        let mut body = valid[case % valid.len()].clone();
-        for _ in 0..1 + random.below(3) {
-            mutate(&mut body, &mut random);
-        }
-        bound_generation(&mut body);
-        let extra = ["pass-through", "pass-through", "drop", "error", "bogus"][random.below(5)];
-        let path = ["/chat/completions", "/v1/chat/completions"][random.below(2)];
-        let headers = [("extra-parameters", extra)];
-        let request = Request::post(path)
-            .header("content-type", "application/json")
-            .header("extra-parameters", extra)
-            .body(Body::from(body.to_string()))
-            .expect("request");
-        let (status, text) = common::send(&state, request).await;
-        check(case, &body, &headers, status, &text);
-        if sent.elapsed().as_secs_f64() > 2.0 {
-            println!(
-                "case {case} took {:.1} s: {body}",
-                sent.elapsed().as_secs_f64()
-            );
-        }
-        if status.is_success() {
-            ok += 1;
-        } else {
-            refused += 1;
-            let code = serde_json::from_str::<Value>(&text).expect("checked")["error"]["code"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            *codes
-                .entry(format!("{} {code}", status.as_u16()))
-                .or_insert(0) += 1;
+    // Four at a time, so that mutated requests share the engine's batches.
+    for wave in 0..CASES.div_ceil(WAVE) {
+        let requests: Vec<(usize, Value, &str, &str)> = (wave * WAVE..CASES.min((wave + 1) * WAVE))
+            .map(|case| {
+                let mut body = valid[case % valid.len()].clone();
+                for _ in 0..1 + random.below(3) {
+                    mutate(&mut body, &mut random);
+                }
+                bound_generation(&mut body);
+                let extra =
+                    ["pass-through", "pass-through", "drop", "error", "bogus"][random.below(5)];
+                let path = ["/chat/completions", "/v1/chat/completions"][random.below(2)];
+                (case, body, extra, path)
+            })
+            .collect();
+        let answers = futures::future::join_all(requests.iter().map(|(_, body, extra, path)| {
+            let request = Request::post(*path)
+                .header("content-type", "application/json")
+                .header("extra-parameters", *extra)
+                .body(Body::from(body.to_string()))
+                .expect("request");
+            common::send(&state, request)
+        }))
+        .await;
+        for ((case, body, extra, _), (status, text)) in requests.iter().zip(answers) {
+            check(*case, body, &[("extra-parameters", extra)], status, &text);
+            if status.is_success() {
+                ok += 1;
+            } else {
+                refused += 1;
+                let code = serde_json::from_str::<Value>(&text).expect("checked")["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                *codes
+                    .entry(format!("{} {code}", status.as_u16()))
+                    .or_insert(0) += 1;
+            }
         }
     }
     println!(
