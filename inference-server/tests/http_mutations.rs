@@ -183,3 +183,147 @@ async fn mutated_chat_requests_never_fail_the_server() {
     let (status, text) = common::send(&state, request).await;
     assert_eq!(status, StatusCode::OK, "{text}");
 }
+
+/// Values at the edges of each parameter's valid range (and a few just past them).
+fn edge_values(parameter: &str) -> Vec<Value> {
+    match parameter {
+        "temperature" => vec![json!(0), json!(1e-6), json!(1), json!(2), json!(2.5)],
+        "top_p" => vec![json!(1e-6), json!(0.01), json!(1), json!(0)],
+        "seed" => vec![json!(0), json!(u64::MAX), json!(i64::MAX), json!(-1)],
+        "presence_penalty" | "frequency_penalty" => {
+            vec![json!(-2), json!(2), json!(0), json!(2.5)]
+        }
+        "max_tokens" => vec![json!(1), json!(MAX_TOKENS), json!(0)],
+        "n" => vec![json!(1), json!(2), json!(3), json!(0)],
+        // On the Azure route `logprobs` takes the number of alternatives itself.
+        "logprobs" => vec![
+            json!(true),
+            json!(false),
+            json!(0),
+            json!(5),
+            json!(20),
+            json!(21),
+        ],
+        "stop" => vec![
+            json!("\n"),
+            json!(["a"]),
+            json!([" ", "e", "the", "\n"]),
+            json!([]),
+            json!([""]),
+            json!(["x".repeat(200)]),
+        ],
+        "stop_token_ids" => vec![json!([128_009]), json!([0]), json!([]), json!([128_255])],
+        "ignore_eos" | "skip_special_tokens" | "stream" | "use_beam_search" => {
+            vec![json!(true), json!(false)]
+        }
+        "best_of" => vec![json!(1), json!(2), json!(3)],
+        "response_format" => vec![json!({"type": "text"}), json!({"type": "json_object"})],
+        "stream_options" => vec![json!({"include_usage": true})],
+        _ => vec![Value::Null],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_but_plausible_parameters_are_served_or_refused_cleanly() {
+    const PARAMETERS: [&str; 17] = [
+        "temperature",
+        "top_p",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "max_tokens",
+        "n",
+        "logprobs",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "skip_special_tokens",
+        "stream",
+        "use_beam_search",
+        "best_of",
+        "response_format",
+        "stream_options",
+    ];
+    const EDGE_CASES: usize = 400;
+    let state = common::tiny_server(CONTEXT).await;
+    let mut random = Random(0x5eed_1234_abcd_0002);
+    let (mut ok, mut refused) = (0, 0);
+    for wave in 0..EDGE_CASES.div_ceil(WAVE) {
+        let bodies: Vec<(usize, Value)> = (wave * WAVE..EDGE_CASES.min((wave + 1) * WAVE))
+            .map(|case| {
+                let mut body = json!({"messages": [{"role": "user", "content": "Go on."}],
+                                      "max_tokens": MAX_TOKENS});
+                for _ in 0..2 + random.below(5) {
+                    let parameter = PARAMETERS[random.below(PARAMETERS.len())];
+                    let values = edge_values(parameter);
+                    body[parameter] = values[random.below(values.len())].clone();
+                }
+                (case, body)
+            })
+            .collect();
+        let answers = futures::future::join_all(
+            bodies
+                .iter()
+                .map(|(_, body)| common::post_chat(&state, body.clone())),
+        )
+        .await;
+        for ((case, body), (status, text)) in bodies.iter().zip(answers) {
+            check(
+                *case,
+                body,
+                &[("extra-parameters", "pass-through")],
+                status,
+                &text,
+            );
+            if !status.is_success() {
+                refused += 1;
+                continue;
+            }
+            ok += 1;
+            // A served request answers `n` choices (beam search: `n` of its `best_of`).
+            if !text.starts_with("data: ") {
+                let json: Value = serde_json::from_str(&text).expect("checked");
+                let n = body["n"].as_u64().unwrap_or(1);
+                assert_eq!(
+                    json["choices"].as_array().map(Vec::len),
+                    Some(n as usize),
+                    "case {case} {body}: {text}"
+                );
+                // `logprobs: k` gives every sampled token k alternatives (`true`: none).
+                let k = match &body["logprobs"] {
+                    Value::Bool(true) => Some(0),
+                    value => value.as_u64().map(|k| k as usize),
+                };
+                let beam = body["use_beam_search"] == json!(true);
+                if let (Some(k), false) = (k, beam) {
+                    let mut entries = 0;
+                    for choice in json["choices"].as_array().expect("choices") {
+                        let tokens = choice["logprobs"]["content"]
+                            .as_array()
+                            .unwrap_or_else(|| panic!("case {case} {body}: {text}"));
+                        entries += tokens.len();
+                        for token in tokens {
+                            assert_eq!(
+                                token["top_logprobs"].as_array().map(Vec::len),
+                                Some(k),
+                                "case {case} {body}: {token}"
+                            );
+                        }
+                    }
+                    // One entry per completion token, over all choices (with `best_of`
+                    // above `n`, usage also counts the candidates not returned).
+                    if body["best_of"].as_u64().is_none_or(|best_of| best_of <= n) {
+                        assert_eq!(
+                            Some(entries as u64),
+                            json["usage"]["completion_tokens"].as_u64(),
+                            "case {case} {body}: {text}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    println!("{EDGE_CASES} edge-valued requests: {ok} served, {refused} refused");
+    assert!(ok > EDGE_CASES / 4, "{ok} served");
+    assert!(state.engine().expect("engine").handle.is_running());
+}
