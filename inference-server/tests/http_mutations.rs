@@ -247,7 +247,7 @@ async fn extreme_but_plausible_parameters_are_served_or_refused_cleanly() {
     const EDGE_CASES: usize = 400;
     let state = common::tiny_server(CONTEXT).await;
     let mut random = Random(0x5eed_1234_abcd_0002);
-    let (mut ok, mut refused) = (0, 0);
+    let (mut ok, mut refused, mut streamed) = (0, 0, 0);
     for wave in 0..EDGE_CASES.div_ceil(WAVE) {
         let bodies: Vec<(usize, Value)> = (wave * WAVE..EDGE_CASES.min((wave + 1) * WAVE))
             .map(|case| {
@@ -280,8 +280,11 @@ async fn extreme_but_plausible_parameters_are_served_or_refused_cleanly() {
                 continue;
             }
             ok += 1;
-            // A served request answers `n` choices (beam search: `n` of its `best_of`).
-            if !text.starts_with("data: ") {
+            if text.starts_with("data: ") {
+                check_stream(*case, body, &text);
+                streamed += 1;
+            } else {
+                // A served request answers `n` choices (beam search: `n` of its `best_of`).
                 let json: Value = serde_json::from_str(&text).expect("checked");
                 let n = body["n"].as_u64().unwrap_or(1);
                 assert_eq!(
@@ -323,7 +326,49 @@ async fn extreme_but_plausible_parameters_are_served_or_refused_cleanly() {
             }
         }
     }
-    println!("{EDGE_CASES} edge-valued requests: {ok} served, {refused} refused");
+    println!(
+        "{EDGE_CASES} edge-valued requests: {ok} served ({streamed} streamed), {refused} refused"
+    );
     assert!(ok > EDGE_CASES / 4, "{ok} served");
+    assert!(streamed > EDGE_CASES / 20, "{streamed} streamed");
     assert!(state.engine().expect("engine").handle.is_running());
+}
+
+/// A served stream: every choice index below `n` appears and ends with exactly one
+/// `finish_reason`, and with `include_usage` one usage chunk (no choices) comes last before
+/// `[DONE]`, counting the prompt.
+fn check_stream(case: usize, body: &Value, text: &str) {
+    let chunks: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| {
+            serde_json::from_str(data).unwrap_or_else(|e| panic!("case {case}: {e}: {data}"))
+        })
+        .collect();
+    let n = body["n"].as_u64().unwrap_or(1) as usize;
+    let mut finished = vec![0usize; n];
+    for chunk in &chunks {
+        for choice in chunk["choices"].as_array().into_iter().flatten() {
+            let index = choice["index"].as_u64().expect("index") as usize;
+            assert!(index < n, "case {case} {body}: index {index} of {n}");
+            if choice["finish_reason"].is_string() {
+                finished[index] += 1;
+            }
+        }
+    }
+    assert!(
+        finished.iter().all(|&f| f == 1),
+        "case {case} {body}: finish reasons per choice {finished:?}"
+    );
+    if body["stream_options"]["include_usage"] == json!(true) {
+        let last = chunks.last().expect("chunks");
+        assert!(
+            last["usage"]["prompt_tokens"]
+                .as_u64()
+                .is_some_and(|p| p > 0),
+            "case {case} {body}: last chunk {last}"
+        );
+        assert_eq!(last["choices"], json!([]), "case {case}: {last}");
+    }
 }
