@@ -93,15 +93,14 @@ pub struct EngineHandle {
     queued: Arc<AtomicUsize>,
     /// Cleared when the engine thread ends, by return or by panic.
     running: Arc<AtomicBool>,
+    /// Its `context_tokens` is at most the model's window.
     limits: SchedulerLimits,
-    context: usize,
 }
 
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineHandle")
             .field("limits", &self.limits)
-            .field("context", &self.context)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +115,12 @@ impl EngineHandle {
     ) -> std::io::Result<Self> {
         let (jobs, inbox) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let context = limits.context_tokens.min(model.context_length());
+        // The context served never exceeds the model's: the handle's prompt check and the
+        // worker's admission both read it from here.
+        let limits = SchedulerLimits {
+            context_tokens: limits.context_tokens.min(model.context_length()),
+            ..limits
+        };
         let worker = worker::Worker::new(model, tokenizer, limits, Arc::clone(&queued), gauges);
         let running = Arc::new(AtomicBool::new(true));
         let ended = RunningFlag(Arc::clone(&running));
@@ -131,7 +135,6 @@ impl EngineHandle {
             queued,
             running,
             limits,
-            context,
         })
     }
 
@@ -144,13 +147,14 @@ impl EngineHandle {
 
     /// The model's context window.
     pub fn context_length(&self) -> usize {
-        self.context
+        self.limits.context_tokens
     }
 
     /// Most prompt tokens a request may have: one token must fit after it, in the context and
     /// in the KV budget.
     pub fn max_prompt_tokens(&self) -> usize {
-        self.context
+        self.limits
+            .context_tokens
             .min(self.limits.kv_cache_tokens)
             .saturating_sub(1)
     }

@@ -94,12 +94,12 @@ impl Worker {
                 let Some(job) = waiting.front() else { break };
                 let prompt = job.request.prompt.len();
                 let budget = self.limits.kv_cache_tokens;
-                // The context served (`contextLength`, at most the model's) bounds prompt and
-                // completion together, as the prompt check on submission does.
+                // The context served (`contextLength`, at most the model's: see
+                // `EngineHandle::start`) bounds prompt and completion together, as the prompt
+                // check on submission does.
                 let room = self
-                    .model
-                    .context_length()
-                    .min(self.limits.context_tokens)
+                    .limits
+                    .context_tokens
                     .min(budget)
                     .saturating_sub(prompt);
                 let want = prompt + job.request.max_tokens.unwrap_or(room).min(room);
