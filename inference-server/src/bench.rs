@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Dtype to run in; defaults to f32 on the CPU and bf16 on a GPU (as `serve` does).
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<DType>,
+    /// Element type of the key/value cache (f32, f16 or bf16); defaults to the server's
+    /// `engine.kvCacheDtype: auto` choice for the model.
+    #[arg(long, value_parser = parse_dtype)]
+    pub kv_dtype: Option<DType>,
     /// Batch sizes to decode at, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     pub batch: Vec<usize>,
@@ -150,6 +154,8 @@ pub struct BenchReport {
     pub model_file_bytes: u64,
     /// Threads the CPU kernels run on (`RAYON_NUM_THREADS`, else the physical cores).
     pub threads: usize,
+    /// The key/value cache's element type.
+    pub kv_dtype: String,
     /// Bytes one token takes in the key/value cache.
     pub kv_bytes_per_token: u64,
     /// Tokens the largest measurement held in key/value caches at once, all sequences.
@@ -238,12 +244,13 @@ impl BenchReport {
         let mb = |bytes: u64| bytes as f64 / 1e6;
         let _ = writeln!(
             out,
-            "peak RSS {} MB; model files {:.0} MB, key/value cache {:.0} MB ({} tokens)",
+            "peak RSS {} MB; model files {:.0} MB, key/value cache {:.0} MB ({} tokens, {})",
             self.peak_rss_bytes
                 .map_or_else(|| "unknown".to_owned(), |b| format!("{:.0}", mb(b))),
             mb(self.model_file_bytes),
             mb(self.kv_budget_bytes),
-            self.kv_tokens
+            self.kv_tokens,
+            self.kv_dtype
         );
         out
     }
@@ -345,7 +352,10 @@ fn measure_all(
             dir.display()
         )));
     }
-    let model = LlamaModel::load(dir, dtype, device)?;
+    let mut model = LlamaModel::load(dir, dtype, device)?;
+    if let Some(kv_dtype) = args.kv_dtype {
+        model.set_kv_dtype(kv_dtype)?;
+    }
     let tokenizer = LlamaTokenizer::from_dir(&tokenizer_dir_of(args, dir))?;
     let longest = args
         .prefill_tokens
@@ -429,6 +439,7 @@ fn measure_all(
             source,
         })?,
         threads: candle_core::utils::get_num_threads(),
+        kv_dtype: format!("{:?}", model.kv_dtype()).to_ascii_lowercase(),
         kv_bytes_per_token: model.kv_bytes_per_token(),
         kv_tokens,
         kv_budget_bytes: kv_tokens * model.kv_bytes_per_token(),

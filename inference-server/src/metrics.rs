@@ -38,6 +38,8 @@ pub struct EngineGauges {
     pub kv_reserved_tokens: Gauge,
     pub kv_cached_tokens: Gauge,
     pub kv_budget_tokens: Gauge,
+    /// Bytes one token takes in the KV cache (the model's shape and the cache's dtype).
+    pub kv_token_bytes: Gauge,
     pub queue_seconds: Histogram,
     pub step_seconds: Histogram,
     pub step_tokens: Counter,
@@ -136,6 +138,7 @@ impl Metrics {
             kv_reserved_tokens: Gauge::default(),
             kv_cached_tokens: Gauge::default(),
             kv_budget_tokens: Gauge::default(),
+            kv_token_bytes: Gauge::default(),
             queue_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             step_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             step_tokens: Counter::default(),
@@ -164,6 +167,12 @@ impl Metrics {
             "kv_cache_budget_tokens",
             "The KV-cache budget in tokens",
             engine.kv_budget_tokens.clone(),
+        );
+        registry.register(
+            "kv_cache_token_bytes",
+            "Bytes one token takes in the KV cache: keys and values of every layer, in the \
+             cache's dtype (engine.kvCacheDtype)",
+            engine.kv_token_bytes.clone(),
         );
         registry.register(
             "queue_wait_seconds",

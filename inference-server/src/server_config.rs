@@ -164,6 +164,12 @@ pub struct EngineConfig {
     /// KV-cache budget in tokens, summed over running sequences (each reserves its prompt
     /// plus its `max_tokens`). Unset: 4 full context windows.
     pub kv_cache_tokens: Option<usize>,
+    /// Element type of the KV cache. `auto` (the default): 16-bit (`f16`) when the weights
+    /// are stored at 16 bits or fewer (bf16/f16 safetensors, any quantized GGUF), else the
+    /// compute dtype; `f32` or `f16` choose it outright. `f16` halves the cache's memory and
+    /// the bytes each decode step reads from it, for a rounding of keys and values to 11
+    /// significant bits.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Most requests waiting for a batch slot; beyond it callers get 429.
     pub max_queue: usize,
     /// Most prompt tokens one step processes, so a long prompt does not stall decoding.
@@ -177,9 +183,32 @@ impl Default for EngineConfig {
         Self {
             max_batch_size: 16,
             kv_cache_tokens: None,
+            kv_cache_dtype: KvCacheDtype::Auto,
             max_queue: 64,
             prefill_chunk_tokens: 512,
             demo_seed: 42,
+        }
+    }
+}
+
+/// Element type of the key/value cache (`engine.kvCacheDtype`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// 16-bit for weights stored at 16 bits or fewer, else the compute dtype.
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+impl KvCacheDtype {
+    /// The dtype chosen outright; `None` for `auto` (the loader's choice stands).
+    pub fn chosen(self) -> Option<candle_core::DType> {
+        match self {
+            Self::Auto => None,
+            Self::F32 => Some(candle_core::DType::F32),
+            Self::F16 => Some(candle_core::DType::F16),
         }
     }
 }
@@ -317,5 +346,27 @@ contentSafety:
         assert!(err.contains("device: unknown device 'tpu'"), "{err}");
         let config = ServerConfig::from_yaml("device: cuda:1").expect("config");
         assert_eq!(config.device.as_deref(), Some("cuda:1"));
+        let err = ServerConfig::from_yaml("engine: {kvCacheDtype: fp8}").expect_err("fp8");
+        assert!(
+            err.contains("engine.kvCacheDtype") && err.contains("fp8"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_kv_cache_dtype_is_auto_unless_chosen() {
+        assert_eq!(
+            ServerConfig::default().engine.kv_cache_dtype,
+            KvCacheDtype::Auto
+        );
+        for (text, want) in [
+            ("auto", KvCacheDtype::Auto),
+            ("f32", KvCacheDtype::F32),
+            ("f16", KvCacheDtype::F16),
+        ] {
+            let config = ServerConfig::from_yaml(&format!("engine: {{kvCacheDtype: {text}}}"))
+                .expect("config");
+            assert_eq!(config.engine.kv_cache_dtype, want, "{text}");
+        }
     }
 }

@@ -96,8 +96,18 @@ impl AppState {
         let spec = crate::device::DeviceSpec::choose(None, None, self.config.device.as_deref())
             .map_err(|e| e.to_string())?;
         let device = spec.open().map_err(|e| e.to_string())?;
-        let model =
+        let mut model =
             LlamaModel::load(&dir, spec.default_dtype(), &device).map_err(|e| e.to_string())?;
+        if let Some(dtype) = self.config.engine.kv_cache_dtype.chosen() {
+            model
+                .set_kv_dtype(dtype)
+                .map_err(|e| format!("engine.kvCacheDtype: {e}"))?;
+        }
+        tracing::info!(
+            kv_cache_dtype = ?model.kv_dtype(),
+            kv_bytes_per_token = model.kv_bytes_per_token(),
+            "key/value cache"
+        );
         let model_context = model.context_length();
         let context = self
             .config
@@ -117,6 +127,11 @@ impl AppState {
             .engine
             .kv_budget_tokens
             .set(limits.kv_cache_tokens as i64);
+        let token_bytes = model.kv_bytes_per_token();
+        self.metrics
+            .engine
+            .kv_token_bytes
+            .set(i64::try_from(token_bytes).unwrap_or(i64::MAX));
         let tokenizer = Arc::new(tokenizer);
         let handle = EngineHandle::start(
             model,

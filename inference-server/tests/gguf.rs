@@ -21,14 +21,15 @@ use llama_server::generate_model::ModelShape;
 use llama_server::gguf_export::GgufFileType;
 
 use common::gguf::{
-    DEPTH, PROBE, Probed, compare, context, gguf_of, load, probe_logits, rewrite, scratch,
-    without_tokenizer,
+    DEPTH, PROBE, Probed, compare, context, gguf_of, load, load_with_f32_cache, probe_logits,
+    rewrite, scratch, without_tokenizer,
 };
 use common::tiny_model;
 
 /// F16 weights: each weight is rounded to 11 significant bits (relative rms error 2e-4 on these
 /// weights), which moves these logits (spread ≈ 0.16) by ~5e-5 rms; the bound is on the largest
-/// of ~1M logits.
+/// of ~1M logits. The GGUF models also hold their keys and values in f16 (the default cache for
+/// 16-bit and quantized weights); the f32 models in f32.
 const F16_MAX_ABS: f32 = 1e-3;
 /// Q8_0: 8-bit steps of each 32-weight block's largest value (relative rms error 5e-3, 26× the
 /// f16 rounding), and the activations are quantized to 8 bits too, as in llama.cpp: ≈ 2e-3 rms
@@ -276,7 +277,7 @@ fn a_llama_cpp_style_forward_pass_over_the_file_agrees_with_the_engine() {
         .expect("reference forward")
         .to_vec2()
         .expect("logits");
-    let diff = compare(&theirs, &probe_logits(&load(&path), CONTEXT));
+    let diff = compare(&theirs, &probe_logits(&load_with_f32_cache(&path), CONTEXT));
     println!("llama.cpp-style forward vs engine, same f16 file: {diff:?}");
     // Same weights, f32 compute both ways: only summation order differs.
     assert!(diff.max_abs < 1e-4, "{diff:?}");
@@ -295,7 +296,10 @@ fn a_llama_cpp_style_forward_pass_over_the_file_agrees_with_the_engine() {
         let hf_rows = hf_rows_of(&dense, heads);
         Some(QTensor::quantize(&hf_rows, GgmlDType::F16).expect("quantize"))
     });
-    let wrong = compare(&theirs, &probe_logits(&load(&unpermuted), CONTEXT));
+    let wrong = compare(
+        &theirs,
+        &probe_logits(&load_with_f32_cache(&unpermuted), CONTEXT),
+    );
     println!("engine on a file with unpermuted Q/K rows: {wrong:?}");
     assert!(wrong.max_abs > 100.0 * diff.max_abs, "{wrong:?}");
 }

@@ -14,20 +14,32 @@ use common::{GOLDEN_MODELS, golden, ids, tiny_model};
 const TOLERANCE: f32 = 1e-3;
 
 struct Loaded {
-    name: &'static str,
+    name: String,
     model: LlamaModel,
     tokenizer: LlamaTokenizer,
     golden: serde_json::Value,
 }
 
+/// Every golden model in f32 with its default (f32) key/value cache.
 fn load_all() -> Vec<Loaded> {
+    load_all_with(DType::F32)
+}
+
+/// Every golden model in f32, its key/value cache held in `kv_dtype`.
+fn load_all_with(kv_dtype: DType) -> Vec<Loaded> {
     GOLDEN_MODELS
         .iter()
         .map(|&(shape, name, seed)| {
             let dir = tiny_model(shape, seed);
+            let mut model = LlamaModel::load(&dir, DType::F32, &Device::Cpu).expect("model loads");
+            // f32 weights keep an f32 cache unless one is chosen (`auto_kv_dtype`).
+            assert_eq!(model.kv_dtype(), DType::F32, "{name}");
+            model
+                .set_kv_dtype(kv_dtype)
+                .expect("an empty pool changes type");
             Loaded {
-                name,
-                model: LlamaModel::load(&dir, DType::F32, &Device::Cpu).expect("model loads"),
+                name: format!("{name} ({kv_dtype:?} cache)"),
+                model,
                 tokenizer: LlamaTokenizer::from_dir(&dir).expect("tokenizer loads"),
                 golden: golden(&format!("{name}-seed{seed}.json")),
             }
@@ -84,7 +96,7 @@ fn tokenization_and_chat_rendering_match_transformers() {
 
 #[test]
 fn prompt_logits_match_transformers_within_tolerance() {
-    for loaded in load_all() {
+    for loaded in load_all().into_iter().chain(load_all_with(DType::F16)) {
         let logit_ids = ids(&loaded.golden["logit_ids"]);
         for prompt in prompts(&loaded.golden) {
             let input = ids(&prompt["input_ids"]);
@@ -131,7 +143,7 @@ fn prompt_logits_match_transformers_within_tolerance() {
 
 #[test]
 fn greedy_continuations_match_transformers() {
-    for loaded in load_all() {
+    for loaded in load_all().into_iter().chain(load_all_with(DType::F16)) {
         for prompt in prompts(&loaded.golden) {
             let expected = ids(&prompt["greedy"]);
             let actual = greedy_alone(&loaded.model, &ids(&prompt["input_ids"]), expected.len());
@@ -144,10 +156,12 @@ fn greedy_continuations_match_transformers() {
 fn batched_sequences_of_different_lengths_match_running_alone() {
     // Both ways decoding sequences attend: one by one on views of their rows (the CPU
     // default), and gathered into one padded batch (the GPU default).
-    for (batched, mut loaded) in [false, true]
-        .into_iter()
-        .flat_map(|b| load_all().into_iter().map(move |l| (b, l)))
-    {
+    for (batched, mut loaded) in [false, true].into_iter().flat_map(|b| {
+        load_all()
+            .into_iter()
+            .chain(load_all_with(DType::F16))
+            .map(move |l| (b, l))
+    }) {
         loaded.model.set_batched_decode(batched);
         let prompts: Vec<Vec<u32>> = prompts(&loaded.golden)
             .iter()

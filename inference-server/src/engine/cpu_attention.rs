@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use super::cpu_decode_kernel as decode_kernel;
 use super::cpu_pool::for_each_task;
 use super::cpu_prefill_attention as prefill;
-use super::cpu_slice::with_f32;
+use super::cpu_slice::{KvRows, with_f32, with_kv};
 use super::error::{EngineError, Result};
 
 /// One decoding sequence: its query token among the step's packed tokens and its history in
@@ -39,10 +39,13 @@ pub(super) struct DecodeRow {
 /// How errors name this kernel.
 const KERNEL: &str = "decode attention";
 
-/// Whether [`decode_attention`] (and [`prefill::prefill_attention`]) can run on tensors of
-/// this device and dtype, for heads of this dimension.
-pub(super) fn supported(device: &Device, dtype: DType, head_dim: usize) -> bool {
-    device.is_cpu() && dtype == DType::F32 && (1..=prefill::MAX_HEAD_DIM).contains(&head_dim)
+/// Whether [`decode_attention`] (and [`prefill::prefill_attention`]) can run on this device,
+/// for queries of `dtype`, a key/value pool of `kv_dtype` and heads of this dimension.
+pub(super) fn supported(device: &Device, dtype: DType, kv_dtype: DType, head_dim: usize) -> bool {
+    device.is_cpu()
+        && dtype == DType::F32
+        && matches!(kv_dtype, DType::F32 | DType::F16)
+        && (1..=prefill::MAX_HEAD_DIM).contains(&head_dim)
 }
 
 /// `q` is `[heads, tokens, head_dim]` (every packed token of the step), `keys` and `values`
@@ -94,8 +97,8 @@ pub(super) fn decode_attention(
     let q = q.contiguous()?;
     let mut out = vec![0f32; rows.len() * heads * head_dim];
     with_f32(&q, KERNEL, |q| {
-        with_f32(keys, KERNEL, |keys| {
-            with_f32(values, KERNEL, |values| {
+        with_kv(keys, KERNEL, |keys| {
+            with_kv(values, KERNEL, |values| {
                 // Task `s * kv_heads + g` writes query heads `g * group ..` of sequence `s`:
                 // exactly chunk `s * kv_heads + g` of the output.
                 let chunks: Vec<Mutex<&mut [f32]>> = out
@@ -147,8 +150,8 @@ thread_local! {
 fn attend_here(
     s: &prefill::Shape,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     row: DecodeRow,
     kv_head: usize,
     dst: &mut [f32],
@@ -165,8 +168,8 @@ fn attend_here(
         decode_kernel::attend(
             d,
             s.group,
-            &keys[history.clone()],
-            &values[history],
+            keys.slice(history.clone()),
+            values.slice(history),
             scratch,
             dst,
         )
@@ -210,15 +213,19 @@ mod tests {
     fn matches_candle_for_every_sequence_of_a_batch() -> Result<()> {
         // 8 query heads on 2 key/value heads. Head dimensions 16, 32, 64 and 128 run the
         // AVX2 decode kernel where the CPU has it, 20 the prefill kernel; queries scaled up
-        // make the softmax peaky, so the rescaling between 64-key blocks shows.
-        for (head_dim, sharpness) in [
+        // make the softmax peaky, so the rescaling between 64-key blocks shows. An f16 pool
+        // is read converted to f32: the result is candle's on the same rounded values.
+        for ((head_dim, sharpness), kv_dtype) in [
             (64, 1.0),
             (64, 8.0),
             (20, 1.0),
             (16, 1.0),
             (32, 4.0),
             (128, 1.0),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|shape| [(shape, DType::F32), (shape, DType::F16)])
+        {
             let (heads, kv_heads, tokens, pool_rows) = (8, 2, 5, 200);
             let dev = Device::Cpu;
             let q = (Tensor::from_vec(
@@ -236,6 +243,8 @@ mod tests {
                 (kv_heads, pool_rows, head_dim),
                 &dev,
             )?;
+            let (keys, vals) = (keys.to_dtype(kv_dtype)?, vals.to_dtype(kv_dtype)?);
+            let (exact_keys, exact_vals) = (keys.to_dtype(DType::F32)?, vals.to_dtype(DType::F32)?);
             let rows = [
                 DecodeRow {
                     token: 4,
@@ -263,7 +272,9 @@ mod tests {
             assert_eq!(out.dims(), [rows.len(), heads * head_dim]);
             for (i, &row) in rows.iter().enumerate() {
                 let got: Vec<f32> = out.narrow(0, i, 1)?.flatten_all()?.to_vec1()?;
-                let want: Vec<f32> = reference(&q, &keys, &vals, row)?.flatten_all()?.to_vec1()?;
+                let want: Vec<f32> = reference(&q, &exact_keys, &exact_vals, row)?
+                    .flatten_all()?
+                    .to_vec1()?;
                 let worst = got
                     .iter()
                     .zip(&want)
@@ -271,7 +282,7 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(
                     worst < 1e-5,
-                    "{row:?} (head_dim {head_dim}): off by {worst}"
+                    "{row:?} (head_dim {head_dim}, {kv_dtype:?} pool): off by {worst}"
                 );
             }
             // A sequence's output does not depend on the others in the batch.

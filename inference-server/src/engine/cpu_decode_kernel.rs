@@ -21,19 +21,23 @@
 #![allow(unsafe_code)]
 
 use super::cpu_prefill_attention::refill;
+use super::cpu_slice::KvRows;
 
 /// Keys a block: the scores of a block (group × 64 floats) and its keys and values (16 KiB
 /// each at head_dim 64) stay in L1 while the group's heads walk them.
 pub(super) const BLOCK: usize = 64;
 
 /// A worker thread's buffers, kept between tasks: the group's scaled query rows, one block's
-/// scores, and per head the running maximum and sum of exponentials.
+/// scores, per head the running maximum and sum of exponentials, and one block's keys and
+/// values converted to f32 (for an f16 pool).
 #[derive(Default)]
 pub(super) struct Scratch {
     pub(super) q: Vec<f32>,
     scores: Vec<f32>,
     max: Vec<f32>,
     sum: Vec<f32>,
+    block_keys: Vec<f32>,
+    block_values: Vec<f32>,
 }
 
 /// Whether the kernel takes heads of dimension `head_dim` on this CPU (AVX2 and FMA, a head
@@ -61,8 +65,8 @@ pub(super) fn supported(head_dim: usize) -> bool {
 pub(super) fn attend(
     head_dim: usize,
     group: usize,
-    keys: &[f32],
-    values: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     scratch: &mut Scratch,
     out: &mut [f32],
 ) -> bool {
@@ -96,7 +100,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::cpu_prefill_attention::exponentials;
-    use super::{BLOCK, Scratch};
+    use super::{BLOCK, KvRows, Scratch};
 
     /// Eight floats from `values[at..]`.
     #[inline]
@@ -147,8 +151,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn attend<const D8: usize>(
         group: usize,
-        keys: &[f32],
-        values: &[f32],
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
         scratch: &mut Scratch,
         out: &mut [f32],
     ) {
@@ -156,8 +160,8 @@ mod avx2 {
         let len = keys.len() / d;
         for k0 in (0..len).step_by(BLOCK) {
             let n = BLOCK.min(len - k0);
-            let block_keys = &keys[k0 * d..(k0 + n) * d];
-            let block_values = &values[k0 * d..(k0 + n) * d];
+            let block_keys = keys.f32_run(k0 * d..(k0 + n) * d, &mut scratch.block_keys);
+            let block_values = values.f32_run(k0 * d..(k0 + n) * d, &mut scratch.block_values);
             for h in 0..group {
                 let query = &scratch.q[h * d..(h + 1) * d];
                 let scores = &mut scratch.scores[h * BLOCK..(h + 1) * BLOCK];

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use candle_core::{Device, Tensor};
 
 use super::cpu_pool::for_each_task;
-use super::cpu_slice::with_f32;
+use super::cpu_slice::{KvRows, with_f32, with_kv};
 use super::error::{EngineError, Result};
 
 /// One prefilling sequence of a step.
@@ -51,6 +51,9 @@ struct Scratch {
     /// Per query row: running maximum score and sum of exponentials.
     max: Vec<f32>,
     sum: Vec<f32>,
+    /// The current block's keys and values converted to f32 (for an f16 pool).
+    block_keys: Vec<f32>,
+    block_values: Vec<f32>,
 }
 
 thread_local! {
@@ -103,8 +106,8 @@ pub(super) fn prefill_attention(
     let q = q.contiguous()?;
     let mut out = vec![0f32; seq.new * heads * head_dim];
     with_f32(&q, KERNEL, |q| {
-        with_f32(keys, KERNEL, |keys| {
-            with_f32(values, KERNEL, |values| {
+        with_kv(keys, KERNEL, |keys| {
+            with_kv(values, KERNEL, |values| {
                 let chunks: Vec<Mutex<&mut [f32]>> = out
                     .chunks_mut(block * heads * head_dim)
                     .map(Mutex::new)
@@ -165,7 +168,14 @@ pub(super) struct Work {
 impl Shape {
     /// Runs `work` on the calling thread with its buffers, through the fastest kernel the
     /// CPU has.
-    pub(super) fn run(&self, q: &[f32], keys: &[f32], values: &[f32], work: Work, dst: &mut [f32]) {
+    pub(super) fn run(
+        &self,
+        q: &[f32],
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
+        work: Work,
+        dst: &mut [f32],
+    ) {
         SCRATCH.with_borrow_mut(|scratch| {
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
@@ -192,7 +202,7 @@ impl Shape {
 mod fma {
     use std::arch::x86_64::*;
 
-    use super::{KEYS, Scratch, Shape, Work, attend, transpose_scalar};
+    use super::{KEYS, KvRows, Scratch, Shape, Work, attend, transpose_scalar};
 
     /// [`super::transpose`] in 8 × 8 tiles: eight keys' eight dimensions are loaded, turned
     /// with unpack, shuffle and lane permutes, and stored as eight columns.
@@ -248,8 +258,8 @@ mod fma {
     pub(super) fn block_64(
         s: &Shape,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: KvRows<'_>,
+        v: KvRows<'_>,
         work: Work,
         scratch: &mut Scratch,
         dst: &mut [f32],
@@ -261,8 +271,8 @@ mod fma {
     pub(super) fn block_128(
         s: &Shape,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: KvRows<'_>,
+        v: KvRows<'_>,
         work: Work,
         scratch: &mut Scratch,
         dst: &mut [f32],
@@ -274,8 +284,8 @@ mod fma {
     pub(super) fn block_any(
         s: &Shape,
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: KvRows<'_>,
+        v: KvRows<'_>,
         work: Work,
         scratch: &mut Scratch,
         dst: &mut [f32],
@@ -382,8 +392,8 @@ fn attend<const FMA: bool>(
     s: &Shape,
     d: usize,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     work: Work,
     scratch: &mut Scratch,
     dst: &mut [f32],
@@ -406,8 +416,9 @@ fn attend<const FMA: bool>(
         let history = (kv_head * s.pool_rows + seq.start) * d;
         for k0 in (0..len).step_by(KEYS) {
             let n = KEYS.min(len - k0);
-            let block_keys = &keys[history + k0 * d..][..n * d];
-            let block_values = &values[history + k0 * d..][..n * d];
+            let block = history + k0 * d..history + (k0 + n) * d;
+            let block_keys = keys.f32_run(block.clone(), &mut scratch.block_keys);
+            let block_values = values.f32_run(block, &mut scratch.block_values);
             transpose::<FMA>(block_keys, d, &mut scratch.keys_t);
             for r in 0..rows {
                 let (h, i) = (r / count, r % count);
@@ -521,8 +532,12 @@ mod tests {
     #[test]
     fn matches_candle_for_chunks_with_and_without_a_past() -> Result<()> {
         let dev = Device::Cpu;
-        // head_dim 64 and 128 (the constant-dimension kernels), 16 and 20 (any dimension).
-        for head_dim in [64, 128, 16, 20] {
+        // head_dim 64 and 128 (the constant-dimension kernels), 16 and 20 (any dimension);
+        // f32 and f16 pools (an f16 one gives candle's result on the same rounded values).
+        for (head_dim, kv_dtype) in [64, 128, 16, 20]
+            .into_iter()
+            .flat_map(|d| [(d, DType::F32), (d, DType::F16)])
+        {
             let (heads, kv_heads, tokens, pool_rows) = (8, 2, 150, 400);
             let q = Tensor::from_vec(
                 values(heads * tokens * head_dim, 1),
@@ -540,6 +555,8 @@ mod tests {
                 (kv_heads, pool_rows, head_dim),
                 &dev,
             )?;
+            let (keys, vals) = (keys.to_dtype(kv_dtype)?, vals.to_dtype(kv_dtype)?);
+            let (exact_keys, exact_vals) = (keys.to_dtype(DType::F32)?, vals.to_dtype(DType::F32)?);
             for seq in [
                 // A whole prompt, one key block and a bit.
                 PrefillRows {
@@ -572,7 +589,9 @@ mod tests {
                 let got: Vec<f32> = prefill_attention(&q, &keys, &vals, seq)?
                     .flatten_all()?
                     .to_vec1()?;
-                let want: Vec<f32> = reference(&q, &keys, &vals, seq)?.flatten_all()?.to_vec1()?;
+                let want: Vec<f32> = reference(&q, &exact_keys, &exact_vals, seq)?
+                    .flatten_all()?
+                    .to_vec1()?;
                 assert_eq!(got.len(), want.len());
                 let worst = got
                     .iter()
@@ -581,7 +600,7 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(
                     worst < 1e-5,
-                    "{seq:?} (head_dim {head_dim}): off by {worst}"
+                    "{seq:?} (head_dim {head_dim}, {kv_dtype:?} pool): off by {worst}"
                 );
             }
         }
@@ -620,15 +639,16 @@ mod tests {
             };
             let len = 9 * heads * head_dim;
             let mut dispatched = vec![0f32; len];
-            shape.run(&q, &keys, &vals, work.clone(), &mut dispatched);
+            let (keys, vals) = (KvRows::F32(&keys), KvRows::F32(&vals));
+            shape.run(&q, keys, vals, work.clone(), &mut dispatched);
             let mut portable = vec![0f32; len];
             let mut scratch = Scratch::default();
             attend::<false>(
                 &shape,
                 head_dim,
                 &q,
-                &keys,
-                &vals,
+                keys,
+                vals,
                 work,
                 &mut scratch,
                 &mut portable,

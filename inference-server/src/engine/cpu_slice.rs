@@ -1,6 +1,11 @@
-//! Borrowing a CPU tensor's f32 elements in place, for the engine's own CPU kernels.
+//! Borrowing a CPU tensor's f32 elements in place, for the engine's own CPU kernels, and the
+//! key/value pool's rows, f32 or f16, for the attention kernels.
+
+use std::ops::Range;
 
 use candle_core::{Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::error::{EngineError, Result};
 
@@ -25,6 +30,81 @@ pub(super) fn with_f32<R>(
     f(&cpu.as_slice::<f32>()?[start..end])
 }
 
+/// Keys or values of the key/value pool, as the attention kernels read them: f32 in place,
+/// or f16 converted to f32 a block at a time (so a block is read from memory at half the
+/// bytes and converted in L1).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> KvRows<'a> {
+    /// Elements held.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether no element is held.
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `range`, still in the pool's type.
+    pub(super) fn slice(&self, range: Range<usize>) -> KvRows<'a> {
+        match self {
+            Self::F32(v) => Self::F32(&v[range]),
+            Self::F16(v) => Self::F16(&v[range]),
+        }
+    }
+
+    /// Elements `range` as f32: in place for f32 rows, converted into `buffer` (whose
+    /// allocation the caller keeps between blocks) for f16 rows.
+    pub(super) fn f32_run<'b>(&self, range: Range<usize>, buffer: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match self {
+            Self::F32(v) => &v[range],
+            Self::F16(v) => {
+                let run = &v[range];
+                buffer.clear();
+                buffer.resize(run.len(), 0.0);
+                // Eight at a time with F16C where the CPU has it (half's runtime detection).
+                run.convert_to_f32_slice(buffer);
+                buffer
+            }
+        }
+    }
+}
+
+/// Runs `f` on the elements of a contiguous CPU tensor of f32 or f16 (a layer of the
+/// key/value pool). `kernel` names the caller in the error any other tensor gets.
+pub(super) fn with_kv<R>(
+    t: &Tensor,
+    kernel: &str,
+    f: impl FnOnce(KvRows<'_>) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(EngineError::InvalidInput(format!(
+            "{kernel} runs on the CPU only"
+        )));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(EngineError::InvalidInput(format!(
+            "{kernel} needs contiguous tensors"
+        )));
+    };
+    match t.dtype() {
+        candle_core::DType::F16 => f(KvRows::F16(&cpu.as_slice::<f16>()?[start..end])),
+        _ => f(KvRows::F32(&cpu.as_slice::<f32>()?[start..end])),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device};
@@ -42,6 +122,24 @@ mod tests {
             "{strided:?}"
         );
         assert!(with_f32(&t.to_dtype(DType::F16)?, "test", |_| Ok(())).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn kv_rows_read_f32_in_place_and_f16_converted() -> Result<()> {
+        let t = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((3, 4))?;
+        let mut buffer = Vec::new();
+        for dtype in [DType::F32, DType::F16] {
+            let view = t.to_dtype(dtype)?.narrow(0, 1, 2)?;
+            let got = with_kv(&view, "test", |rows| {
+                assert_eq!(rows.len(), 8);
+                let tail = rows.slice(2..8);
+                Ok(tail.f32_run(1..4, &mut buffer).to_vec())
+            })?;
+            assert_eq!(got, [7.0, 8.0, 9.0], "{dtype:?}");
+        }
+        assert!(with_kv(&t.t()?, "test", |_| Ok(())).is_err());
+        assert!(with_kv(&t.to_dtype(DType::BF16)?, "test", |_| Ok(())).is_err());
         Ok(())
     }
 }

@@ -123,8 +123,8 @@ impl KvCache {
         }
         let row = self.reserve(new)?;
         let (keys, values) = self.pool.layer(layer)?;
-        keys.slice_set(&k.contiguous()?, 1, row)?;
-        values.slice_set(&v.contiguous()?, 1, row)?;
+        keys.slice_set(&k.to_dtype(keys.dtype())?.contiguous()?, 1, row)?;
+        values.slice_set(&v.to_dtype(values.dtype())?.contiguous()?, 1, row)?;
         let (start, total) = (self.extent.start, self.len + new);
         let views = (
             keys.narrow(1, start, total)?,

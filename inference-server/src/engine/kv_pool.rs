@@ -68,6 +68,11 @@ impl KvPool {
         }
     }
 
+    /// The element type of the keys and values.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Layers the pool holds keys and values for.
     pub fn num_layers(&self) -> usize {
         self.layers

@@ -184,9 +184,11 @@ impl LlamaModel {
             linear("lm_head.weight", config.vocab_size, hidden)?
         };
         let rope = Rope::new(&config, device)?;
+        let stored = weights.stored_dtype("model.embed_tokens.weight");
+        let kv_dtype = auto_kv_dtype(dtype, stored.is_some_and(|d| d.size_in_bytes() <= 2));
         Ok(Self::assemble(
             config,
-            dtype,
+            (dtype, kv_dtype),
             device,
             embed_tokens,
             layers,
@@ -196,11 +198,12 @@ impl LlamaModel {
         ))
     }
 
-    /// The model from its parts, with an empty key/value pool on `device`.
+    /// The model from its parts, computing in `dtypes.0`, with an empty key/value pool of
+    /// `dtypes.1` on `device`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn assemble(
         config: LlamaConfig,
-        dtype: DType,
+        (dtype, kv_dtype): (DType, DType),
         device: &Device,
         embed_tokens: Embedding,
         layers: Vec<DecoderLayer>,
@@ -212,7 +215,7 @@ impl LlamaModel {
             config.num_hidden_layers,
             config.kv_heads(),
             config.head_dim(),
-            dtype,
+            kv_dtype,
             device,
         ));
         Self {
@@ -245,6 +248,35 @@ impl LlamaModel {
                 .layers
                 .iter()
                 .all(|layer| layer.linears().iter().all(|l| l.on_engine_kernels()))
+    }
+
+    /// The element type of the key/value cache.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_pool.dtype()
+    }
+
+    /// Chooses the element type of the key/value cache (the loader chose one by
+    /// [`auto_kv_dtype`]): f32, f16 or bf16. Only before any cache holds rows: the pool is
+    /// replaced by an empty one of that type.
+    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(EngineError::InvalidInput(format!(
+                "a key/value cache of {dtype:?} (f32, f16 or bf16)"
+            )));
+        }
+        if self.kv_pool.rows() > 0 {
+            return Err(EngineError::InvalidInput(
+                "the key/value cache's dtype changes only before any cache holds rows".into(),
+            ));
+        }
+        self.kv_pool = Arc::new(KvPool::new(
+            self.config.num_hidden_layers,
+            self.config.kv_heads(),
+            self.config.head_dim(),
+            dtype,
+            &self.device,
+        ));
+        Ok(())
     }
 
     /// The key/value pool the caches of this model take their rows from.
@@ -431,12 +463,12 @@ impl LlamaModel {
     }
 
     /// Bytes one token occupies in a sequence's key/value cache: keys and values of every
-    /// layer, in the compute dtype.
+    /// layer, in the cache's dtype.
     pub fn kv_bytes_per_token(&self) -> u64 {
         (2 * self.config.num_hidden_layers
             * self.config.kv_heads()
             * self.config.head_dim()
-            * self.dtype.size_in_bytes()) as u64
+            * self.kv_dtype().size_in_bytes()) as u64
     }
 
     /// Rejects a batch before any cache is touched.
@@ -501,6 +533,8 @@ impl LlamaModel {
         let k = Rope::apply(&heads_first(attn.k_proj.forward(h)?, kv_heads)?, cos, sin)?;
         let v = heads_first(attn.v_proj.forward(h)?, kv_heads)?;
         let (keys, values) = self.kv_pool.layer(index)?;
+        // The pool may hold a narrower type than the compute dtype (`auto_kv_dtype`).
+        let (k, v) = (k.to_dtype(keys.dtype())?, v.to_dtype(values.dtype())?);
         match &plan.write {
             Write::Contiguous(row) => {
                 keys.slice_set(&k, 1, *row)?;
@@ -609,10 +643,12 @@ impl LlamaModel {
             .contiguous()?;
         let k = keys
             .index_select(&decode.history_rows, 1)?
-            .reshape((kv_heads, batch, longest, head_dim))?;
+            .reshape((kv_heads, batch, longest, head_dim))?
+            .to_dtype(self.dtype)?;
         let v = values
             .index_select(&decode.history_rows, 1)?
-            .reshape((kv_heads, batch, longest, head_dim))?;
+            .reshape((kv_heads, batch, longest, head_dim))?
+            .to_dtype(self.dtype)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
         let scores = scores.broadcast_add(&decode.mask)?;
@@ -632,6 +668,7 @@ impl LlamaModel {
         let kv_heads = k.dim(0)?;
         let total = k.dim(1)?;
         let group = heads / kv_heads;
+        let (k, v) = (&k.to_dtype(self.dtype)?, &v.to_dtype(self.dtype)?);
         // Query heads h = kv * group + r share key/value head kv (Hugging Face's repeat_kv).
         let q = q.reshape((kv_heads, group * new, head_dim))?;
         let scale = 1.0 / (head_dim as f64).sqrt();
@@ -656,6 +693,18 @@ impl LlamaModel {
             .reshape((heads, new, head_dim))?
             .transpose(0, 1)?
             .reshape((new, heads * head_dim))?)
+    }
+}
+
+/// The key/value cache's element type when none is chosen: f16 where the engine computes in
+/// f32 but the weights were stored at 16 bits or fewer (bf16 or f16 safetensors, a quantized
+/// GGUF file), as llama.cpp's and vLLM's caches are 16-bit for such models; otherwise the
+/// compute dtype (f32 weights are kept exact end to end, which the reference checks rely on).
+pub fn auto_kv_dtype(compute: DType, stored_16bit_or_less: bool) -> DType {
+    if compute == DType::F32 && stored_16bit_or_less {
+        DType::F16
+    } else {
+        compute
     }
 }
 
@@ -740,7 +789,12 @@ impl AttentionPlan {
             decoding.clear();
         }
         let mut fused = Vec::new();
-        if cpu_attention::supported(device, model.dtype, model.config.head_dim()) {
+        if cpu_attention::supported(
+            device,
+            model.dtype,
+            model.kv_dtype(),
+            model.config.head_dim(),
+        ) {
             let mut token = 0;
             for seq in &mut sequences {
                 if seq.decode_index.is_none() && seq.new == 1 {
@@ -809,7 +863,12 @@ impl AttentionPlan {
             decode,
             fused,
             all_decode_in_order,
-            cpu_prefill: cpu_attention::supported(device, model.dtype, model.config.head_dim()),
+            cpu_prefill: cpu_attention::supported(
+                device,
+                model.dtype,
+                model.kv_dtype(),
+                model.config.head_dim(),
+            ),
         })
     }
 }

@@ -77,6 +77,13 @@ impl WeightFiles {
         self.routing.contains_key(name)
     }
 
+    /// The dtype tensor `name` is stored in, where a file holds it and candle reads its type.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let index = *self.routing.get(name)?;
+        let view = self.files[index].1.get(name).ok()?;
+        DType::try_from(view.dtype()).ok()
+    }
+
     /// Loads tensor `name`, checking it has `shape`, converted to `dtype` on `device`.
     pub fn load(
         &self,

@@ -65,6 +65,15 @@ pub fn load(path: &Path) -> LlamaModel {
         .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }
 
+/// [`load`], with an f32 key/value cache instead of the f16 one GGUF files get by default:
+/// for comparisons with a forward pass that is f32 throughout.
+pub fn load_with_f32_cache(path: &Path) -> LlamaModel {
+    let mut model = load(path);
+    assert_eq!(model.kv_dtype(), DType::F16, "a GGUF file's default cache");
+    model.set_kv_dtype(DType::F32).expect("an empty pool");
+    model
+}
+
 /// Deterministic context tokens, spread over the vocabulary.
 pub fn context(len: usize) -> Vec<u32> {
     (0..len)

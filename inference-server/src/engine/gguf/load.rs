@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::file::GgufFile;
@@ -11,7 +11,7 @@ use super::layout::{self, OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD, block_ten
 use super::metadata;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::linear::{Embedding, Linear};
-use crate::engine::model::{Attention, DecoderLayer, LlamaModel, Mlp};
+use crate::engine::model::{Attention, DecoderLayer, LlamaModel, Mlp, auto_kv_dtype};
 use crate::engine::rope::Rope;
 
 impl LlamaModel {
@@ -40,6 +40,7 @@ impl LlamaModel {
             device,
         };
         let embedding = reader.qtensor(TOKEN_EMBD, &[config.vocab_size, hidden])?;
+        let embedding_dtype = embedding.dtype();
         let embed_tokens = Embedding::from_qtensor(embedding, dtype)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -73,9 +74,10 @@ impl LlamaModel {
             tied = config.tie_word_embeddings,
             "GGUF model loaded"
         );
+        let kv_dtype = auto_kv_dtype(dtype, embedding_dtype != GgmlDType::F32);
         Ok(Self::assemble(
             config,
-            dtype,
+            (dtype, kv_dtype),
             device,
             embed_tokens,
             layers,
