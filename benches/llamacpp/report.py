@@ -134,7 +134,7 @@ def quant_section(quant, ours, theirs, batches, prefills):
     lines.append("")
     lines.append(
         f"Key/value cache: llama-server {ours['kv_bytes_per_token'] / 1024:.0f} KiB a token "
-        f"(f32), {mb(ours['kv_budget_bytes'])} for the largest measurement "
+        f"({ours.get('kv_dtype', 'f32')}), {mb(ours['kv_budget_bytes'])} for the largest measurement "
         f"({ours['kv_tokens']} tokens); llama.cpp allocates one unified f16 cache of "
         f"{theirs['n_ctx']} cells."
     )
@@ -252,7 +252,8 @@ def main():
     out.append(
         "- llama.cpp runs with its defaults otherwise: the file memory-mapped, flash attention "
         f"`auto` (on for the CPU), f16 key/value cache; llama-server computes in "
-        f"{first_ours['dtype']} with an {first_ours['dtype']} key/value cache; Q8_0, Q4_K and "
+        f"{first_ours['dtype']} with an {first_ours.get('kv_dtype', first_ours['dtype'])} "
+        "key/value cache (`engine.kvCacheDtype: auto`); Q8_0, Q4_K and "
         "Q6_K matrices are multiplied by the engine's own kernels (AVX2; AVX-VNNI for Q8_0, "
         "AVX-512 VNNI/BW for Q4_K and Q6_K where the CPU has them) over one copy of the "
         "weights, interleaved at load time (Q8_0 in blocks of four rows, K-quants of eight), "
