@@ -2,9 +2,10 @@
 //!
 //! Every sequence owns its cache, so a scheduler can add a sequence to the running batch or
 //! drop it between two forward steps without touching the others; dropping the cache gives its
-//! rows back. The run grows by doubling (the filled rows are copied to a new run), so appending
-//! a token writes only that token; a cache that knows the most tokens it will hold
-//! ([`KvCache::with_limit`]) never takes more rows than that.
+//! rows back. The run grows by doubling, in place where the rows after it are free, else by
+//! copying the filled rows to a new run, so appending a token writes only that token; a cache
+//! that knows the most tokens it will hold ([`KvCache::with_limit`]) never takes more rows
+//! than that.
 
 use std::sync::Arc;
 
@@ -80,10 +81,21 @@ impl KvCache {
         if self.extent.len < needed {
             let doubled = (self.extent.len * 2).max(MIN_CAPACITY);
             let target = match self.limit {
+                // Within one doubling of the limit, the limit itself: the run then never
+                // moves for its last few tokens (a prompt of 2,048 tokens with 16 to
+                // generate takes 2,064 rows at once, not 2,048 and then a copy to 4,096).
+                Some(limit) if needed <= limit && doubled.saturating_mul(2) >= limit => limit,
                 Some(limit) if needed <= limit => doubled.min(limit),
                 _ => doubled,
             };
-            let run = self.pool.allocate(needed.max(target))?;
+            let want = needed.max(target);
+            if self.extent.len > 0
+                && let Some(longer) = self.pool.extend(self.extent, want)?
+            {
+                self.extent = longer;
+                return Ok(self.extent.start + self.len);
+            }
+            let run = self.pool.allocate(want)?;
             if let Err(err) = self.pool.copy_rows(self.extent, run, self.len) {
                 self.pool.release(run);
                 return Err(err);
@@ -218,15 +230,43 @@ mod tests {
 
     #[test]
     fn a_limited_cache_grows_to_its_limit_and_past_it_only_when_needed() -> Result<()> {
-        let mut cache = KvCache::with_limit(pool(1), 100);
+        let mut cache = KvCache::with_limit(pool(1), 250);
         cache.append(0, &tokens(0.0, 5)?, &tokens(0.0, 5)?)?;
         assert_eq!(cache.capacity(), MIN_CAPACITY);
         cache.append(0, &tokens(0.0, 70)?, &tokens(0.0, 70)?)?;
-        // Doubling would give 128; the limit stops it at 100.
-        assert_eq!(cache.capacity(), 100);
+        // Doubling gives 128, and the next doubling would pass the limit: 250 at once.
+        assert_eq!(cache.capacity(), 250);
+        cache.append(0, &tokens(0.0, 25)?, &tokens(0.0, 25)?)?;
+        assert_eq!((cache.len(), cache.capacity()), (100, 250));
+        let mut cache = KvCache::with_limit(pool(1), 100);
+        cache.append(0, &tokens(0.0, 75)?, &tokens(0.0, 75)?)?;
         // Past the limit, doubling again.
         cache.append(0, &tokens(0.0, 30)?, &tokens(0.0, 30)?)?;
         assert_eq!((cache.len(), cache.capacity()), (105, 200));
+        // Alone in its pool, the run grew in place each time.
+        assert_eq!(cache.start(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_cache_moves_when_another_run_follows_it_and_keeps_its_tokens() -> Result<()> {
+        let pool = pool(1);
+        let mut first = KvCache::new(pool.clone());
+        first.append(0, &tokens(0.0, 5)?, &tokens(0.0, 5)?)?;
+        let mut second = KvCache::new(pool.clone());
+        second.append(0, &tokens(100.0, 5)?, &tokens(100.0, 5)?)?;
+        assert_eq!((first.start(), second.start()), (0, MIN_CAPACITY));
+        // `second` lies right after `first`: growing past 64 moves `first` to a new run.
+        let (k, _) = first.append(0, &tokens(200.0, 60)?, &tokens(200.0, 60)?)?;
+        assert_ne!(first.start(), 0);
+        assert_eq!(values(&k.narrow(1, 0, 5)?)?, values(&tokens(0.0, 5)?)?);
+        assert_eq!(values(&k.narrow(1, 5, 60)?)?, values(&tokens(200.0, 60)?)?);
+        // `first`'s new run now follows `second`, so `second` moves too; its tokens stay.
+        let (k, _) = second.append(0, &tokens(300.0, 60)?, &tokens(300.0, 60)?)?;
+        assert_eq!(values(&k.narrow(1, 0, 5)?)?, values(&tokens(100.0, 5)?)?);
+        assert_eq!(values(&k.narrow(1, 5, 60)?)?, values(&tokens(300.0, 60)?)?);
+        drop((first, second));
+        assert_eq!(pool.free_rows(), pool.rows());
         Ok(())
     }
 

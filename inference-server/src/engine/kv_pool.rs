@@ -15,6 +15,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
+use half::vec::HalfBitsVecExt;
 
 use super::error::{EngineError, Result};
 
@@ -46,6 +47,9 @@ struct PoolState {
     rows: usize,
     /// Free runs, sorted by start, never adjacent to each other.
     free: Vec<Extent>,
+    /// One past the highest row ever handed out: the rows above it were never written, so
+    /// growth does not copy them (and on the CPU their pages are never touched).
+    high_water: usize,
 }
 
 impl KvPool {
@@ -112,6 +116,51 @@ impl KvPool {
         })
     }
 
+    /// Lengthens `extent` in place to `len` rows where the rows right after it are free,
+    /// growing the pool first when the extent ends at the pool's last used row. `None` where
+    /// another run is in the way: the caller then moves to a new run. Growing in place copies
+    /// nothing and leaves no hole behind, so caches that grow a step at a time (a prompt fed
+    /// in chunks) do not scatter freed runs over the pool.
+    pub(crate) fn extend(&self, extent: Extent, len: usize) -> Result<Option<Extent>> {
+        let Some(more) = len.checked_sub(extent.len).filter(|&m| m > 0) else {
+            return Ok(Some(extent));
+        };
+        let end = extent.start + extent.len;
+        let mut state = self.lock();
+        let after = state.free.iter().position(|e| e.start == end);
+        let room = after.map_or(0, |i| state.free[i].len);
+        if room < more {
+            let at_top = after.map_or(end == state.rows, |i| {
+                state.free[i].start + state.free[i].len == state.rows
+            });
+            if !at_top {
+                return Ok(None);
+            }
+            self.grow(&mut state, more)?;
+        }
+        let Some(index) = state
+            .free
+            .iter()
+            .position(|e| e.start == end && e.len >= more)
+        else {
+            return Ok(None);
+        };
+        let run = state.free[index];
+        if run.len == more {
+            state.free.remove(index);
+        } else {
+            state.free[index] = Extent {
+                start: run.start + more,
+                len: run.len - more,
+            };
+        }
+        state.high_water = state.high_water.max(end + more);
+        Ok(Some(Extent {
+            start: extent.start,
+            len,
+        }))
+    }
+
     /// Gives a run back.
     pub(crate) fn release(&self, extent: Extent) {
         if extent.len > 0 {
@@ -145,12 +194,16 @@ impl KvPool {
             .max(state.rows + len - trailing)
             .max(MIN_ROWS);
         let shape = (self.kv_heads, rows, self.head_dim);
+        let written = state.high_water;
         // Layer by layer, each old tensor dropped as soon as it is copied: growing holds one
-        // layer twice at most, not the whole cache (the peak memory of a growth).
+        // layer twice at most, not the whole cache (the peak memory of a growth). Only the
+        // rows below the high-water mark are copied: the others were never written.
         let grown = |old: Option<&Tensor>| -> Result<Tensor> {
-            let new = Tensor::zeros(shape, self.dtype, &self.device)?;
-            if let Some(old) = old {
-                new.slice_set(old, 1, 0)?;
+            let new = zeros(shape, self.dtype, &self.device)?;
+            if let Some(old) = old
+                && written > 0
+            {
+                new.slice_set(&old.narrow(1, 0, written)?.contiguous()?, 1, 0)?;
             }
             Ok(new)
         };
@@ -182,11 +235,30 @@ impl KvPool {
     }
 }
 
+/// A zeroed pool tensor. On the CPU every dtype's zeros come from the allocator's zeroed
+/// memory (a fresh mapping), whose pages become resident only when a row is written: candle
+/// fills 16-bit zeros element by element, which would make a grown pool resident at once.
+fn zeros(shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    let count = shape.0 * shape.1 * shape.2;
+    match dtype {
+        DType::F16 if device.is_cpu() => {
+            let values: Vec<half::f16> = vec![0u16; count].reinterpret_into();
+            Ok(Tensor::from_vec(values, shape, device)?)
+        }
+        DType::BF16 if device.is_cpu() => {
+            let values: Vec<half::bf16> = vec![0u16; count].reinterpret_into();
+            Ok(Tensor::from_vec(values, shape, device)?)
+        }
+        _ => Ok(Tensor::zeros(shape, dtype, device)?),
+    }
+}
+
 impl PoolState {
     /// First fit: the lowest free run of at least `len` rows, split if longer.
     fn take(&mut self, len: usize) -> Option<Extent> {
         let index = self.free.iter().position(|e| e.len >= len)?;
         let run = self.free[index];
+        self.high_water = self.high_water.max(run.start + len);
         if run.len == len {
             self.free.remove(index);
         } else {
@@ -253,6 +325,75 @@ mod tests {
                 len: MIN_ROWS
             }]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn runs_lengthen_in_place_over_free_rows_and_at_the_top() -> Result<()> {
+        let pool = pool();
+        let a = pool.allocate(10)?;
+        let a = pool.extend(a, 20)?.expect("the rows after it are free");
+        assert_eq!(a, Extent { start: 0, len: 20 });
+        let b = pool.allocate(5)?;
+        assert_eq!(b.start, 20);
+        assert_eq!(pool.extend(a, 30)?, None, "b is in the way");
+        assert_eq!(pool.free_rows(), MIN_ROWS - 25);
+        pool.release(b);
+        let a = pool.extend(a, 30)?.expect("b left");
+        assert_eq!(pool.free_rows(), MIN_ROWS - 30);
+        // At the top: the pool grows under the run instead of moving it.
+        let a = pool.extend(a, MIN_ROWS + 40)?.expect("the pool grows");
+        assert_eq!(
+            a,
+            Extent {
+                start: 0,
+                len: MIN_ROWS + 40
+            }
+        );
+        assert_eq!(pool.rows(), 2 * MIN_ROWS);
+        assert_eq!(pool.free_rows(), MIN_ROWS - 40);
+        // Shorter or equal lengths change nothing.
+        assert_eq!(pool.extend(a, 5)?, Some(a));
+        pool.release(a);
+        assert_eq!(pool.free_rows(), pool.rows());
+        Ok(())
+    }
+
+    #[test]
+    fn a_16_bit_pool_starts_zeroed_and_keeps_rows_through_growth() -> Result<()> {
+        for dtype in [DType::F16, DType::BF16] {
+            let pool = KvPool::new(1, 2, 3, dtype, &Device::Cpu);
+            let a = pool.allocate(4)?;
+            let (k, v) = pool.layer(0)?;
+            assert_eq!((k.dtype(), v.dtype()), (dtype, dtype));
+            assert!(
+                k.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .all(|&x| x == 0.0)
+            );
+            let data = Tensor::arange(1f32, 25.0, &Device::Cpu)?
+                .reshape((2, 4, 3))?
+                .to_dtype(dtype)?;
+            k.slice_set(&data, 1, a.start)?;
+            let _big = pool.allocate(2 * MIN_ROWS)?;
+            let (k, _) = pool.layer(0)?;
+            let kept = k.narrow(1, a.start, 4)?.to_dtype(DType::F32)?;
+            assert_eq!(
+                kept.flatten_all()?.to_vec1::<f32>()?,
+                data.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                "{dtype:?}"
+            );
+            let above = k.narrow(1, 4, k.dim(1)? - 4)?.to_dtype(DType::F32)?;
+            assert!(
+                above
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .all(|&x| x == 0.0)
+            );
+        }
         Ok(())
     }
 
