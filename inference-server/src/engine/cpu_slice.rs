@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use candle_core::{Storage, Tensor};
+use candle_core::{CpuStorage, Storage, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -18,6 +18,17 @@ pub(super) fn with_f32<R>(
     kernel: &str,
     f: impl FnOnce(&[f32]) -> Result<R>,
 ) -> Result<R> {
+    with_cpu_storage(t, kernel, |cpu, elements| {
+        f(&cpu.as_slice::<f32>()?[elements])
+    })
+}
+
+/// Runs `f` on the CPU storage of a contiguous tensor and the range of its elements there.
+fn with_cpu_storage<R>(
+    t: &Tensor,
+    kernel: &str,
+    f: impl FnOnce(&CpuStorage, Range<usize>) -> Result<R>,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         return Err(EngineError::InvalidInput(format!(
@@ -29,7 +40,7 @@ pub(super) fn with_f32<R>(
             "{kernel} needs contiguous tensors"
         )));
     };
-    f(&cpu.as_slice::<f32>()?[start..end])
+    f(cpu, start..end)
 }
 
 /// Keys or values of the key/value pool, as the attention kernels read them: f32 in place,
@@ -126,21 +137,10 @@ pub(super) fn with_kv<R>(
     kernel: &str,
     f: impl FnOnce(KvRows<'_>) -> Result<R>,
 ) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(EngineError::InvalidInput(format!(
-            "{kernel} runs on the CPU only"
-        )));
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(EngineError::InvalidInput(format!(
-            "{kernel} needs contiguous tensors"
-        )));
-    };
-    match t.dtype() {
-        candle_core::DType::F16 => f(KvRows::F16(&cpu.as_slice::<f16>()?[start..end])),
-        _ => f(KvRows::F32(&cpu.as_slice::<f32>()?[start..end])),
-    }
+    with_cpu_storage(t, kernel, |cpu, elements| match t.dtype() {
+        candle_core::DType::F16 => f(KvRows::F16(&cpu.as_slice::<f16>()?[elements])),
+        _ => f(KvRows::F32(&cpu.as_slice::<f32>()?[elements])),
+    })
 }
 
 #[cfg(test)]

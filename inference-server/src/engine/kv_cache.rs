@@ -83,7 +83,7 @@ impl KvCache {
             let target = match self.limit {
                 // Within one doubling of the limit, the limit itself: the run then never
                 // moves for its last few tokens (a prompt of 2,048 tokens with 16 to
-                // generate takes 2,064 rows at once, not 2,048 and then a copy to 4,096).
+                // generate takes 2,064 rows at once, not 2,048 and then a move to 2,064).
                 Some(limit) if needed <= limit && doubled.saturating_mul(2) >= limit => limit,
                 Some(limit) if needed <= limit => doubled.min(limit),
                 _ => doubled,

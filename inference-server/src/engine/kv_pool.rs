@@ -145,16 +145,7 @@ impl KvPool {
         else {
             return Ok(None);
         };
-        let run = state.free[index];
-        if run.len == more {
-            state.free.remove(index);
-        } else {
-            state.free[index] = Extent {
-                start: run.start + more,
-                len: run.len - more,
-            };
-        }
-        state.high_water = state.high_water.max(end + more);
+        state.take_from(index, more);
         Ok(Some(Extent {
             start: extent.start,
             len,
@@ -257,6 +248,11 @@ impl PoolState {
     /// First fit: the lowest free run of at least `len` rows, split if longer.
     fn take(&mut self, len: usize) -> Option<Extent> {
         let index = self.free.iter().position(|e| e.len >= len)?;
+        Some(self.take_from(index, len))
+    }
+
+    /// The first `len` rows of free run `index` (at least that long), split off it.
+    fn take_from(&mut self, index: usize, len: usize) -> Extent {
         let run = self.free[index];
         self.high_water = self.high_water.max(run.start + len);
         if run.len == len {
@@ -267,10 +263,10 @@ impl PoolState {
                 len: run.len - len,
             };
         }
-        Some(Extent {
+        Extent {
             start: run.start,
             len,
-        })
+        }
     }
 
     /// Returns a run to the free list, merging it with free neighbours.
