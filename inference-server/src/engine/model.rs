@@ -211,13 +211,7 @@ impl LlamaModel {
         lm_head: Linear,
         rope: Rope,
     ) -> Self {
-        let kv_pool = Arc::new(KvPool::new(
-            config.num_hidden_layers,
-            config.kv_heads(),
-            config.head_dim(),
-            kv_dtype,
-            device,
-        ));
+        let kv_pool = empty_pool(&config, kv_dtype, device);
         Self {
             config,
             dtype,
@@ -269,13 +263,7 @@ impl LlamaModel {
                 "the key/value cache's dtype changes only before any cache holds rows".into(),
             ));
         }
-        self.kv_pool = Arc::new(KvPool::new(
-            self.config.num_hidden_layers,
-            self.config.kv_heads(),
-            self.config.head_dim(),
-            dtype,
-            &self.device,
-        ));
+        self.kv_pool = empty_pool(&self.config, dtype, &self.device);
         Ok(())
     }
 
@@ -694,6 +682,17 @@ impl LlamaModel {
             .transpose(0, 1)?
             .reshape((new, heads * head_dim))?)
     }
+}
+
+/// An empty key/value pool for a model of `config`, holding `dtype` on `device`.
+fn empty_pool(config: &LlamaConfig, dtype: DType, device: &Device) -> Arc<KvPool> {
+    Arc::new(KvPool::new(
+        config.num_hidden_layers,
+        config.kv_heads(),
+        config.head_dim(),
+        dtype,
+        device,
+    ))
 }
 
 /// The key/value cache's element type when none is chosen: f16 where the engine computes in
