@@ -211,11 +211,12 @@ mod tests {
 
     #[test]
     fn matches_candle_for_every_sequence_of_a_batch() -> Result<()> {
-        // 8 query heads on 2 key/value heads. Head dimensions 16, 32, 64 and 128 run the
+        // 1 to 8 query heads on each of 2 key/value heads (the kernel takes up to four heads
+        // at a time). Head dimensions 16, 32, 64 and 128 run the
         // AVX2 decode kernel where the CPU has it, 20 the prefill kernel; queries scaled up
         // make the softmax peaky, so the rescaling between 64-key blocks shows. An f16 pool
         // is read converted to f32: the result is candle's on the same rounded values.
-        for ((head_dim, sharpness), kv_dtype) in [
+        for (((head_dim, sharpness), kv_dtype), group) in [
             (64, 1.0),
             (64, 8.0),
             (20, 1.0),
@@ -225,8 +226,10 @@ mod tests {
         ]
         .into_iter()
         .flat_map(|shape| [(shape, DType::F32), (shape, DType::F16)])
+        .flat_map(|case| [1, 2, 3, 4, 5, 8].map(|group| (case, group)))
         {
-            let (heads, kv_heads, tokens, pool_rows) = (8, 2, 5, 200);
+            let (kv_heads, tokens, pool_rows) = (2, 5, 200);
+            let heads = group * kv_heads;
             let dev = Device::Cpu;
             let q = (Tensor::from_vec(
                 values(heads * tokens * head_dim, 1),
@@ -282,7 +285,7 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(
                     worst < 1e-5,
-                    "{row:?} (head_dim {head_dim}, {kv_dtype:?} pool): off by {worst}"
+                    "{row:?} (head_dim {head_dim}, group {group}, {kv_dtype:?} pool): off by {worst}"
                 );
             }
             // A sequence's output does not depend on the others in the batch.
