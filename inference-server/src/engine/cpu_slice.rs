@@ -84,7 +84,8 @@ impl<'a> KvRows<'a> {
             Self::F32(v) => &v[range],
             Self::F16(v) => {
                 let run = &v[range];
-                buffer.clear();
+                // Every element is overwritten: only a longer run than the last one fills
+                // (and a shorter one truncates) before the conversion.
                 buffer.resize(run.len(), 0.0);
                 f16_to_f32(run, buffer);
                 buffer
