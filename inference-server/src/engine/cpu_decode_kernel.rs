@@ -143,6 +143,17 @@ mod avx2 {
         }
     }
 
+    /// Asks the CPU to bring every cache line of `row` into L1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch<T>(row: &[T]) {
+        let start = row.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(row)).step_by(64) {
+            // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+        }
+    }
+
     /// Eight floats from `values[at..]`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -285,6 +296,12 @@ mod avx2 {
                 for (i, row) in rows.iter_mut().take(keys_per_register).enumerate() {
                     // Keys past the block's end repeat its last key; their lanes are masked.
                     *row = &block.keys[(t + i).min(n - 1) * d..][..d];
+                }
+                // The weighted sum below walks the block's value rows once per run of
+                // columns: fetched now, they are read from L1 there, not from memory in
+                // strides.
+                for i in t..(t + keys_per_register).min(n) {
+                    prefetch(&block.values[i * d..(i + 1) * d]);
                 }
                 let mut a = [_mm256_setzero_ps(); 8];
                 for j in 0..D8 {
