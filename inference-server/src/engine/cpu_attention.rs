@@ -8,9 +8,9 @@
 //! time while the pool's helpers wait. The arithmetic is small (a 1B model's decode step
 //! attends over a few million values), so what this saves is that overhead, and the batch's
 //! sequences now run side by side. Each task runs [`super::cpu_decode_kernel`] for its one
-//! token where the CPU has AVX2 and FMA and the head dimension is 16, 32, 64 or 128 (every
-//! Llama 3 shape), and otherwise the kernel of [`super::cpu_prefill_attention`]. The results
-//! equal candle's up to float rounding:
+//! token where the CPU has AVX2, FMA and F16C and the head dimension is 16, 32, 64 or 128
+//! (every Llama 3 shape), and otherwise the kernel of [`super::cpu_prefill_attention`]. The
+//! results equal candle's up to float rounding:
 //! `softmax(q·kᵀ / √d) v` in f32, each sequence computed the same way whatever the batch.
 
 use std::cell::RefCell;

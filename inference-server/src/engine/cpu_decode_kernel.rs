@@ -47,8 +47,8 @@ pub(super) struct Scratch {
     sum: Vec<f32>,
 }
 
-/// Whether the kernel takes heads of dimension `head_dim` on this CPU (AVX2 and FMA, a head
-/// dimension of 16, 32, 64 or 128).
+/// Whether the kernel takes heads of dimension `head_dim` on this CPU (AVX2, FMA and F16C, a
+/// head dimension of 16, 32, 64 or 128).
 pub(super) fn supported(head_dim: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {

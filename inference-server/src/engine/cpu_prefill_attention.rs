@@ -311,8 +311,7 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// Replaces each score `s` by `e^(s - top)` and returns their sum: eight at a time through
 /// [`super::cpu_exp::exp8`] where the caller was compiled with AVX2 and FMA (the C library's
 /// scalar `expf` was about a sixth of the kernel's time in decode). `FMA` is set only by
-/// kernels that run where AVX2 and FMA were detected: the `fma` module's here, and
-/// [`super::cpu_decode_kernel`]'s.
+/// kernels that run where AVX2 and FMA were detected: the `fma` module's here.
 #[inline(always)]
 pub(super) fn exponentials<const FMA: bool>(scores: &mut [f32], top: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
