@@ -67,8 +67,8 @@ pub(super) fn supported(head_dim: usize) -> bool {
 /// Attention of `scratch.q` (`group` query rows of `head_dim` values, already scaled by
 /// `1/√head_dim`) over `keys` and `values` (the sequence's rows for their key/value head,
 /// `len × head_dim` each), written to `out` (`group × head_dim`). Returns false, with `out`
-/// untouched, where [`supported`] is false for `head_dim` or the slices do not have those
-/// lengths (the caller checks both first).
+/// untouched, where [`supported`] is false for `head_dim`, or the slices do not have those
+/// lengths or differ in element type (the caller checks all of these first).
 #[must_use]
 pub(super) fn attend(
     head_dim: usize,
@@ -78,7 +78,12 @@ pub(super) fn attend(
     scratch: &mut Scratch,
     out: &mut [f32],
 ) -> bool {
-    let fits = keys.len() == values.len()
+    let same_type = matches!(
+        (keys, values),
+        (KvRows::F32(_), KvRows::F32(_)) | (KvRows::F16(_), KvRows::F16(_))
+    );
+    let fits = same_type
+        && keys.len() == values.len()
         && !keys.is_empty()
         && keys.len().is_multiple_of(head_dim)
         && scratch.q.len() == group * head_dim
@@ -101,6 +106,7 @@ pub(super) fn attend(
             (KvRows::F16(keys), KvRows::F16(values)) => {
                 avx2::attend_rows(head_dim, group, keys, values, scratch, out);
             }
+            // Ruled out by `same_type` above.
             _ => return false,
         }
     }
@@ -152,8 +158,8 @@ mod avx2 {
     fn prefetch<T>(row: &[T]) {
         let start = row.as_ptr().cast::<i8>();
         for offset in (0..std::mem::size_of_val(row)).step_by(64) {
-            // SAFETY: a prefetch is a hint: it never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+            // A prefetch is a hint: it never faults, whatever the address.
+            _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset));
         }
     }
 
@@ -259,7 +265,8 @@ mod avx2 {
         }
     }
 
-    /// One block of a sequence's keys and values for one key/value head, as f32.
+    /// One block of a sequence's keys and values for one key/value head, in the pool's
+    /// element type.
     struct Block<'a, T> {
         keys: &'a [T],
         values: &'a [T],
@@ -396,6 +403,48 @@ mod avx2 {
                 }
             }
             HEADS
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use super::*;
+
+    #[test]
+    fn refuses_what_it_does_not_take_and_leaves_the_output_untouched() {
+        let (d, group) = (64, 4);
+        let keys = vec![0.25f32; 3 * d];
+        let values = vec![0.5f32; 3 * d];
+        let half_values = vec![f16::from_f32(0.5); 3 * d];
+        let mut scratch = Scratch {
+            q: vec![0.1; group * d],
+            ..Scratch::default()
+        };
+        let mut out = vec![7.0f32; group * d];
+        // Keys and values of different element types, of different lengths, and a head
+        // dimension the kernel has no form for.
+        let refused = [
+            (d, KvRows::F32(&keys), KvRows::F16(&half_values)),
+            (d, KvRows::F32(&keys), KvRows::F32(&values[..2 * d])),
+            (48, KvRows::F32(&keys), KvRows::F32(&values)),
+        ];
+        for (head_dim, k, v) in refused {
+            assert!(!attend(head_dim, group, k, v, &mut scratch, &mut out));
+            assert!(out.iter().all(|&x| x == 7.0), "head_dim {head_dim}");
+        }
+        // Every value row is 0.5, so every head's weighted sum is 0.5 whatever its scores.
+        if supported(d) {
+            for v in [KvRows::F32(&values), KvRows::F16(&half_values)] {
+                let k = match v {
+                    KvRows::F32(_) => KvRows::F32(&keys),
+                    KvRows::F16(_) => KvRows::F16(&half_values),
+                };
+                assert!(attend(d, group, k, v, &mut scratch, &mut out));
+                assert!(out.iter().all(|&x| (x - 0.5).abs() < 1e-6), "{out:?}");
+            }
         }
     }
 }
