@@ -190,6 +190,21 @@ async fn an_instance_without_metrics_is_not_counted_as_idle() -> anyhow::Result<
                 .then(|| pods.into_iter().map(|p| p.name).collect::<Vec<_>>())
         })
         .await?;
+    // First the other instance falls silent for a moment and answers again: its warning
+    // must not hide the next one's (events of one reason about one object form a series).
+    let first = names[0].clone();
+    c.runner.pause(&first)?;
+    c.wait("the first instance reported", 30, || async {
+        let (_, auto) = c.state("silent").await?;
+        (auto.load.instances_missing == [first.clone()]).then_some(())
+    })
+    .await?;
+    c.runner.resume(&first)?;
+    c.wait("the first instance answering again", 30, || async {
+        let (_, auto) = c.state("silent").await?;
+        auto.load.instances_missing.is_empty().then_some(())
+    })
+    .await?;
     let silent = names[1].clone();
     c.runner.pause(&silent)?;
     let paused = Instant::now();
@@ -209,7 +224,12 @@ async fn an_instance_without_metrics_is_not_counted_as_idle() -> anyhow::Result<
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let warnings = c.events("MetricsUnavailable").await?;
-    assert!(warnings.iter().any(|m| m.contains(&silent)), "{warnings:?}");
+    for pod in [&first, &silent] {
+        assert!(
+            warnings.iter().any(|m| m.contains(pod)),
+            "{pod}: {warnings:?}"
+        );
+    }
 
     // It answers again: the window runs, and the idle deployment goes down to one.
     c.runner.resume(&silent)?;

@@ -151,9 +151,22 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
             )
             .await;
         }
-        if !scaling.newly_missing.is_empty() {
-            publish(ctx, ld, EventType::Warning, "MetricsUnavailable", "Autoscale",
-                format!("no metrics from {}: the autoscaler will not scale down while an instance does not answer", scaling.newly_missing.join(", "))).await;
+        // One event per silent instance, with the pod as its related object: events of the
+        // same reason about the same object are merged into one series that keeps the first
+        // note, so a second instance falling silent within the series' lifetime would
+        // otherwise be reported under the first one's name.
+        for pod in &scaling.newly_missing {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "MetricsUnavailable".to_owned(),
+                note: Some(format!(
+                    "no metrics from {pod}: the autoscaler will not scale down while an \
+                     instance does not answer"
+                )),
+                action: "Autoscale".to_owned(),
+                secondary: Some(pod_reference(ns, pod)),
+            };
+            publish_event(ctx, ld, &event).await;
         }
     }
 
@@ -765,8 +778,24 @@ async fn publish(
         action: action.to_owned(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&event, &ld.object_ref(&())).await {
+    publish_event(ctx, ld, &event).await;
+}
+
+/// Publishes `event` about `ld`; a failure is logged, not returned.
+async fn publish_event(ctx: &Context, ld: &LlamaDeployment, event: &Event) {
+    if let Err(err) = ctx.recorder.publish(event, &ld.object_ref(&())).await {
         tracing::warn!(%err, "cannot publish event");
+    }
+}
+
+/// A reference to pod `name` in namespace `ns`, for an event's related object.
+fn pod_reference(ns: &str, name: &str) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("Pod".to_owned()),
+        namespace: Some(ns.to_owned()),
+        name: Some(name.to_owned()),
+        ..Default::default()
     }
 }
 
