@@ -136,7 +136,7 @@ mod avx2 {
         const HALF: bool = true;
     }
 
-    /// Eight elements from `row[at..]`, as f32.
+    /// Eight elements from `row[at..]`, as f32 (the query, scores and output are f32 rows too).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn load_row<T: Element>(row: &[T], at: usize) -> __m256 {
@@ -161,15 +161,6 @@ mod avx2 {
             // A prefetch is a hint: it never faults, whatever the address.
             _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset));
         }
-    }
-
-    /// Eight floats from `values[at..]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn load(values: &[f32], at: usize) -> __m256 {
-        let run = &values[at..at + 8];
-        // SAFETY: `run` is eight floats, the width of the unaligned load.
-        unsafe { _mm256_loadu_ps(run.as_ptr()) }
     }
 
     /// Stores eight floats at `values[at..]`.
@@ -259,7 +250,7 @@ mod avx2 {
         for h in 0..group {
             let inverse = _mm256_set1_ps(1.0 / scratch.sum[h]);
             for j in 0..D8 {
-                let v = _mm256_mul_ps(load(out, h * d + 8 * j), inverse);
+                let v = _mm256_mul_ps(load_row(out, h * d + 8 * j), inverse);
                 store(out, h * d + 8 * j, v);
             }
         }
@@ -315,7 +306,7 @@ mod avx2 {
                 }
                 let mut a = [_mm256_setzero_ps(); 8];
                 for j in 0..D8 {
-                    let qj: [__m256; HEADS] = std::array::from_fn(|h| load(q, h * d + 8 * j));
+                    let qj: [__m256; HEADS] = std::array::from_fn(|h| load_row(q, h * d + 8 * j));
                     for (k, &row) in rows.iter().take(keys_per_register).enumerate() {
                         let key = load_row(row, 8 * j);
                         for (h, &qh) in qj.iter().enumerate() {
@@ -331,7 +322,7 @@ mod avx2 {
             scores[n * STRIDE..registers * 8].fill(f32::NEG_INFINITY);
             let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
             for r in 0..registers {
-                top = _mm256_max_ps(top, load(scores, 8 * r));
+                top = _mm256_max_ps(top, load_row(scores, 8 * r));
             }
             let mut lanes = [0f32; 8];
             store(&mut lanes, 0, top);
@@ -351,10 +342,10 @@ mod avx2 {
                     *lane = top;
                 }
             }
-            let shift = load(&shift, 0);
+            let shift = load_row(&shift, 0);
             let mut total = _mm256_setzero_ps();
             for r in 0..registers {
-                let p = exp8(_mm256_sub_ps(load(scores, 8 * r), shift));
+                let p = exp8(_mm256_sub_ps(load_row(scores, 8 * r), shift));
                 total = _mm256_add_ps(total, p);
                 store(scores, 8 * r, p);
             }
@@ -374,7 +365,7 @@ mod avx2 {
                     let c = _mm256_set1_ps(c);
                     for w in 0..width {
                         let at = (self.first + h) * d + 8 * (j0 + w);
-                        acc[h * width + w] = _mm256_mul_ps(load(self.out, at), c);
+                        acc[h * width + w] = _mm256_mul_ps(load_row(self.out, at), c);
                     }
                 }
                 for (p, row) in scores

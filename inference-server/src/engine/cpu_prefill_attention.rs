@@ -313,7 +313,7 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// scalar `expf` was about a sixth of the kernel's time in decode). `FMA` is set only by
 /// kernels that run where AVX2 and FMA were detected: the `fma` module's here.
 #[inline(always)]
-pub(super) fn exponentials<const FMA: bool>(scores: &mut [f32], top: f32) -> f32 {
+fn exponentials<const FMA: bool>(scores: &mut [f32], top: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if FMA {
         let mut sum = 0f32;
