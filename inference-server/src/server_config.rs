@@ -273,6 +273,12 @@ impl ServerConfig {
         if self.engine.max_batch_size == 0 {
             return Err("engine.maxBatchSize must be at least 1".into());
         }
+        if self.engine.kv_cache_tokens.is_some_and(|t| t < 2) {
+            return Err(
+                "engine.kvCacheTokens must be at least 2 (a one-token prompt and one token of answer); leave it unset for the default of four context windows"
+                    .into(),
+            );
+        }
         if self.engine.prefill_chunk_tokens == 0 {
             return Err("engine.prefillChunkTokens must be at least 1".into());
         }
@@ -338,6 +344,11 @@ contentSafety:
         assert!(err.contains("modelNmae"), "{err}");
         let err = ServerConfig::from_yaml("engine: {maxBatchSize: 0}").expect_err("zero");
         assert!(err.contains("engine.maxBatchSize"), "{err}");
+        let err = ServerConfig::from_yaml("engine: {kvCacheTokens: 1}").expect_err("one");
+        assert!(
+            err.contains("engine.kvCacheTokens must be at least 2"),
+            "{err}"
+        );
         let err = ServerConfig::from_yaml("auth: {mode: token}").expect_err("no token");
         assert!(err.contains("auth.token"), "{err}");
         let err = ServerConfig::from_yaml("auth: {mode: magic}").expect_err("bad mode");

@@ -13,6 +13,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod quota;
+pub mod serving;
 pub mod validate;
 
 pub use error::Error;

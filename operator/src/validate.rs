@@ -4,6 +4,7 @@
 use crate::api::{AuthMode, LlamaDeployment, NodePoolProvider, SourceType, WeightFormat};
 use crate::catalog::{InstanceType, ModelInfo};
 use crate::config::Catalog;
+use crate::serving::{ServingPlan, plan_serving};
 
 /// A spec the user must fix. Reported as a condition; never retried until something changes.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -63,6 +64,22 @@ pub enum SpecError {
         "spec.source.format: spec.source.url {url:?} names a .gguf file but the format is safetensors; set spec.source.format: gguf"
     )]
     FormatMismatch { url: String },
+    #[error(
+        "spec.engine.contextLength: {value} tokens is more than {model} takes; use at most {max}, or leave it unset for the model's own"
+    )]
+    ContextLengthTooLong { model: String, value: u64, max: u64 },
+    #[error(
+        "{field}: {value} tokens of key/value cache (kvCacheDtype {dtype}) need {needed_gib} GiB, but {instance} has {free_gib} GiB of GPU memory beside the model's weights (90 % of its GPU memory, less the 16-bit weights): use at most {fits} tokens, a smaller kvCacheDtype or a larger instance type"
+    )]
+    KvCacheDoesNotFit {
+        field: &'static str,
+        value: u64,
+        needed_gib: f64,
+        fits: u64,
+        free_gib: f64,
+        instance: String,
+        dtype: crate::api::KvCacheDtype,
+    },
 }
 
 impl SpecError {
@@ -80,6 +97,8 @@ impl SpecError {
             SpecError::PvcNotFound { .. } => "PersistentVolumeClaimNotFound",
             SpecError::ProviderUnavailable { .. } => "NodePoolProviderUnavailable",
             SpecError::FormatMismatch { .. } => "SourceFormatMismatch",
+            SpecError::ContextLengthTooLong { .. } => "ContextLengthTooLong",
+            SpecError::KvCacheDoesNotFit { .. } => "KvCacheDoesNotFit",
         }
     }
 }
@@ -105,6 +124,8 @@ pub struct Plan {
     /// Server replicas = instances.
     pub instances: i32,
     pub provider: NodePoolProvider,
+    /// The context window and key/value cache budget of each instance.
+    pub serving: ServingPlan,
 }
 
 /// Checks a spec against the catalogs and its references.
@@ -249,11 +270,13 @@ pub fn validate(
             namespace,
         });
     }
+    let serving = plan_serving(&spec.engine, &model, &instance)?;
     Ok(Plan {
         model,
         instance,
         instances: spec.compute.instance_count,
         provider: spec.node_pool.provider,
+        serving,
     })
 }
 

@@ -358,6 +358,20 @@ async fn bad_specs_get_a_condition_and_create_nothing() -> anyhow::Result<()> {
             "SourceFormatMismatch",
             "set spec.source.format: gguf",
         ),
+        (
+            // 8B's 128 KiB a token: a million tokens (122 GiB) cannot sit beside the weights on
+            // one A100 80 GB; the message gives the most that can.
+            "kv-too-big",
+            "  model: Meta-Llama-3.1-8B-Instruct\n  source: {type: demo}\n  compute: {instanceType: Standard_NC24ads_A100_v4}\n  engine: {kvCacheTokens: 1000000}\n  nodePool: {provider: kwok}\n",
+            "KvCacheDoesNotFit",
+            "spec.engine.kvCacheTokens: 1000000 tokens of key/value cache (kvCacheDtype auto) need 122.07 GiB",
+        ),
+        (
+            "window-too-long",
+            "  model: Meta-Llama-3.2-1B\n  source: {type: demo}\n  engine: {contextLength: 262144}\n  nodePool: {provider: kwok}\n",
+            "ContextLengthTooLong",
+            "use at most 131072",
+        ),
     ];
     // A token Secret under another key than the one referenced (`token` by default).
     let other: Secret = serde_json::from_value(serde_json::json!({

@@ -18,10 +18,20 @@ async fn a_ready_deployment_answers_a_chat_completion() -> anyhow::Result<()> {
     apply(
         &env,
         "chat",
-        "  model: Meta-Llama-3.2-1B-Instruct\n  source: {type: demo}\n  compute: {instanceType: Standard_NC24ads_A100_v4, instanceCount: 1}\n  nodePool: {provider: kwok}\n  rateLimits: {requestsPerMinute: 7}\n",
+        "  model: Meta-Llama-3.2-1B-Instruct\n  source: {type: demo}\n  compute: {instanceType: Standard_NC24ads_A100_v4, instanceCount: 1}\n  nodePool: {provider: kwok}\n  rateLimits: {requestsPerMinute: 7}\n  engine: {kvCacheTokens: 3000, kvCacheDtype: f16, maxBatchSize: 3}\n",
     )
     .await?;
-    wait_ready(&env, &op, "chat", 90).await?;
+    let ld = wait_ready(&env, &op, "chat", 90).await?;
+    // The operator reports what it configured: the budget caps the 1B's 131072-token window.
+    let engine = ld
+        .status
+        .as_ref()
+        .and_then(|s| s.engine.clone())
+        .ok_or_else(|| anyhow::anyhow!("no status.engine: {:?}", ld.status))?;
+    assert_eq!(engine.kv_cache_tokens, Some(3000));
+    assert_eq!(engine.context_length, 3000);
+    // 3000 tokens × 32 KiB (the 1B's 16 layers × 8 heads × 64 × 2 × 2 bytes) = 0.09 GiB.
+    assert_eq!(engine.kv_cache_gib, Some(0.09));
     let workdir = tempfile::tempdir()?;
     let server = start_for(
         &env.client,
@@ -51,6 +61,29 @@ async fn a_ready_deployment_answers_a_chat_completion() -> anyhow::Result<()> {
         limited.headers()["x-ratelimit-remaining-requests"],
         "5",
         "rateLimits.requestsPerMinute: 7 from the spec"
+    );
+    // The deployment's engine settings reached the server: its budget, and the f16 cache of the
+    // demo model (2 layers × 2 key/value heads × 16 dimensions, keys and values, 2 bytes each:
+    // 256 bytes a token, where its f32 weights would give f32's 512 by default).
+    let metrics = reqwest::get(format!("{}/metrics", server.endpoint))
+        .await?
+        .text()
+        .await?;
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::trim))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        gauge("llama_server_kv_cache_budget_tokens").as_deref(),
+        Some("3000"),
+        "{metrics}"
+    );
+    assert_eq!(
+        gauge("llama_server_kv_cache_token_bytes").as_deref(),
+        Some("256"),
+        "{metrics}"
     );
     // And a wrong key is refused.
     let refused = reqwest::Client::new()

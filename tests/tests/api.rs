@@ -68,6 +68,20 @@ async fn valid_deployment_is_accepted_with_defaults_and_printer_columns() -> any
     assert!(!stored.spec.quota.use_shared_quota);
     assert!(!stored.spec.content_safety.enabled);
     assert_eq!(stored.spec.compute.instance_count, 2);
+    // spec.engine is defaulted to the one field with a default; the rest stay unset, for the
+    // operator and the server to decide.
+    let engine = env.run_kubectl(
+        &[
+            "get",
+            "llamadeployment",
+            "chat",
+            "-o",
+            "jsonpath={.spec.engine}",
+        ],
+        None,
+    )?;
+    assert!(engine.success, "{}", engine.stderr);
+    assert_eq!(engine.stdout.trim(), r#"{"kvCacheDtype":"auto"}"#);
 
     let out = env.run_kubectl(&["get", "llamadeployments"], None)?;
     assert!(out.success, "{}", out.stderr);
@@ -198,6 +212,29 @@ const INVALID: &[(&str, &str, &[&str])] = &[
         "missing source",
         "spec: {model: Meta-Llama-3.2-1B}",
         &["spec.source", "Required value"],
+    ),
+    (
+        "cache budget below the context window",
+        "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, engine: {contextLength: 8192, kvCacheTokens: 4096}}",
+        &[
+            "spec.engine.kvCacheTokens",
+            "at least spec.engine.contextLength",
+        ],
+    ),
+    (
+        "unknown cache element type",
+        "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, engine: {kvCacheDtype: fp8}}",
+        &["spec.engine.kvCacheDtype", "Unsupported value", "f16"],
+    ),
+    (
+        "zero batch size",
+        "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, engine: {maxBatchSize: 0}}",
+        &["spec.engine.maxBatchSize", "greater than or equal to 1"],
+    ),
+    (
+        "one-token context window",
+        "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, engine: {contextLength: 1}}",
+        &["spec.engine.contextLength", "greater than or equal to 2"],
     ),
 ];
 

@@ -1,6 +1,8 @@
 //! `LlamaDeployment`: one Meta Llama model served on dedicated GPU instances.
 
-use super::{AUTOSCALING_ANNOTATION, AutoscalingSpec, LlamaDeploymentStatus, ModelName};
+use super::{
+    AUTOSCALING_ANNOTATION, AutoscalingSpec, EngineSpec, LlamaDeploymentStatus, ModelName,
+};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -71,6 +73,11 @@ pub struct LlamaDeploymentSpec {
     /// Which provider supplies the GPU nodes.
     #[serde(default)]
     pub node_pool: NodePoolSpec,
+
+    /// The inference engine's limits on each instance: context window, key/value cache budget
+    /// and element type, batch size, queue length and prefill chunk.
+    #[serde(default)]
+    pub engine: EngineSpec,
 }
 
 /// Where the model weights come from. `type` selects one source; exactly the matching field

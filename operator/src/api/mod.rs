@@ -5,6 +5,7 @@
 
 mod autoscaling;
 mod compute_quota;
+mod engine;
 mod llama_deployment;
 mod model;
 mod status;
@@ -14,13 +15,14 @@ pub use compute_quota::{
     ComputeQuota, ComputeQuotaSpec, ComputeQuotaStatus, FamilyLimit, FamilyUsage, QuotaHolder,
     RetiredDeployment,
 };
+pub use engine::{EngineSpec, KvCacheDtype};
 pub use llama_deployment::{
     AuthMode, AuthSpec, ComputeSpec, ContentSafetySpec, HuggingFaceSource, LlamaDeployment,
     LlamaDeploymentSpec, NodePoolProvider, NodePoolSpec, PvcSource, QuotaSpec, RateLimitsSpec,
     SecretKeyRef, SecretRef, SourceSpec, SourceType, TokenAuthSpec, WeightFormat,
 };
 pub use model::ModelName;
-pub use status::{InstanceCounts, LlamaDeploymentStatus, Phase, QuotaSource};
+pub use status::{EngineStatus, InstanceCounts, LlamaDeploymentStatus, Phase, QuotaSource};
 
 /// The API group of every resource this operator serves.
 pub const GROUP: &str = "llama-operator.io";

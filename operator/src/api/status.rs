@@ -32,6 +32,11 @@ pub struct LlamaDeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<InstanceCounts>,
 
+    /// What each instance's engine was configured with: `spec.engine` with the operator's
+    /// defaults filled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineStatus>,
+
     /// The autoscaler's view: observed load, recommendation and last decision. Present while
     /// autoscaling is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,6 +119,24 @@ pub struct InstanceCounts {
     /// Instances ready to serve.
     #[serde(default)]
     pub ready: i32,
+}
+
+/// The engine limits each instance was configured with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStatus {
+    /// The context window served, in tokens (prompt and completion together).
+    #[serde(default)]
+    pub context_length: i64,
+    /// The key/value cache budget, in tokens. Unset when the model's catalog entry gives no
+    /// cache size per token and `spec.engine.kvCacheTokens` is unset: the server's default
+    /// (four context windows) then stands, unchecked against GPU memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_tokens: Option<i64>,
+    /// The GPU memory the budget takes when full, in GiB, from the catalog's cache size per
+    /// token and `spec.engine.kvCacheDtype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_gib: Option<f64>,
 }
 
 /// Which quota pays for a deployment.

@@ -35,7 +35,7 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         "modelName": spec.model.to_string(),
         "modelPath": model_path,
         "format": spec.source.format,
-        "contextLength": plan.model.context_length,
+        "contextLength": plan.serving.context_length,
         "tensorParallel": plan.instance.gpu_count,
         "auth": {
             "mode": spec.auth.mode,
@@ -48,6 +48,7 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         },
         "rateLimits": spec.rate_limits,
         "contentSafety": spec.content_safety,
+        "engine": engine_config(ld, plan),
     });
     let text = serde_yaml::to_string(&config).map_err(|e| BuildError::Serde {
         kind: "ConfigMap",
@@ -62,6 +63,30 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
             "data": {"server.yaml": text},
         }),
     )
+}
+
+/// The server's `engine` section: the planned budget and the limits the spec sets; the server's
+/// own defaults stand for the rest.
+fn engine_config(ld: &LlamaDeployment, plan: &Plan) -> serde_json::Value {
+    let engine = &ld.spec.engine;
+    let mut out = serde_json::Map::new();
+    out.insert("kvCacheDtype".into(), json!(engine.kv_cache_dtype));
+    let mut put = |key: &str, value: Option<serde_json::Value>| {
+        if let Some(value) = value {
+            out.insert(key.into(), value);
+        }
+    };
+    put(
+        "kvCacheTokens",
+        plan.serving.kv_cache_tokens.map(|t| json!(t)),
+    );
+    put("maxBatchSize", engine.max_batch_size.map(|n| json!(n)));
+    put("maxQueue", engine.max_queue.map(|n| json!(n)));
+    put(
+        "prefillChunkTokens",
+        engine.prefill_chunk_tokens.map(|n| json!(n)),
+    );
+    serde_json::Value::Object(out)
 }
 
 #[cfg(test)]
@@ -105,6 +130,35 @@ mod tests {
         // The configuration (hashed into the pod template) does not depend on the count, so
         // scaling never restarts the running instances.
         assert_eq!(text(1), text(7));
+    }
+
+    #[test]
+    fn engine_settings_reach_the_servers_engine_section() {
+        let config = |extra: &str| -> serde_yaml::Value {
+            let d = ld(&format!("{CHAT}{extra}"));
+            let cm = server_config_map(&d, &plan(&d)).expect("configmap");
+            serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml")
+        };
+        // Unset: the planned budget (four windows of the 8B on two A100s fit) and `auto`, and
+        // nothing else, so the server's defaults stand.
+        let cfg = config("");
+        assert_eq!(cfg["contextLength"], 131_072);
+        let engine = cfg["engine"].as_mapping().expect("engine section");
+        assert_eq!(engine.len(), 2, "{engine:?}");
+        assert_eq!(cfg["engine"]["kvCacheTokens"], 4 * 131_072);
+        assert_eq!(cfg["engine"]["kvCacheDtype"], "auto");
+
+        let cfg = config(
+            "  engine: {contextLength: 8192, kvCacheTokens: 20000, kvCacheDtype: f32, \
+             maxBatchSize: 8, maxQueue: 0, prefillChunkTokens: 256}\n",
+        );
+        assert_eq!(cfg["contextLength"], 8192);
+        let engine = &cfg["engine"];
+        assert_eq!(engine["kvCacheTokens"], 20_000);
+        assert_eq!(engine["kvCacheDtype"], "f32");
+        assert_eq!(engine["maxBatchSize"], 8);
+        assert_eq!(engine["maxQueue"], 0);
+        assert_eq!(engine["prefillChunkTokens"], 256);
     }
 
     #[test]

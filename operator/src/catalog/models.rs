@@ -31,6 +31,11 @@ pub struct ModelInfo {
     pub gpus_per_instance: u32,
     /// The instance type used when `spec.compute.instanceType` is unset.
     pub default_instance_type: String,
+    /// Bytes of key/value cache per token at 16 bits: keys and values of every layer
+    /// (2 × layers × key/value heads × head dimension × 2). The operator sizes each instance's
+    /// cache budget with it. Unset: the budget is not checked against GPU memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bytes_per_token: Option<u64>,
 }
 
 /// GPU memory for `weights_gb` of weights plus 20 % headroom, in GiB, rounded up.
@@ -43,7 +48,10 @@ fn with_headroom(weights_gb: f64) -> u32 {
 pub fn default_models() -> Vec<ModelInfo> {
     use Architecture::{Text, Vision};
     use ModelName::*;
-    let m = |name, params: f64, ctx, arch, gpus, instance: &str| {
+    // Keys and values of every layer at 16 bits: 2 × layers × 8 key/value heads × head
+    // dimension × 2 bytes.
+    let kv = |layers: u64, head_dim: u64| 2 * layers * 8 * head_dim * 2;
+    let m = |name, params: f64, ctx, arch, gpus, instance: &str, kv_bytes| {
         let weights_gb = params * 2.0;
         ModelInfo {
             name,
@@ -54,21 +62,73 @@ pub fn default_models() -> Vec<ModelInfo> {
             gpu_memory_gib: with_headroom(weights_gb),
             gpus_per_instance: gpus,
             default_instance_type: instance.into(),
+            kv_bytes_per_token: Some(kv_bytes),
         }
     };
     let nc24 = "Standard_NC24ads_A100_v4";
     let nc96 = "Standard_NC96ads_A100_v4";
+    // The vision models count their cross-attention layers too (8 of 40, 20 of 100), which
+    // cache image tokens rather than text ones: an overestimate, on the safe side. Llama Guard 3
+    // 1B is taken at the 3.2 1B's 16 layers, also on the safe side.
     vec![
-        m(Llama32_1B, 1.24, 131_072, Text, 1, nc24),
-        m(Llama32_3B, 3.21, 131_072, Text, 1, nc24),
-        m(Llama32_1BInstruct, 1.24, 131_072, Text, 1, nc24),
-        m(Llama32_3BInstruct, 3.21, 131_072, Text, 1, nc24),
-        m(LlamaGuard3_1B, 1.50, 131_072, Text, 1, nc24),
-        m(LlamaGuard3_11BVision, 10.67, 131_072, Vision, 1, nc24),
-        m(Llama32_11BVisionInstruct, 10.67, 131_072, Vision, 1, nc24),
-        m(Llama32_90BVisionInstruct, 88.6, 131_072, Vision, 4, nc96),
-        m(Llama31_8BInstruct, 8.03, 131_072, Text, 1, nc24),
-        m(Llama31_70BInstruct, 70.6, 131_072, Text, 4, nc96),
+        m(Llama32_1B, 1.24, 131_072, Text, 1, nc24, kv(16, 64)),
+        m(Llama32_3B, 3.21, 131_072, Text, 1, nc24, kv(28, 128)),
+        m(Llama32_1BInstruct, 1.24, 131_072, Text, 1, nc24, kv(16, 64)),
+        m(
+            Llama32_3BInstruct,
+            3.21,
+            131_072,
+            Text,
+            1,
+            nc24,
+            kv(28, 128),
+        ),
+        m(LlamaGuard3_1B, 1.50, 131_072, Text, 1, nc24, kv(16, 64)),
+        m(
+            LlamaGuard3_11BVision,
+            10.67,
+            131_072,
+            Vision,
+            1,
+            nc24,
+            kv(40, 128),
+        ),
+        m(
+            Llama32_11BVisionInstruct,
+            10.67,
+            131_072,
+            Vision,
+            1,
+            nc24,
+            kv(40, 128),
+        ),
+        m(
+            Llama32_90BVisionInstruct,
+            88.6,
+            131_072,
+            Vision,
+            4,
+            nc96,
+            kv(100, 128),
+        ),
+        m(
+            Llama31_8BInstruct,
+            8.03,
+            131_072,
+            Text,
+            1,
+            nc24,
+            kv(32, 128),
+        ),
+        m(
+            Llama31_70BInstruct,
+            70.6,
+            131_072,
+            Text,
+            4,
+            nc96,
+            kv(80, 128),
+        ),
         // 812 GB of bf16 weights exceed any single 8-GPU instance: it needs two nodes.
         m(
             Llama31_405BInstruct,
@@ -77,6 +137,7 @@ pub fn default_models() -> Vec<ModelInfo> {
             Text,
             16,
             "Standard_ND96isr_H100_v5",
+            kv(126, 128),
         ),
     ]
 }

@@ -1,7 +1,9 @@
 //! From what the cluster shows to the LlamaDeployment's status. Pure.
 
 use super::conditions::{self, MODEL_LOADED, NODE_POOL_READY, READY};
-use crate::api::{InstanceCounts, LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, Phase};
+use crate::api::{
+    EngineStatus, InstanceCounts, LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, Phase,
+};
 use crate::build::FETCH_CONTAINER;
 use crate::validate::{Plan, SpecError};
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
@@ -179,6 +181,14 @@ pub fn status_for(
     status.observed_generation = generation;
     status.endpoint = Some(endpoint);
     status.selector = Some(selector);
+    status.engine = Some(EngineStatus {
+        context_length: i64::try_from(plan.serving.context_length).unwrap_or(i64::MAX),
+        kv_cache_tokens: plan
+            .serving
+            .kv_cache_tokens
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+        kv_cache_gib: plan.serving.kv_cache_gib,
+    });
     status.instances = Some(InstanceCounts {
         desired,
         current: observed.replicas,

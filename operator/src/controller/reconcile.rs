@@ -404,6 +404,7 @@ async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
         model,
         catalog.instance_types.get(&instance_type_name).cloned(),
     ) {
+        let model_context = model.context_length;
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         let listed = pods
             .list(&ListParams::default().labels(&selector_string(&name)))
@@ -414,6 +415,12 @@ async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
             instance: instance.clone(),
             instances: 0,
             provider: ld.spec.node_pool.provider,
+            // Only the cost accrual below reads this plan.
+            serving: crate::serving::ServingPlan {
+                context_length: u64::from(model_context),
+                kv_cache_tokens: None,
+                kv_cache_gib: None,
+            },
         };
         accrue_into(ctx, ld, &plan, &running, now, None, &mut status);
         let retired = crate::api::RetiredDeployment {
