@@ -2,7 +2,7 @@
 //! Pure: the references are read beforehand (see `controller::dereference`).
 
 use crate::api::{AuthMode, LlamaDeployment, NodePoolProvider, SourceType, WeightFormat};
-use crate::catalog::{InstanceType, ModelInfo};
+use crate::catalog::{Architecture, InstanceType, ModelInfo};
 use crate::config::Catalog;
 use crate::serving::{ServingPlan, plan_serving};
 
@@ -31,6 +31,10 @@ pub enum SpecError {
     NeedsMultiNode { model: String, needed_gpus: u32 },
     #[error("spec.model {model} is not in the operator's model catalog")]
     UnknownModel { model: String },
+    #[error(
+        "spec.model {model} takes images and text (Llama 3.2 Vision), and llama-server serves the text-only Llama 3.x models, so its weights cannot be loaded; choose a text model (e.g. Meta-Llama-3.2-3B-Instruct), or spec.source.type demo for a capacity rehearsal"
+    )]
+    VisionUnsupported { model: String },
     #[error(
         "{field}: Secret {name:?} does not exist in namespace {namespace}; create it or fix the name"
     )]
@@ -90,6 +94,7 @@ impl SpecError {
             SpecError::ModelDoesNotFit { .. } => "ModelDoesNotFit",
             SpecError::NeedsMultiNode { .. } => "MultiNodeUnsupported",
             SpecError::UnknownModel { .. } => "ModelUnknown",
+            SpecError::VisionUnsupported { .. } => "VisionModelUnsupported",
             SpecError::SecretNotFound { .. } => "SecretNotFound",
             SpecError::SecretKeysInvalid { .. } | SpecError::SecretKeyMissing { .. } => {
                 "SecretInvalid"
@@ -144,6 +149,11 @@ pub fn validate(
             .ok_or_else(|| SpecError::UnknownModel {
                 model: spec.model.to_string(),
             })?;
+    if model.architecture == Architecture::Vision && spec.source.type_ != SourceType::Demo {
+        return Err(SpecError::VisionUnsupported {
+            model: model.name.to_string(),
+        });
+    }
     let max_gpus = catalog
         .instance_types
         .values()
@@ -462,6 +472,30 @@ spec:
             &References::default(),
         )
         .expect("an archive in the Hugging Face layout");
+    }
+
+    #[test]
+    fn vision_weights_are_refused_but_a_vision_rehearsal_is_planned() {
+        let spec = |source: &str| {
+            ld(&format!(
+                "apiVersion: llama-operator.io/v1alpha1\nkind: LlamaDeployment\nmetadata: {{name: v, namespace: a}}\nspec:\n  model: Llama-3.2-11B-Vision-Instruct\n  source: {source}\n"
+            ))
+        };
+        let err = validate(
+            &spec("{type: huggingFace, huggingFace: {repository: meta-llama/Llama-3.2-11B-Vision-Instruct}}"),
+            &catalog(),
+            &References::default(),
+        )
+        .expect_err("vision weights");
+        assert_eq!(err.reason(), "VisionModelUnsupported");
+        assert!(
+            err.to_string()
+                .starts_with("spec.model Llama-3.2-11B-Vision-Instruct takes images"),
+            "{err}"
+        );
+        let plan = validate(&spec("{type: demo}"), &catalog(), &References::default())
+            .expect("a demo rehearsal of a vision deployment");
+        assert_eq!(plan.model.name.to_string(), "Llama-3.2-11B-Vision-Instruct");
     }
 
     #[test]

@@ -367,6 +367,12 @@ async fn bad_specs_get_a_condition_and_create_nothing() -> anyhow::Result<()> {
             "spec.engine.kvCacheTokens: 1000000 tokens of key/value cache (kvCacheDtype auto) need 122.07 GiB",
         ),
         (
+            "vision",
+            "  model: Llama-3.2-11B-Vision-Instruct\n  source: {type: url, url: 'https://models.example/llama-3.2-11b-vision.tar'}\n  nodePool: {provider: kwok}\n",
+            "VisionModelUnsupported",
+            "llama-server serves the text-only Llama 3.x models",
+        ),
+        (
             "window-too-long",
             "  model: Meta-Llama-3.2-1B\n  source: {type: demo}\n  engine: {contextLength: 262144}\n  nodePool: {provider: kwok}\n",
             "ContextLengthTooLong",

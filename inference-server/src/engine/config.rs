@@ -103,10 +103,15 @@ impl LlamaConfig {
             path: path.to_owned(),
             source,
         })?;
-        let config: Self = serde_json::from_str(&text).map_err(|err| EngineError::InvalidJson {
+        let json = |err: serde_json::Error| EngineError::InvalidJson {
             path: path.to_owned(),
             reason: err.to_string(),
-        })?;
+        };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(json)?;
+        // Another architecture lacks the text model's fields at the top: say what it is before
+        // serde names the first missing one.
+        check_model_type(value.get("model_type").and_then(serde_json::Value::as_str))?;
+        let config: Self = serde_json::from_value(value).map_err(json)?;
         config.validate()?;
         Ok(config)
     }
@@ -222,6 +227,22 @@ fn finite_positive(value: f64) -> bool {
     value.is_finite() && value > 0.0
 }
 
+/// Only text Llama checkpoints (`model_type: llama`, or none) run here.
+fn check_model_type(model_type: Option<&str>) -> Result<()> {
+    match model_type {
+        None | Some("llama") => Ok(()),
+        Some("mllama") => Err(invalid(
+            "model_type",
+            "\"mllama\" is Llama 3.2 Vision (image and text in), which llama-server does not \
+             serve: it runs the text-only Llama 3.x models (model_type \"llama\")",
+        )),
+        Some(other) => Err(invalid(
+            "model_type",
+            format!("{other:?} is not supported (only \"llama\", the Llama 3.x text models)"),
+        )),
+    }
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> EngineError {
     EngineError::InvalidConfig {
         field,
@@ -261,6 +282,31 @@ mod tests {
             Some(vec![128001, 128008, 128009])
         );
         assert_eq!(config.rope_scaling.as_ref().map(|s| s.factor), Some(8.0));
+    }
+
+    #[test]
+    fn a_vision_or_other_checkpoint_is_named_before_its_missing_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.json");
+        // The top of Llama 3.2 11B Vision's config.json: its text model sits in text_config.
+        std::fs::write(
+            &path,
+            r#"{"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
+                "text_config": {"hidden_size": 4096}, "vision_config": {"hidden_size": 1280}}"#,
+        )
+        .expect("write");
+        let err = LlamaConfig::from_file(&path).expect_err("vision");
+        let text = err.to_string();
+        assert!(text.starts_with("config.json field `model_type`"), "{text}");
+        assert!(text.contains("Llama 3.2 Vision"), "{text}");
+        std::fs::write(&path, LLAMA_31_8B.replace(r#""llama""#, r#""mistral""#)).expect("write");
+        let err = LlamaConfig::from_file(&path).expect_err("mistral");
+        assert!(
+            err.to_string().contains("\"mistral\" is not supported"),
+            "{err}"
+        );
+        std::fs::write(&path, LLAMA_31_8B).expect("write");
+        LlamaConfig::from_file(&path).expect("a Llama 3.1 config loads");
     }
 
     #[test]
