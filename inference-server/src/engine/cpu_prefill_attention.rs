@@ -35,7 +35,7 @@ pub(super) struct PrefillRows {
 }
 
 /// Keys a block: the transposed block is `head_dim × KEYS` floats (32 KiB at head_dim 128).
-const KEYS: usize = 64;
+pub(super) const KEYS: usize = 64;
 /// The largest head dimension the kernel takes (the accumulators live on the stack).
 pub(super) const MAX_HEAD_DIM: usize = 256;
 /// How errors name this kernel.
@@ -43,17 +43,19 @@ const KERNEL: &str = "prefill attention";
 
 /// A worker thread's buffers, kept between tasks.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     /// The current key block, transposed: `[head_dim, KEYS]`.
-    keys_t: Vec<f32>,
+    pub(super) keys_t: Vec<f32>,
     /// Per query row: output accumulator (`head_dim` values).
-    acc: Vec<f32>,
+    pub(super) acc: Vec<f32>,
     /// Per query row: running maximum score and sum of exponentials.
-    max: Vec<f32>,
-    sum: Vec<f32>,
+    pub(super) max: Vec<f32>,
+    pub(super) sum: Vec<f32>,
     /// The current block's keys and values converted to f32 (for an f16 pool).
-    block_keys: Vec<f32>,
-    block_values: Vec<f32>,
+    pub(super) block_keys: Vec<f32>,
+    pub(super) block_values: Vec<f32>,
+    /// The tiled kernel's query rows, gathered token-major ([`super::cpu_prefill_tiles`]).
+    pub(super) queries: Vec<f32>,
 }
 
 thread_local! {
@@ -199,7 +201,7 @@ impl Shape {
 /// The kernel compiled for AVX2 and FMA, with the common head dimensions as constants so the
 /// accumulators stay in registers.
 #[cfg(target_arch = "x86_64")]
-mod fma {
+pub(super) mod fma {
     use std::arch::x86_64::*;
 
     use super::{KEYS, KvRows, Scratch, Shape, Work, attend, transpose_scalar};
@@ -207,7 +209,7 @@ mod fma {
     /// [`super::transpose`] in 8 × 8 tiles: eight keys' eight dimensions are loaded, turned
     /// with unpack, shuffle and lane permutes, and stored as eight columns.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn transpose(keys: &[f32], d: usize, keys_t: &mut [f32]) {
+    pub(in crate::engine) fn transpose(keys: &[f32], d: usize, keys_t: &mut [f32]) {
         let n = keys.len() / d;
         let (tiled_keys, tiled_dims) = (n / 8 * 8, d / 8 * 8);
         for t0 in (0..tiled_keys).step_by(8) {
@@ -264,7 +266,8 @@ mod fma {
         scratch: &mut Scratch,
         dst: &mut [f32],
     ) {
-        attend::<true>(s, 64, q, k, v, work, scratch, dst);
+        // SAFETY: AVX2 and FMA, which this function is compiled for and its caller detected.
+        unsafe { super::super::cpu_prefill_tiles::attend::<64>(s, q, k, v, work, scratch, dst) };
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -277,7 +280,8 @@ mod fma {
         scratch: &mut Scratch,
         dst: &mut [f32],
     ) {
-        attend::<true>(s, 128, q, k, v, work, scratch, dst);
+        // SAFETY: as in `block_64`.
+        unsafe { super::super::cpu_prefill_tiles::attend::<128>(s, q, k, v, work, scratch, dst) };
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -531,13 +535,15 @@ mod tests {
     #[test]
     fn matches_candle_for_chunks_with_and_without_a_past() -> Result<()> {
         let dev = Device::Cpu;
-        // head_dim 64 and 128 (the constant-dimension kernels), 16 and 20 (any dimension);
-        // f32 and f16 pools (an f16 one gives candle's result on the same rounded values).
-        for (head_dim, kv_dtype) in [64, 128, 16, 20]
-            .into_iter()
-            .flat_map(|d| [(d, DType::F32), (d, DType::F16)])
-        {
-            let (heads, kv_heads, tokens, pool_rows) = (8, 2, 150, 400);
+        // head_dim 64 and 128 (the tiled kernel), 16 and 20 (the one-row kernel); f32 and
+        // f16 pools (an f16 one gives candle's result on the same rounded values); groups of
+        // 4, 3 and 1 query heads a key/value head (tiles of six rows across tokens).
+        for (head_dim, kv_dtype, (heads, kv_heads)) in [64, 128, 16, 20].into_iter().flat_map(|d| {
+            [(d, DType::F32), (d, DType::F16)]
+                .into_iter()
+                .flat_map(move |(d, t)| [(8, 2), (6, 2), (2, 2)].map(|g| (d, t, g)))
+        }) {
+            let (tokens, pool_rows) = (150, 400);
             let q = Tensor::from_vec(
                 values(heads * tokens * head_dim, 1),
                 (heads, tokens, head_dim),
@@ -599,7 +605,8 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(
                     worst < 1e-5,
-                    "{seq:?} (head_dim {head_dim}, {kv_dtype:?} pool): off by {worst}"
+                    "{seq:?} (head_dim {head_dim}, {heads}/{kv_heads} heads, {kv_dtype:?} pool): \
+                     off by {worst}"
                 );
             }
         }

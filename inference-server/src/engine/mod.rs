@@ -8,6 +8,8 @@ mod cpu_exp;
 mod cpu_features;
 mod cpu_pool;
 mod cpu_prefill_attention;
+#[cfg(target_arch = "x86_64")]
+mod cpu_prefill_tiles;
 mod cpu_slice;
 mod cpu_swiglu;
 pub mod error;
