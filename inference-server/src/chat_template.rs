@@ -334,7 +334,6 @@ mod tests {
     #[test]
     fn tojson_matches_python_json_dumps() {
         let t = template("{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}");
-        // serde_json sorts object keys (no `preserve_order`), so the input is given sorted.
         let tools = serde_json::json!([{"a": null, "b": [1, 2.5, "<é>"], "name": "f"}]);
         let rendered = t
             .render_json(&serde_json::json!([]), Some(&tools), false)
@@ -343,6 +342,27 @@ mod tests {
             rendered,
             "[{\"a\": null, \"b\": [1, 2.5, \"<é>\"], \"name\": \"f\"}]|\
              {\n  \"a\": null,\n  \"b\": [\n    1,\n    2.5,\n    \"<é>\"\n  ],\n  \"name\": \"f\"\n}"
+        );
+    }
+
+    #[test]
+    fn tool_schemas_keep_the_clients_key_order() {
+        // As a request body arrives: `name` before `description`, and the function's
+        // parameters in the order the developer wrote them (`query` before `limit`), as
+        // transformers' `tojson` keeps them. Sorted keys would show the model `limit` first.
+        let body = r#"[{"type": "function", "function": {"name": "search",
+            "description": "Searches.", "parameters": {"type": "object",
+            "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+            "required": ["query"]}}}]"#;
+        let tools: serde_json::Value = serde_json::from_str(body).expect("json");
+        let rendered = template("{{ tools[0].function | tojson }}")
+            .render_json(&serde_json::json!([]), Some(&tools), false)
+            .expect("renders");
+        assert_eq!(
+            rendered,
+            "{\"name\": \"search\", \"description\": \"Searches.\", \"parameters\": \
+             {\"type\": \"object\", \"properties\": {\"query\": {\"type\": \"string\"}, \
+             \"limit\": {\"type\": \"integer\"}}, \"required\": [\"query\"]}}"
         );
     }
 

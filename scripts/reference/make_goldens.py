@@ -187,8 +187,9 @@ def record(model, tokenizer, prompt):
 
 
 def sort_keys_deep(value):
-    """The Rust side reads JSON with serde_json, whose objects iterate in key order (the
-    workspace does not enable `preserve_order`), so the reference gets the same order."""
+    """The feature cases in key order, as the committed goldens were made. The Rust side keeps
+    a JSON object's own key order (serde_json with `preserve_order`), like transformers, so
+    any order renders alike on both sides; sorting keeps regenerated goldens identical."""
     if isinstance(value, dict):
         return {k: sort_keys_deep(value[k]) for k in sorted(value)}
     if isinstance(value, list):
