@@ -260,8 +260,8 @@ def main():
         "up to eight activation rows a call (Q8_0 on AVX2 without VNNI: passes of four), on "
         "its own kernel threads (`inference-server/src/engine/q8_0.rs`, `kquants_x8/`; "
         "threads: `cpu_pool.rs`); attention runs in the engine's own kernels, one pass over "
-        "the cache in place (`cpu_prefill_attention.rs`, and `cpu_decode_kernel.rs` for "
-        "decoding tokens)."
+        "the cache in place (`cpu_prefill_attention.rs` with `cpu_prefill_tiles.rs` for "
+        "prompts, `cpu_decode_kernel.rs` for decoding tokens)."
     )
     out += ["", "## Results", ""]
     for q in quants:
