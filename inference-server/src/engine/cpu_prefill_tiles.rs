@@ -18,6 +18,7 @@
 
 use std::arch::x86_64::*;
 
+use super::cpu_lanes::{lane_max, lane_sum};
 use super::cpu_prefill_attention::{KEYS, Scratch, Shape, Work, fma, refill};
 use super::cpu_slice::KvRows;
 
@@ -260,24 +261,4 @@ unsafe fn weighted_sum<const D: usize>(
             }
         }
     }
-}
-
-/// The largest of the eight lanes of `x`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn lane_max(x: __m256) -> f32 {
-    let half = _mm256_max_ps(x, _mm256_permute2f128_ps::<0x01>(x, x));
-    let quarter = _mm256_max_ps(half, _mm256_permute_ps::<0b01_00_11_10>(half));
-    let eighth = _mm256_max_ps(quarter, _mm256_permute_ps::<0b10_11_00_01>(quarter));
-    _mm256_cvtss_f32(eighth)
-}
-
-/// The sum of the eight lanes of `x`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn lane_sum(x: __m256) -> f32 {
-    let half = _mm256_add_ps(x, _mm256_permute2f128_ps::<0x01>(x, x));
-    let quarter = _mm256_add_ps(half, _mm256_permute_ps::<0b01_00_11_10>(half));
-    let eighth = _mm256_add_ps(quarter, _mm256_permute_ps::<0b10_11_00_01>(quarter));
-    _mm256_cvtss_f32(eighth)
 }

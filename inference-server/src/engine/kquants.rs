@@ -436,14 +436,7 @@ mod avx2 {
     use half::f16;
 
     use super::{BlockQ4K, BlockQ6K, Q8KBlock, q4k_scales_and_mins};
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
+    use crate::engine::cpu_lanes::lane_sum;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -526,7 +519,7 @@ mod avx2 {
             let m = acc_min[r];
             let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
             let m = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-            out[r] = hsum(acc[r]) - m;
+            out[r] = lane_sum(acc[r]) - m;
         }
         out
     }
@@ -585,7 +578,7 @@ mod avx2 {
         }
         let mut out = [0f32; R];
         for r in 0..R {
-            out[r] = hsum(acc[r]);
+            out[r] = lane_sum(acc[r]);
         }
         out
     }

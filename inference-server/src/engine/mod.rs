@@ -6,6 +6,8 @@ mod cpu_attention;
 mod cpu_decode_kernel;
 mod cpu_exp;
 mod cpu_features;
+#[cfg(target_arch = "x86_64")]
+mod cpu_lanes;
 mod cpu_pool;
 mod cpu_prefill_attention;
 #[cfg(target_arch = "x86_64")]
