@@ -113,7 +113,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                     n += 1;
                 }
                 SequenceEvent::Finished(_) | SequenceEvent::Failed(_) => break,
-                SequenceEvent::Started => {}
+                SequenceEvent::Started { .. } => {}
             }
         }
         if let Some(first) = first {

@@ -230,6 +230,7 @@ impl<'t> BeamSearch<'t> {
                     token_ids: h.tokens,
                     prompt_tokens: self.prompt_tokens,
                     finish_reason: finish,
+                    cached_tokens: 0,
                     cumulative_logprob: h.score,
                 }
             })

@@ -74,6 +74,9 @@ pub struct Completion {
     /// `token_ids.len()`.
     pub completion_tokens: usize,
     pub finish_reason: FinishReason,
+    /// Prompt tokens whose keys and values were copied from the prefix cache instead of
+    /// computed.
+    pub cached_tokens: usize,
     /// Sum of the sampled tokens' log-probabilities under the model, when the request asked
     /// for `logprobs` (a `best_of` ranking asks for them); 0 otherwise, since the full
     /// softmax over the vocabulary costs about as much per token as a small model's step.
@@ -155,6 +158,8 @@ pub struct ActiveSequence<'t> {
     prompt: Vec<u32>,
     /// Prompt tokens already in the cache.
     fed: usize,
+    /// Prompt tokens whose keys and values came from another cache (a reused prefix).
+    reused: usize,
     /// Tokens handed to the current step.
     input: Vec<u32>,
     context: usize,
@@ -208,6 +213,7 @@ impl<'t> ActiveSequence<'t> {
             stops: StopStrings::new(&request.stop),
             prompt: request.prompt,
             fed: 0,
+            reused: 0,
             input: Vec::new(),
             context,
             max_tokens,
@@ -252,6 +258,83 @@ impl<'t> ActiveSequence<'t> {
             cache: &mut self.cache,
             logits,
         }
+    }
+
+    /// Starts the cache with the first `len` tokens `source` holds, which must be this
+    /// prompt's first `len` tokens (see [`Self::shared_prefix`]): only the rest of the prompt
+    /// is then computed. Before the first step only, and at least one prompt token is left
+    /// to feed (its logits give the first sampled token).
+    pub fn reuse_prefix(&mut self, source: &KvCache, len: usize) -> Result<()> {
+        self.check_reuse(len)?;
+        self.cache.copy_prefix_of(source, len)?;
+        self.fed = len;
+        self.reused = len;
+        Ok(())
+    }
+
+    /// Like [`Self::reuse_prefix`], but takes `cache` over instead of copying it: its first
+    /// `len` tokens stay, the rest is forgotten.
+    pub fn adopt_cache(&mut self, mut cache: KvCache, len: usize) -> Result<()> {
+        self.check_reuse(len)?;
+        if len > cache.len() || !cache.uses_pool_of(&self.cache) {
+            return Err(EngineError::InvalidInput(format!(
+                "a cache of {} tokens (of this model's pool) cannot give {len}",
+                cache.len()
+            )));
+        }
+        cache.truncate(len);
+        cache.shrink_to_fit();
+        cache.set_limit(self.prompt.len() + self.max_tokens);
+        self.cache = cache;
+        self.fed = len;
+        self.reused = len;
+        Ok(())
+    }
+
+    fn check_reuse(&self, len: usize) -> Result<()> {
+        if !self.cache.is_empty() || self.fed > 0 || len >= self.prompt.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "a reused prefix of {len} tokens needs a sequence that has not started and a \
+                 longer prompt ({} tokens, {} fed)",
+                self.prompt.len(),
+                self.fed
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many of `tokens`' first tokens this sequence's cache holds keys and values for:
+    /// its prompt, then what it has generated, as far as they have been fed.
+    pub fn shared_prefix(&self, tokens: &[u32]) -> usize {
+        let held = self.cache.len();
+        let in_prompt = held.min(self.prompt.len());
+        let from_prompt = common_prefix(&self.prompt[..in_prompt], tokens);
+        if from_prompt < in_prompt || held == in_prompt {
+            return from_prompt;
+        }
+        let generated = &self.generated[..(held - in_prompt).min(self.generated.len())];
+        from_prompt + common_prefix(generated, &tokens[from_prompt..])
+    }
+
+    /// The cache, for another sequence to copy a prefix of.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Hands over the cache and the tokens it holds keys and values for (the prompt, then the
+    /// generated tokens fed so far), leaving this sequence an empty one. What a prefix cache
+    /// keeps of a finished sequence.
+    pub fn take_cache(&mut self) -> (Vec<u32>, KvCache) {
+        let held = self.cache.len();
+        let mut tokens: Vec<u32> = self.prompt.iter().take(held).copied().collect();
+        let rest = held - tokens.len();
+        tokens.extend(self.generated.iter().take(rest));
+        let empty = self.cache.emptied();
+        let cache = std::mem::replace(&mut self.cache, empty);
+        // The cache's length counts only tokens whose ids are known.
+        let mut cache = cache;
+        cache.truncate(tokens.len());
+        (tokens, cache)
     }
 
     /// Whether the sequence has finished and should leave the batch.
@@ -350,9 +433,15 @@ impl<'t> ActiveSequence<'t> {
             token_ids: self.generated.clone(),
             prompt_tokens: self.prompt.len(),
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            cached_tokens: self.reused,
             cumulative_logprob: self.cumulative_logprob,
         }
     }
+}
+
+/// Length of the longest common prefix of `a` and `b`.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The log-probability of `token` under the model's distribution (`log_softmax(logits)`), and

@@ -113,6 +113,8 @@ impl LlamaGuard {
             kv_cache_tokens: 8 * context,
             max_queue: 256,
             prefill_chunk_tokens: 512,
+            // Every verdict's prompt starts with the same policy text.
+            prefix_cache: true,
         };
         let handle = EngineHandle::start(model, Arc::clone(&tokenizer), limits, gauges)
             .map_err(|e| format!("cannot start the Llama Guard engine: {e}"))?;
@@ -170,7 +172,7 @@ impl LlamaGuard {
             match event {
                 SequenceEvent::Finished(completion) => return parse(&completion.text),
                 SequenceEvent::Failed(message) => return Err(message),
-                SequenceEvent::Started | SequenceEvent::Token(_) => {}
+                SequenceEvent::Started { .. } | SequenceEvent::Token(_) => {}
             }
         }
         Err("the Llama Guard engine stopped".into())

@@ -43,6 +43,12 @@ pub struct EngineGauges {
     pub queue_seconds: Histogram,
     pub step_seconds: Histogram,
     pub step_tokens: Counter,
+    /// Tokens held by the prefix cache's entries.
+    pub prefix_cache_tokens: Gauge,
+    /// Prompt tokens of sequences admitted while the prefix cache is on.
+    pub prefix_prompt_tokens: Counter,
+    /// Of those, the tokens whose keys and values came from the prefix cache.
+    pub prefix_hit_tokens: Counter,
 }
 
 /// Every metric of the server and the registry that encodes them.
@@ -142,6 +148,9 @@ impl Metrics {
             queue_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             step_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             step_tokens: Counter::default(),
+            prefix_cache_tokens: Gauge::default(),
+            prefix_prompt_tokens: Counter::default(),
+            prefix_hit_tokens: Counter::default(),
         };
         registry.register(
             "queue_depth",
@@ -188,6 +197,23 @@ impl Metrics {
             "step_tokens",
             "Tokens processed by forward steps (prompt and generated)",
             engine.step_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_tokens",
+            "KV-cache tokens kept by the prefix cache for prompts that start the same way \
+             (evicted whenever an admission needs the room)",
+            engine.prefix_cache_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_prompt_tokens",
+            "Prompt tokens of requests admitted while the prefix cache is on",
+            engine.prefix_prompt_tokens.clone(),
+        );
+        registry.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache (a kept entry or \
+             a running sequence) instead of being computed",
+            engine.prefix_hit_tokens.clone(),
         );
         Arc::new(Self {
             registry,

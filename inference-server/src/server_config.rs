@@ -174,6 +174,11 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Most prompt tokens one step processes, so a long prompt does not stall decoding.
     pub prefill_chunk_tokens: usize,
+    /// Keep the keys and values of finished requests in the KV budget's free room, so that a
+    /// prompt starting with tokens seen before (the conversation so far, a shared system
+    /// prompt) computes only the rest. Entries are evicted, least recently used first,
+    /// whenever an admission needs their room.
+    pub prefix_cache: bool,
     /// Seed of the demo model's random weights.
     pub demo_seed: u64,
 }
@@ -186,6 +191,7 @@ impl Default for EngineConfig {
             kv_cache_dtype: KvCacheDtype::Auto,
             max_queue: 64,
             prefill_chunk_tokens: 512,
+            prefix_cache: true,
             demo_seed: 42,
         }
     }

@@ -122,6 +122,7 @@ impl AppState {
                 .unwrap_or_else(|| (4 * context).max(65_536)),
             max_queue: engine.max_queue,
             prefill_chunk_tokens: engine.prefill_chunk_tokens,
+            prefix_cache: engine.prefix_cache,
         };
         self.metrics
             .engine

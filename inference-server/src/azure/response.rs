@@ -9,6 +9,16 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// OpenAI's breakdown of the prompt tokens (clients that do not know it ignore it).
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache instead of being
+    /// computed (with `n` > 1, the most any choice reused).
+    pub cached_tokens: usize,
 }
 
 impl Usage {
@@ -17,7 +27,14 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails::default(),
         }
+    }
+
+    /// The same counts, `cached` of the prompt tokens from the prefix cache.
+    pub fn with_cached(mut self, cached: usize) -> Self {
+        self.prompt_tokens_details.cached_tokens = cached.min(self.prompt_tokens);
+        self
     }
 }
 

@@ -69,6 +69,16 @@ impl KvCache {
         self.extent.len
     }
 
+    /// Whether this cache and `other` share a pool.
+    pub(crate) fn uses_pool_of(&self, other: &KvCache) -> bool {
+        Arc::ptr_eq(&self.pool, &other.pool)
+    }
+
+    /// A new empty cache of the same pool.
+    pub(crate) fn emptied(&self) -> Self {
+        Self::new(self.pool.clone())
+    }
+
     /// Whether this cache's rows are in `pool`.
     pub(crate) fn uses(&self, pool: &Arc<KvPool>) -> bool {
         Arc::ptr_eq(&self.pool, pool)
@@ -162,6 +172,48 @@ impl KvCache {
             copy.len = self.len;
         }
         Ok(copy)
+    }
+
+    /// Fills this empty cache with the first `len` tokens `source` holds (a cache of the same
+    /// pool): a prompt that starts with tokens another sequence has already seen skips
+    /// computing their keys and values. On an error the cache is still empty.
+    pub(crate) fn copy_prefix_of(&mut self, source: &KvCache, len: usize) -> Result<()> {
+        if !self.is_empty() || len > source.len || !Arc::ptr_eq(&self.pool, &source.pool) {
+            return Err(EngineError::InvalidInput(format!(
+                "cannot copy {len} tokens of a cache holding {} into one holding {} (it must \
+                 be empty and of the same pool)",
+                source.len, self.len
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let row = self.reserve(len)?;
+        self.pool
+            .copy_rows(source.extent, Extent { start: row, len }, len)?;
+        self.advance(len)
+    }
+
+    /// Keeps only the first `len` tokens (their rows stay this cache's).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Gives the rows past the filled ones back to the pool: a cache kept only for its
+    /// tokens holds no more rows than it has tokens.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        if self.extent.len > self.len {
+            self.pool.release(Extent {
+                start: self.extent.start + self.len,
+                len: self.extent.len - self.len,
+            });
+            self.extent.len = self.len;
+        }
+    }
+
+    /// Sets the most tokens the owner expects (see [`KvCache::with_limit`]).
+    pub(crate) fn set_limit(&mut self, tokens: usize) {
+        self.limit = Some(tokens);
     }
 
     /// Forgets every cached token, keeping the rows.
@@ -266,6 +318,50 @@ mod tests {
         assert_eq!(values(&k.narrow(1, 0, 5)?)?, values(&tokens(100.0, 5)?)?);
         assert_eq!(values(&k.narrow(1, 5, 60)?)?, values(&tokens(300.0, 60)?)?);
         drop((first, second));
+        assert_eq!(pool.free_rows(), pool.rows());
+        Ok(())
+    }
+
+    #[test]
+    fn a_prefix_copies_into_an_empty_cache_and_kept_caches_shrink_to_their_tokens() -> Result<()> {
+        let pool = pool(2);
+        let mut source = KvCache::new(pool.clone());
+        for layer in 0..2 {
+            source.append(layer, &tokens(0.0, 10)?, &tokens(50.0, 10)?)?;
+        }
+        let mut copy = KvCache::with_limit(pool.clone(), 20);
+        copy.copy_prefix_of(&source, 6)?;
+        assert_eq!(copy.len(), 6);
+        assert_ne!(copy.start(), source.start());
+        for layer in 0..2 {
+            let (k, v) = copy.append(layer, &tokens(900.0, 1)?, &tokens(900.0, 1)?)?;
+            assert_eq!(
+                values(&k.narrow(1, 0, 6)?)?,
+                values(&tokens(0.0, 10)?.narrow(1, 0, 6)?)?
+            );
+            assert_eq!(
+                values(&v.narrow(1, 0, 6)?)?,
+                values(&tokens(50.0, 10)?.narrow(1, 0, 6)?)?
+            );
+            assert_eq!(values(&k.narrow(1, 6, 1)?)?, values(&tokens(900.0, 1)?)?);
+        }
+        // The source is untouched by the copy's new token.
+        let (k, _) = source.append(0, &tokens(0.0, 1)?, &tokens(0.0, 1)?)?;
+        assert_eq!(values(&k.narrow(1, 0, 10)?)?, values(&tokens(0.0, 10)?)?);
+        // Only an empty cache of the same pool takes a prefix, and no more than the source has.
+        assert!(copy.copy_prefix_of(&source, 2).is_err());
+        let mut other = KvCache::new(pool.clone());
+        assert!(other.copy_prefix_of(&source, 12).is_err());
+        assert!(other.is_empty());
+        let mut foreign = KvCache::new(self::pool(2));
+        assert!(foreign.copy_prefix_of(&source, 2).is_err());
+        // Truncated and shrunk, a cache holds rows for its tokens only.
+        copy.truncate(4);
+        copy.shrink_to_fit();
+        assert_eq!((copy.len(), copy.capacity()), (4, 4));
+        let held = pool.rows() - pool.free_rows();
+        assert_eq!(held, source.capacity() + 4);
+        drop((source, copy));
         assert_eq!(pool.free_rows(), pool.rows());
         Ok(())
     }

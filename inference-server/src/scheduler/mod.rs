@@ -11,6 +11,7 @@
 //! - Dropping the event receiver (the client went away) cancels the sequence; its cache is
 //!   freed before the next step.
 
+mod prefix_cache;
 mod worker;
 
 use std::sync::Arc;
@@ -33,14 +34,20 @@ pub struct SchedulerLimits {
     pub kv_cache_tokens: usize,
     pub max_queue: usize,
     pub prefill_chunk_tokens: usize,
+    /// Keep the keys and values of sequences that leave the batch for prompts that start
+    /// with the same tokens (see `prefix_cache`).
+    pub prefix_cache: bool,
 }
 
 /// What the engine reports about one sequence, in order: tokens, then exactly one of
 /// `Finished` or `Failed`.
 #[derive(Debug)]
 pub enum SequenceEvent {
-    /// The sequence left the queue and its prompt is being processed.
-    Started,
+    /// The sequence left the queue and its prompt is being processed; `cached_tokens` of
+    /// the prompt's tokens came from the prefix cache.
+    Started {
+        cached_tokens: usize,
+    },
     Token(TokenOutput),
     Finished(Completion),
     Failed(String),

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::prefix_cache::PrefixCache;
 use super::{Job, SchedulerLimits, SequenceEvent};
 use crate::beam::{BeamRequest, BeamSearch};
 use crate::engine::{LlamaModel, SequenceStep};
@@ -28,6 +29,22 @@ struct Running<'t> {
     sequence: ActiveSequence<'t>,
     events: UnboundedSender<SequenceEvent>,
     reserved: usize,
+    /// A step failed for it: its cache may be inconsistent, so the prefix cache does not
+    /// keep it.
+    failed: bool,
+}
+
+/// Where a new sequence's prompt finds keys and values already computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reuse {
+    /// A prefix-cache entry: copied, or taken over when `take`.
+    Kept {
+        index: usize,
+        len: usize,
+        take: bool,
+    },
+    /// A sequence in the running batch (copied).
+    Running { index: usize, len: usize },
 }
 
 struct RunningBeam<'t> {
@@ -60,11 +77,12 @@ impl Worker {
         let mut running: Vec<Running<'_>> = Vec::new();
         let mut beams: Vec<RunningBeam<'_>> = Vec::new();
         let mut reserved = 0usize;
+        let mut prefix = PrefixCache::default();
         let mut open = true;
         loop {
             // Intake: block only when there is nothing to do.
             if running.is_empty() && beams.is_empty() && waiting.is_empty() {
-                self.publish(&waiting, &running, reserved);
+                self.publish(&waiting, &running, reserved, &prefix);
                 if !open {
                     return;
                 }
@@ -106,6 +124,13 @@ impl Worker {
                 if reserved + want > budget && !running.is_empty() {
                     break;
                 }
+                let width = job.beam.map_or(1, |(width, _)| width);
+                let reuse = if self.limits.prefix_cache && job.beam.is_none() {
+                    best_source(&prefix, &running, &job.request.prompt)
+                } else {
+                    None
+                };
+                let reuse = make_room(&mut prefix, reuse, budget, reserved + want * width);
                 let Some(mut job) = waiting.pop_front() else {
                     break;
                 };
@@ -130,7 +155,7 @@ impl Worker {
                             skip_special_tokens: r.skip_special_tokens,
                         },
                     );
-                    let _ = job.events.send(SequenceEvent::Started);
+                    let _ = job.events.send(SequenceEvent::Started { cached_tokens: 0 });
                     reserved += want * width;
                     beams.push(RunningBeam {
                         search,
@@ -140,13 +165,20 @@ impl Worker {
                     continue;
                 }
                 match ActiveSequence::new(&self.model, &tokenizer, job.request) {
-                    Ok(sequence) => {
-                        let _ = job.events.send(SequenceEvent::Started);
+                    Ok(mut sequence) => {
+                        let cached_tokens =
+                            reuse_prefix(&mut sequence, reuse, &mut prefix, &running);
+                        if self.limits.prefix_cache {
+                            self.gauges.prefix_prompt_tokens.inc_by(prompt as u64);
+                            self.gauges.prefix_hit_tokens.inc_by(cached_tokens as u64);
+                        }
+                        let _ = job.events.send(SequenceEvent::Started { cached_tokens });
                         reserved += want;
                         running.push(Running {
                             sequence,
                             events: job.events,
                             reserved: want,
+                            failed: false,
                         });
                     }
                     Err(err) => {
@@ -162,11 +194,12 @@ impl Worker {
                     if entry.sequence.is_finished() {
                         finish(entry);
                     }
+                    self.keep_prefix(&mut prefix, entry);
                 }
                 keep
             });
             self.step_beams(&mut beams, &mut reserved);
-            self.publish(&waiting, &running, reserved);
+            self.publish(&waiting, &running, reserved, &prefix);
             if running.is_empty() {
                 continue;
             }
@@ -178,6 +211,7 @@ impl Worker {
                     if entry.sequence.is_finished() {
                         finish(entry);
                     }
+                    self.keep_prefix(&mut prefix, entry);
                 }
                 !done
             });
@@ -265,7 +299,23 @@ impl Worker {
         });
     }
 
-    fn publish(&self, waiting: &VecDeque<Job>, running: &[Running<'_>], reserved: usize) {
+    /// Hands a leaving sequence's cache to the prefix cache (when it is on and the sequence
+    /// did not fail).
+    fn keep_prefix(&self, prefix: &mut PrefixCache, entry: &mut Running<'_>) {
+        if self.limits.prefix_cache && !entry.failed {
+            let (tokens, cache) = entry.sequence.take_cache();
+            prefix.insert(tokens, cache);
+        }
+    }
+
+    fn publish(
+        &self,
+        waiting: &VecDeque<Job>,
+        running: &[Running<'_>],
+        reserved: usize,
+        prefix: &PrefixCache,
+    ) {
+        self.gauges.prefix_cache_tokens.set(prefix.held() as i64);
         self.gauges.queue_depth.set(waiting.len() as i64);
         self.gauges.running.set(running.len() as i64);
         self.gauges.kv_reserved_tokens.set(reserved as i64);
@@ -283,6 +333,7 @@ fn finish(entry: &mut Running<'_>) {
 /// Ends a sequence with an error; it leaves the batch before the next step.
 fn fail(entry: &mut Running<'_>, message: &str) {
     let _ = entry.events.send(SequenceEvent::Failed(message.to_owned()));
+    entry.failed = true;
     // Closing our side makes `is_closed` true, so the sequence is retired.
     entry.events = closed_sender();
 }
@@ -290,4 +341,96 @@ fn fail(entry: &mut Running<'_>, message: &str) {
 fn closed_sender() -> UnboundedSender<SequenceEvent> {
     let (sender, _) = tokio::sync::mpsc::unbounded_channel();
     sender
+}
+
+/// The most leading prompt tokens whose keys and values some kept entry or running sequence
+/// already holds; at least one prompt token is always left to compute (its logits give the
+/// first sampled token).
+fn best_source(prefix: &PrefixCache, running: &[Running<'_>], prompt: &[u32]) -> Option<Reuse> {
+    let most = prompt.len().saturating_sub(1);
+    let kept = prefix.best(prompt).map(|m| Reuse::Kept {
+        index: m.index,
+        len: m.len.min(most),
+        take: m.whole,
+    });
+    let live = running
+        .iter()
+        .enumerate()
+        .map(|(index, r)| (index, r.sequence.shared_prefix(prompt).min(most)))
+        .max_by_key(|&(_, len)| len)
+        .map(|(index, len)| Reuse::Running { index, len });
+    [kept, live]
+        .into_iter()
+        .flatten()
+        .filter(|r| reuse_len(*r) > 0)
+        .max_by_key(|r| reuse_len(*r))
+}
+
+fn reuse_len(reuse: Reuse) -> usize {
+    match reuse {
+        Reuse::Kept { len, .. } | Reuse::Running { len, .. } => len,
+    }
+}
+
+/// Evicts kept entries, least recently used first, until `needed` tokens of the budget are
+/// free beside them, sparing the entry `reuse` will copy. When even that one is in the way,
+/// it is taken over instead of copied. Returns `reuse` with the spared entry's new index.
+fn make_room(
+    prefix: &mut PrefixCache,
+    reuse: Option<Reuse>,
+    budget: usize,
+    needed: usize,
+) -> Option<Reuse> {
+    let spare = match reuse {
+        Some(Reuse::Kept { index, .. }) => Some(index),
+        _ => None,
+    };
+    let spare = prefix.evict_to(budget.saturating_sub(needed), spare);
+    let over = needed + prefix.held() > budget;
+    match reuse {
+        Some(Reuse::Kept { len, take, .. }) => spare.map(|index| Reuse::Kept {
+            index,
+            len,
+            take: take || over,
+        }),
+        other => other,
+    }
+}
+
+/// Gives a new sequence the keys and values `reuse` points at; returns the prompt tokens it
+/// got. A failed copy only costs the time of computing the prompt.
+fn reuse_prefix(
+    sequence: &mut ActiveSequence<'_>,
+    reuse: Option<Reuse>,
+    prefix: &mut PrefixCache,
+    running: &[Running<'_>],
+) -> usize {
+    let Some(reuse) = reuse else { return 0 };
+    let result = match reuse {
+        Reuse::Kept {
+            index,
+            len,
+            take: true,
+        } => prefix
+            .take(index)
+            .map(|cache| sequence.adopt_cache(cache, len)),
+        Reuse::Kept {
+            index,
+            len,
+            take: false,
+        } => prefix
+            .cache(index)
+            .map(|cache| sequence.reuse_prefix(cache, len)),
+        Reuse::Running { index, len } => running
+            .get(index)
+            .map(|r| sequence.reuse_prefix(r.sequence.cache(), len)),
+    };
+    match result {
+        Some(Ok(())) => reuse_len(reuse),
+        Some(Err(err)) => {
+            tracing::warn!(error = %err, "the prefix cache could not be reused; computing the whole prompt");
+            0
+        }
+        None => 0,
+    }
 }

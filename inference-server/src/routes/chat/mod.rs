@@ -283,6 +283,7 @@ async fn collect(
     }
     let mut finished = Vec::with_capacity(receivers.len());
     let mut first_token: Option<Instant> = None;
+    let mut cached = 0;
     for (index, mut receiver) in receivers.into_iter().enumerate() {
         let mut choice = ChoiceState::new(
             state.filter.as_ref(),
@@ -295,7 +296,7 @@ async fn collect(
         let mut outcome = None;
         while let Some(event) = receiver.recv().await {
             match event {
-                SequenceEvent::Started => {}
+                SequenceEvent::Started { cached_tokens } => cached = cached.max(cached_tokens),
                 SequenceEvent::Token(output) => {
                     first_token.get_or_insert_with(Instant::now);
                     let emission = choice.push(&output);
@@ -381,7 +382,7 @@ async fn collect(
         created: prepared.created,
         model: state.config.model_name.clone(),
         choices,
-        usage: Usage::new(prepared.prompt.len(), completion_tokens),
+        usage: Usage::new(prepared.prompt.len(), completion_tokens).with_cached(cached),
     })
 }
 
@@ -399,7 +400,7 @@ async fn collect_beams(
                 SequenceEvent::Failed(message) => {
                     return Err(ApiError::internal(format!("generation failed: {message}")));
                 }
-                SequenceEvent::Started | SequenceEvent::Token(_) => {}
+                SequenceEvent::Started { .. } | SequenceEvent::Token(_) => {}
             }
         }
     }
@@ -507,6 +508,7 @@ pub(crate) fn flagged_completion(prepared: &Prepared) -> Completion {
         prompt_tokens: prepared.prompt.len(),
         completion_tokens: 0,
         finish_reason: crate::generation::FinishReason::Stop,
+        cached_tokens: 0,
         cumulative_logprob: 0.0,
     }
 }

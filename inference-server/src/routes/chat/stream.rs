@@ -111,6 +111,7 @@ async fn drive(
             .boxed()
         }));
     let mut first_token: Option<Instant> = None;
+    let mut cached = 0;
     let mut done = vec![false; count];
     // With Llama Guard on, text is released in windows of GUARD_WINDOW tokens, each after the
     // classifier judged everything released so far plus the window.
@@ -124,7 +125,10 @@ async fn drive(
             continue;
         }
         let emission = match event {
-            SequenceEvent::Started => continue,
+            SequenceEvent::Started { cached_tokens } => {
+                cached = cached.max(cached_tokens);
+                continue;
+            }
             SequenceEvent::Token(output) => {
                 first_token.get_or_insert_with(Instant::now);
                 let mut emission = choices[index].push(&output);
@@ -179,7 +183,7 @@ async fn drive(
         }
         let usage = finished.then(|| {
             let tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
-            Usage::new(prepared.prompt.len(), tokens)
+            Usage::new(prepared.prompt.len(), tokens).with_cached(cached)
         });
         if let Some(piece) = to_chunk(index, emission, r.logprobs.is_some())
             && frames
@@ -199,7 +203,7 @@ async fn drive(
     record_timings(&state, &prepared, first_token, completion_tokens);
     state.limiter.charge(completion_tokens as u64);
     if r.include_usage {
-        let usage = Usage::new(prepared.prompt.len(), completion_tokens);
+        let usage = Usage::new(prepared.prompt.len(), completion_tokens).with_cached(cached);
         if frames
             .send(frame(&chunk(Vec::new(), Some(usage))))
             .await
