@@ -94,3 +94,33 @@ def test_rate_limit_error(server_factory):
     with pytest.raises(openai.RateLimitError) as err:
         c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
     assert int(err.value.response.headers["retry-after"]) >= 1
+
+
+def test_the_next_turn_reuses_the_conversation_and_answers_as_without_the_cache(server_factory):
+    cached = server_factory({})
+    plain = server_factory({"engine": {"prefixCache": False}})
+    first = [{"role": "system", "content": "You answer in one sentence."},
+             {"role": "user", "content": "What is a key/value cache?"}]
+    kwargs = dict(model=MODEL_NAME, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    one = client(cached).chat.completions.create(messages=first, **kwargs)
+    assert one.usage.prompt_tokens_details.cached_tokens == 0
+    second = first + [{"role": "assistant", "content": one.choices[0].message.content},
+                      {"role": "user", "content": "And a prefix cache?"}]
+    two = client(cached).chat.completions.create(messages=second, **kwargs)
+    # The whole first prompt (and as much of the answer as re-encodes to the same tokens) is
+    # reused; the new turn is computed.
+    reused = two.usage.prompt_tokens_details.cached_tokens
+    assert one.usage.prompt_tokens <= reused < two.usage.prompt_tokens
+    without = client(plain).chat.completions.create(messages=second, **kwargs)
+    assert without.usage.prompt_tokens_details.cached_tokens == 0
+    assert two.choices[0].message.content == without.choices[0].message.content
+    assert two.usage.prompt_tokens == without.usage.prompt_tokens
+    # Streamed, the final usage chunk says the same; the metrics count the hits.
+    chunks = list(client(cached).chat.completions.create(
+        messages=second, stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == two.usage.prompt_tokens - 1
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) \
+        == two.choices[0].message.content
+    hits = cached.metric("llama_server_prefix_cache_hit_tokens_total")
+    assert hits == reused + two.usage.prompt_tokens - 1 + one.usage.prompt_tokens_details.cached_tokens
+    assert plain.metric("llama_server_prefix_cache_hit_tokens_total") == 0

@@ -60,6 +60,17 @@ pub struct EngineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65536))]
     pub prefill_chunk_tokens: Option<i32>,
+
+    /// Keep the keys and values of finished requests in the key/value cache's free room, so
+    /// that a prompt starting with tokens seen before (a conversation's earlier turns, a
+    /// system prompt shared by many requests) computes only the rest: a much shorter time to
+    /// first token for chat. Kept entries give way, least recently used first, whenever a
+    /// request needs their room, so they never delay one. A reused prompt gives the same
+    /// answer as without the cache; a reused earlier answer was computed token by token, which
+    /// rounds slightly differently. `usage.prompt_tokens_details.cached_tokens` says how many
+    /// prompt tokens were reused. Defaults to true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<bool>,
 }
 
 /// The element type of the key/value cache.

@@ -86,6 +86,7 @@ fn engine_config(ld: &LlamaDeployment, plan: &Plan) -> serde_json::Value {
         "prefillChunkTokens",
         engine.prefill_chunk_tokens.map(|n| json!(n)),
     );
+    put("prefixCache", engine.prefix_cache.map(|on| json!(on)));
     serde_json::Value::Object(out)
 }
 
@@ -150,7 +151,7 @@ mod tests {
 
         let cfg = config(
             "  engine: {contextLength: 8192, kvCacheTokens: 20000, kvCacheDtype: f32, \
-             maxBatchSize: 8, maxQueue: 0, prefillChunkTokens: 256}\n",
+             maxBatchSize: 8, maxQueue: 0, prefillChunkTokens: 256, prefixCache: false}\n",
         );
         assert_eq!(cfg["contextLength"], 8192);
         let engine = &cfg["engine"];
@@ -159,6 +160,7 @@ mod tests {
         assert_eq!(engine["maxBatchSize"], 8);
         assert_eq!(engine["maxQueue"], 0);
         assert_eq!(engine["prefillChunkTokens"], 256);
+        assert_eq!(engine["prefixCache"], false);
     }
 
     #[test]
