@@ -316,6 +316,17 @@ impl<'t> ActiveSequence<'t> {
         from_prompt + common_prefix(generated, &tokens[from_prompt..])
     }
 
+    /// Makes room in the cache for `tokens` more tokens. With `capped`, only within the key/value
+    /// pool's row cap: false (nothing changed) when only growing the pool past it would make
+    /// room; otherwise the pool grows as needed.
+    pub fn reserve_cache(&mut self, tokens: usize, capped: bool) -> Result<bool> {
+        if capped {
+            self.cache.try_reserve(tokens)
+        } else {
+            self.cache.reserve(tokens).map(|_| true)
+        }
+    }
+
     /// The cache, for another sequence to copy a prefix of.
     pub fn cache(&self) -> &KvCache {
         &self.cache

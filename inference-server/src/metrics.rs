@@ -45,6 +45,8 @@ pub struct EngineGauges {
     pub step_tokens: Counter,
     /// Tokens held by the prefix cache's entries.
     pub prefix_cache_tokens: Gauge,
+    /// Rows (tokens) the key/value pool has allocated: its memory is this × token bytes.
+    pub kv_pool_tokens: Gauge,
     /// Prompt tokens of sequences admitted while the prefix cache is on.
     pub prefix_prompt_tokens: Counter,
     /// Of those, the tokens whose keys and values came from the prefix cache.
@@ -149,6 +151,7 @@ impl Metrics {
             step_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             step_tokens: Counter::default(),
             prefix_cache_tokens: Gauge::default(),
+            kv_pool_tokens: Gauge::default(),
             prefix_prompt_tokens: Counter::default(),
             prefix_hit_tokens: Counter::default(),
         };
@@ -203,6 +206,13 @@ impl Metrics {
             "KV-cache tokens kept by the prefix cache for prompts that start the same way \
              (evicted whenever an admission needs the room)",
             engine.prefix_cache_tokens.clone(),
+        );
+        registry.register(
+            "kv_cache_allocated_tokens",
+            "Tokens the KV cache has memory for (free or not); its memory is this times \
+             kv_cache_token_bytes. It grows to the budget, past it only when running \
+             sequences' scattered rows leave no run long enough",
+            engine.kv_pool_tokens.clone(),
         );
         registry.register(
             "prefix_cache_prompt_tokens",

@@ -211,5 +211,11 @@ fn a_running_sequence_lends_its_prompt_and_kept_entries_give_way_to_admissions()
         big.len() + alone.token_ids.len() - 1,
         "only the last sequence's tokens are kept"
     );
+    // The kept entries gave way in the pool too: it never grew past the budget's rows.
+    assert!(
+        gauges.kv_pool_tokens.get() <= 300,
+        "{}",
+        gauges.kv_pool_tokens.get()
+    );
     assert_same(&alone, &run(&plain, greedy(big, room)).0, "after eviction");
 }

@@ -85,34 +85,55 @@ impl KvCache {
     }
 
     /// Makes room for `new` more tokens and returns the pool row of the first of them; the
-    /// cache's rows are `start() .. start() + len()` afterwards as before.
+    /// cache's rows are `start() .. start() + len()` afterwards as before. The pool may grow
+    /// past its cap for it.
     pub(crate) fn reserve(&mut self, new: usize) -> Result<usize> {
+        self.reserve_rows(new, false)?.ok_or_else(|| {
+            EngineError::InvalidInput(format!("no room for {new} tokens in the key/value pool"))
+        })
+    }
+
+    /// Like [`Self::reserve`], but within the pool's row cap: false (and nothing changed)
+    /// when only growing the pool past its cap would make room.
+    pub(crate) fn try_reserve(&mut self, new: usize) -> Result<bool> {
+        Ok(self.reserve_rows(new, true)?.is_some())
+    }
+
+    fn reserve_rows(&mut self, new: usize, capped: bool) -> Result<Option<usize>> {
         let needed = self.len + new;
-        if self.extent.len < needed {
-            let doubled = (self.extent.len * 2).max(MIN_CAPACITY);
-            let target = match self.limit {
-                // Within one doubling of the limit, the limit itself: the run then never
-                // moves for its last few tokens (a prompt of 2,048 tokens with 16 to
-                // generate takes 2,064 rows at once, not 2,048 and then a move to 2,064).
-                Some(limit) if needed <= limit && doubled.saturating_mul(2) >= limit => limit,
-                Some(limit) if needed <= limit => doubled.min(limit),
-                _ => doubled,
-            };
-            let want = needed.max(target);
+        if self.extent.len >= needed {
+            return Ok(Some(self.extent.start + self.len));
+        }
+        let doubled = (self.extent.len * 2).max(MIN_CAPACITY);
+        let target = match self.limit {
+            // Within one doubling of the limit, the limit itself: the run then never moves
+            // for its last few tokens (a prompt of 2,048 tokens with 16 to generate takes
+            // 2,064 rows at once, not 2,048 and then a move to 2,064).
+            Some(limit) if needed <= limit && doubled.saturating_mul(2) >= limit => limit,
+            Some(limit) if needed <= limit => doubled.min(limit),
+            _ => doubled,
+        };
+        // Within the cap, a run of just the rows needed is the fallback of a longer one.
+        let sizes = [needed.max(target), needed];
+        let tries = if capped { &sizes[..] } else { &sizes[..1] };
+        for &want in tries {
             if self.extent.len > 0
-                && let Some(longer) = self.pool.extend(self.extent, want)?
+                && let Some(longer) = self.pool.extend(self.extent, want, capped)?
             {
                 self.extent = longer;
-                return Ok(self.extent.start + self.len);
+                return Ok(Some(self.extent.start + self.len));
             }
-            let run = self.pool.allocate(want)?;
+            let Some(run) = self.pool.allocate(want, capped)? else {
+                continue;
+            };
             if let Err(err) = self.pool.copy_rows(self.extent, run, self.len) {
                 self.pool.release(run);
                 return Err(err);
             }
             self.pool.release(std::mem::replace(&mut self.extent, run));
+            return Ok(Some(self.extent.start + self.len));
         }
-        Ok(self.extent.start + self.len)
+        Ok(None)
     }
 
     /// The pool row of this cache's first token.
@@ -167,7 +188,9 @@ impl KvCache {
             limit: self.limit,
         };
         if self.extent.len > 0 {
-            copy.extent = self.pool.allocate(self.extent.len)?;
+            copy.extent = self.pool.allocate(self.extent.len, false)?.ok_or_else(|| {
+                EngineError::InvalidInput("no room in the key/value pool for a fork".into())
+            })?;
             self.pool.copy_rows(self.extent, copy.extent, self.len)?;
             copy.len = self.len;
         }

@@ -10,7 +10,10 @@
 //!
 //! Rows are handed out first-fit from a free list that merges neighbours; when no free run is
 //! long enough the tensors grow (at least doubling, with the old rows copied to the same
-//! positions), so extents keep their offsets across growth.
+//! positions), so extents keep their offsets across growth. A pool may have a row cap (the
+//! KV-cache budget): growth then stops at the cap where that is enough, and a *capped*
+//! request that only growth past the cap could serve is refused, so that its owner can free
+//! rows first (the scheduler evicts prefix-cache entries) before growing past it.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -50,6 +53,8 @@ struct PoolState {
     /// One past the highest row ever handed out: the rows above it were never written, so
     /// growth does not copy them (and on the CPU their pages are never touched).
     high_water: usize,
+    /// The most rows the pool grows to where that suffices (see the module docs).
+    cap: Option<usize>,
 }
 
 impl KvPool {
@@ -88,6 +93,11 @@ impl KvPool {
         self.lock().rows
     }
 
+    /// Caps the pool's growth at `rows` (the KV-cache budget, in tokens).
+    pub fn set_row_cap(&self, rows: usize) {
+        self.lock().cap = Some(rows);
+    }
+
     /// Rows currently free.
     pub fn free_rows(&self) -> usize {
         self.lock().free.iter().map(|e| e.len).sum()
@@ -104,24 +114,33 @@ impl KvPool {
         })
     }
 
-    /// Takes a free run of `len` rows, growing the pool when none is long enough.
-    pub(crate) fn allocate(&self, len: usize) -> Result<Extent> {
+    /// Takes a free run of `len` rows, growing the pool when none is long enough. `None` when
+    /// `capped` and only growing past the cap would make room.
+    pub(crate) fn allocate(&self, len: usize, capped: bool) -> Result<Option<Extent>> {
         let mut state = self.lock();
         if let Some(extent) = state.take(len) {
-            return Ok(extent);
+            return Ok(Some(extent));
         }
-        self.grow(&mut state, len)?;
-        state.take(len).ok_or_else(|| {
+        if !self.grow(&mut state, len, capped)? {
+            return Ok(None);
+        }
+        state.take(len).map(Some).ok_or_else(|| {
             EngineError::InvalidInput(format!("the key/value pool could not grow to {len} rows"))
         })
     }
 
     /// Lengthens `extent` in place to `len` rows where the rows right after it are free,
     /// growing the pool first when the extent ends at the pool's last used row. `None` where
-    /// another run is in the way: the caller then moves to a new run. Growing in place copies
-    /// nothing and leaves no hole behind, so caches that grow a step at a time (a prompt fed
-    /// in chunks) do not scatter freed runs over the pool.
-    pub(crate) fn extend(&self, extent: Extent, len: usize) -> Result<Option<Extent>> {
+    /// another run is in the way, or when `capped` and only growing past the cap would make
+    /// room: the caller then moves to a new run. Growing in place copies nothing and leaves no
+    /// hole behind, so caches that grow a step at a time (a prompt fed in chunks) do not
+    /// scatter freed runs over the pool.
+    pub(crate) fn extend(
+        &self,
+        extent: Extent,
+        len: usize,
+        capped: bool,
+    ) -> Result<Option<Extent>> {
         let Some(more) = len.checked_sub(extent.len).filter(|&m| m > 0) else {
             return Ok(Some(extent));
         };
@@ -133,10 +152,9 @@ impl KvPool {
             let at_top = after.map_or(end == state.rows, |i| {
                 state.free[i].start + state.free[i].len == state.rows
             });
-            if !at_top {
+            if !at_top || !self.grow(&mut state, more, capped)? {
                 return Ok(None);
             }
-            self.grow(&mut state, more)?;
         }
         let Some(index) = state
             .free
@@ -174,16 +192,27 @@ impl KvPool {
         Ok(())
     }
 
-    /// Grows the tensors so that a free run of `len` rows exists at the end.
-    fn grow(&self, state: &mut PoolState, len: usize) -> Result<()> {
+    /// Grows the tensors so that a free run of `len` rows exists at the end: to at least
+    /// twice the rows, but no further than the cap where the cap is enough. Past the cap only
+    /// when not `capped`; otherwise returns false and grows nothing.
+    fn grow(&self, state: &mut PoolState, len: usize, capped: bool) -> Result<bool> {
         let trailing = state
             .free
             .last()
             .filter(|e| e.start + e.len == state.rows)
             .map_or(0, |e| e.len);
-        let rows = (state.rows * 2)
-            .max(state.rows + len - trailing)
-            .max(MIN_ROWS);
+        let needed = state.rows + len.saturating_sub(trailing);
+        let mut rows = (state.rows * 2).max(needed).max(MIN_ROWS);
+        if let Some(cap) = state.cap {
+            if needed <= cap {
+                rows = rows.min(cap).max(needed);
+            } else if capped {
+                return Ok(false);
+            }
+        }
+        if rows <= state.rows {
+            return Ok(true);
+        }
         let shape = (self.kv_heads, rows, self.head_dim);
         let written = state.high_water;
         // Layer by layer, each old tensor dropped as soon as it is copied: growing holds one
@@ -214,7 +243,7 @@ impl KvPool {
         };
         state.rows = rows;
         state.put(added);
-        Ok(())
+        Ok(true)
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
@@ -301,15 +330,15 @@ mod tests {
     #[test]
     fn first_fit_splits_and_freed_neighbours_merge() -> Result<()> {
         let pool = pool();
-        let a = pool.allocate(10)?;
-        let b = pool.allocate(20)?;
-        let c = pool.allocate(5)?;
+        let a = pool.allocate(10, false)?.expect("uncapped");
+        let b = pool.allocate(20, false)?.expect("uncapped");
+        let c = pool.allocate(5, false)?.expect("uncapped");
         assert_eq!((a.start, b.start, c.start), (0, 10, 30));
         assert_eq!(pool.rows(), MIN_ROWS);
         pool.release(a);
         pool.release(c);
         // The freed first run is reused by a request that fits it.
-        assert_eq!(pool.allocate(4)?.start, 0);
+        assert_eq!(pool.allocate(4, false)?.expect("uncapped").start, 0);
         pool.release(Extent { start: 0, len: 4 });
         pool.release(b);
         // Everything is free again, as one run.
@@ -327,18 +356,22 @@ mod tests {
     #[test]
     fn runs_lengthen_in_place_over_free_rows_and_at_the_top() -> Result<()> {
         let pool = pool();
-        let a = pool.allocate(10)?;
-        let a = pool.extend(a, 20)?.expect("the rows after it are free");
+        let a = pool.allocate(10, false)?.expect("uncapped");
+        let a = pool
+            .extend(a, 20, false)?
+            .expect("the rows after it are free");
         assert_eq!(a, Extent { start: 0, len: 20 });
-        let b = pool.allocate(5)?;
+        let b = pool.allocate(5, false)?.expect("uncapped");
         assert_eq!(b.start, 20);
-        assert_eq!(pool.extend(a, 30)?, None, "b is in the way");
+        assert_eq!(pool.extend(a, 30, false)?, None, "b is in the way");
         assert_eq!(pool.free_rows(), MIN_ROWS - 25);
         pool.release(b);
-        let a = pool.extend(a, 30)?.expect("b left");
+        let a = pool.extend(a, 30, false)?.expect("b left");
         assert_eq!(pool.free_rows(), MIN_ROWS - 30);
         // At the top: the pool grows under the run instead of moving it.
-        let a = pool.extend(a, MIN_ROWS + 40)?.expect("the pool grows");
+        let a = pool
+            .extend(a, MIN_ROWS + 40, false)?
+            .expect("the pool grows");
         assert_eq!(
             a,
             Extent {
@@ -349,9 +382,32 @@ mod tests {
         assert_eq!(pool.rows(), 2 * MIN_ROWS);
         assert_eq!(pool.free_rows(), MIN_ROWS - 40);
         // Shorter or equal lengths change nothing.
-        assert_eq!(pool.extend(a, 5)?, Some(a));
+        assert_eq!(pool.extend(a, 5, false)?, Some(a));
         pool.release(a);
         assert_eq!(pool.free_rows(), pool.rows());
+        Ok(())
+    }
+
+    #[test]
+    fn growth_stops_at_the_cap_and_only_uncapped_requests_pass_it() -> Result<()> {
+        let pool = pool();
+        pool.set_row_cap(300);
+        let a = pool.allocate(200, true)?.expect("within the cap");
+        assert_eq!(pool.rows(), MIN_ROWS);
+        // Doubling would give 512 rows; the cap is enough, so the pool stops at 300.
+        let b = pool.allocate(100, true)?.expect("within the cap");
+        assert_eq!((b.start, pool.rows()), (200, 300));
+        // No room left below the cap: a capped request is refused and nothing grows ...
+        assert_eq!(pool.allocate(50, true)?, None);
+        assert_eq!(pool.extend(b, 150, true)?, None);
+        assert_eq!(pool.rows(), 300);
+        // ... until rows are freed, or an uncapped request grows the pool past the cap.
+        pool.release(a);
+        assert_eq!(pool.allocate(50, true)?.map(|e| e.start), Some(0));
+        let c = pool.allocate(300, false)?.expect("uncapped");
+        assert_eq!((c.start, pool.rows()), (300, 600));
+        let b = pool.extend(b, 150, false)?;
+        assert_eq!(b, None, "c follows b");
         Ok(())
     }
 
@@ -359,7 +415,7 @@ mod tests {
     fn a_16_bit_pool_starts_zeroed_and_keeps_rows_through_growth() -> Result<()> {
         for dtype in [DType::F16, DType::BF16] {
             let pool = KvPool::new(1, 2, 3, dtype, &Device::Cpu);
-            let a = pool.allocate(4)?;
+            let a = pool.allocate(4, false)?.expect("uncapped");
             let (k, v) = pool.layer(0)?;
             assert_eq!((k.dtype(), v.dtype()), (dtype, dtype));
             assert!(
@@ -373,7 +429,7 @@ mod tests {
                 .reshape((2, 4, 3))?
                 .to_dtype(dtype)?;
             k.slice_set(&data, 1, a.start)?;
-            let _big = pool.allocate(2 * MIN_ROWS)?;
+            let _big = pool.allocate(2 * MIN_ROWS, false)?.expect("uncapped");
             let (k, _) = pool.layer(0)?;
             let kept = k.narrow(1, a.start, 4)?.to_dtype(DType::F32)?;
             assert_eq!(
@@ -396,12 +452,12 @@ mod tests {
     #[test]
     fn growth_keeps_rows_in_place() -> Result<()> {
         let pool = pool();
-        let a = pool.allocate(3)?;
+        let a = pool.allocate(3, false)?.expect("uncapped");
         let (k, _) = pool.layer(1)?;
         let data = Tensor::arange(0f32, 18.0, &Device::Cpu)?.reshape((2, 3, 3))?;
         k.slice_set(&data, 1, a.start)?;
         // Larger than what is free: the pool grows past doubling.
-        let big = pool.allocate(2 * MIN_ROWS)?;
+        let big = pool.allocate(2 * MIN_ROWS, false)?.expect("uncapped");
         assert_eq!(big.start, 3);
         assert_eq!(pool.rows(), 3 + 2 * MIN_ROWS);
         let (k, _) = pool.layer(1)?;

@@ -17,6 +17,8 @@ use crate::generation::common_prefix;
 
 /// Kept tokens and their keys and values.
 struct Entry {
+    /// Stable while the entry is kept (indices move as entries leave).
+    id: u64,
     tokens: Vec<u32>,
     cache: KvCache,
     /// The clock at its last use (insertion or reuse).
@@ -30,13 +32,14 @@ pub(super) struct PrefixCache {
     /// Tokens held by all entries: their part of the KV-cache budget.
     held: usize,
     clock: u64,
+    next_id: u64,
 }
 
 /// The longest match for a prompt among the entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Match {
-    /// The entry's index.
-    pub index: usize,
+    /// The entry's id.
+    pub id: u64,
     /// Tokens the prompt shares with it, from the start.
     pub len: usize,
     /// The entry holds nothing beyond the shared tokens: the prompt continues all of it.
@@ -54,30 +57,27 @@ impl PrefixCache {
     pub(super) fn best(&self, prompt: &[u32]) -> Option<Match> {
         self.entries
             .iter()
-            .enumerate()
-            .map(|(index, e)| (index, common_prefix(&e.tokens, prompt), e))
-            .filter(|(_, len, _)| *len > 0)
-            .max_by_key(|(_, len, e)| (*len, e.used))
-            .map(|(index, len, e)| Match {
-                index,
+            .map(|e| (common_prefix(&e.tokens, prompt), e))
+            .filter(|(len, _)| *len > 0)
+            .max_by_key(|(len, e)| (*len, e.used))
+            .map(|(len, e)| Match {
+                id: e.id,
                 len,
                 whole: len == e.tokens.len(),
             })
     }
 
-    /// Entry `index`'s cache, to copy from; marks it used.
-    pub(super) fn cache(&mut self, index: usize) -> Option<&KvCache> {
+    /// Entry `id`'s cache, to copy from; marks it used.
+    pub(super) fn cache(&mut self, id: u64) -> Option<&KvCache> {
         self.clock += 1;
-        let entry = self.entries.get_mut(index)?;
+        let entry = self.entries.iter_mut().find(|e| e.id == id)?;
         entry.used = self.clock;
         Some(&entry.cache)
     }
 
-    /// Removes entry `index` and hands its cache over.
-    pub(super) fn take(&mut self, index: usize) -> Option<KvCache> {
-        if index >= self.entries.len() {
-            return None;
-        }
+    /// Removes entry `id` and hands its cache over.
+    pub(super) fn take(&mut self, id: u64) -> Option<KvCache> {
+        let index = self.entries.iter().position(|e| e.id == id)?;
         let entry = self.entries.swap_remove(index);
         self.held -= entry.tokens.len();
         Some(entry.cache)
@@ -110,36 +110,36 @@ impl PrefixCache {
         self.held -= dropped;
         cache.shrink_to_fit();
         self.held += tokens.len();
+        self.next_id += 1;
         self.entries.push(Entry {
+            id: self.next_id,
             tokens,
             cache,
             used: self.clock,
         });
     }
 
-    /// Drops least recently used entries, except entry `spare` (whose index may change),
-    /// until at most `keep` tokens are held or only `spare` is left. Returns `spare`'s new
-    /// index.
-    pub(super) fn evict_to(&mut self, keep: usize, spare: Option<usize>) -> Option<usize> {
-        let mut spare = spare.filter(|&i| i < self.entries.len());
-        while self.held > keep {
-            let victim = self
-                .entries
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| Some(*i) != spare)
-                .min_by_key(|(_, e)| e.used)
-                .map(|(i, _)| i);
-            let Some(victim) = victim else { break };
-            let last = self.entries.len() - 1;
-            let entry = self.entries.swap_remove(victim);
-            self.held -= entry.tokens.len();
-            // swap_remove moved the last entry into the victim's place.
-            if spare == Some(last) {
-                spare = Some(victim);
-            }
-        }
-        spare
+    /// Drops least recently used entries, never entry `spare`, until at most `keep` tokens
+    /// are held or only `spare` is left.
+    pub(super) fn evict_to(&mut self, keep: usize, spare: Option<u64>) {
+        while self.held > keep && self.evict_oldest(spare) {}
+    }
+
+    /// Drops the least recently used entry other than `spare`; false when there is none.
+    pub(super) fn evict_oldest(&mut self, spare: Option<u64>) -> bool {
+        let victim = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| Some(e.id) != spare)
+            .min_by_key(|(_, e)| e.used)
+            .map(|(i, _)| i);
+        let Some(victim) = victim else {
+            return false;
+        };
+        let entry = self.entries.swap_remove(victim);
+        self.held -= entry.tokens.len();
+        true
     }
 }
 
@@ -178,7 +178,7 @@ mod tests {
         assert_eq!(
             cache.best(&[1, 2, 3, 4, 5, 6]),
             Some(Match {
-                index: 0,
+                id: 1,
                 len: 4,
                 whole: true
             })
@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(
             cache.best(&[1, 2, 3, 7]),
             Some(Match {
-                index: 0,
+                id: 1,
                 len: 3,
                 whole: false
             })
@@ -194,15 +194,15 @@ mod tests {
         assert_eq!(
             cache.best(&[1, 2, 9, 9]),
             Some(Match {
-                index: 1,
+                id: 2,
                 len: 3,
                 whole: true
             })
         );
         // A tie goes to the most recently used.
-        assert_eq!(cache.best(&[1, 2]).map(|m| m.index), Some(1));
-        assert!(cache.cache(0).is_some());
-        assert_eq!(cache.best(&[1, 2]).map(|m| m.index), Some(0));
+        assert_eq!(cache.best(&[1, 2]).map(|m| m.id), Some(2));
+        assert!(cache.cache(1).is_some());
+        assert_eq!(cache.best(&[1, 2]).map(|m| m.id), Some(1));
         assert_eq!(cache.best(&[5, 1, 2]), None);
         assert_eq!(cache.best(&[]), None);
     }
@@ -236,20 +236,22 @@ mod tests {
         keep(&mut cache, &pool, &[1; 10]);
         keep(&mut cache, &pool, &[2; 10]);
         keep(&mut cache, &pool, &[3; 10]);
-        // Entry 0 is used again: entry 1 is now the oldest.
-        assert!(cache.cache(0).is_some());
-        assert_eq!(cache.evict_to(25, None), None);
+        // The first is used again: the second is now the oldest.
+        assert!(cache.cache(1).is_some());
+        cache.evict_to(25, None);
         assert_eq!(cache.held(), 20);
         assert_eq!(cache.best(&[2, 2]), None);
-        // Sparing the entry about to be copied keeps it even when it is the oldest; its index
-        // follows it.
-        let spare = cache.best(&[3, 3]).map(|m| m.index);
-        let spare = cache.evict_to(0, spare);
+        // Sparing the entry about to be copied keeps it even when it is the oldest.
+        let spare = cache.best(&[3, 3]).map(|m| m.id);
+        assert_eq!(spare, Some(3));
+        cache.evict_to(0, spare);
         assert_eq!(cache.held(), 10);
-        assert_eq!(spare, cache.best(&[3, 3]).map(|m| m.index));
-        let taken = cache.take(spare.expect("spared"));
+        assert!(!cache.evict_oldest(spare), "only the spared one is left");
+        assert_eq!(cache.best(&[3, 3]).map(|m| m.id), spare);
+        let taken = cache.take(3);
         assert_eq!(taken.map(|c| c.len()), Some(10));
         assert_eq!(cache.held(), 0);
-        assert!(cache.take(0).is_none());
+        assert!(cache.take(3).is_none());
+        assert!(!cache.evict_oldest(None));
     }
 }

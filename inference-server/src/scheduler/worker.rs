@@ -38,11 +38,7 @@ struct Running<'t> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reuse {
     /// A prefix-cache entry: copied, or taken over when `take`.
-    Kept {
-        index: usize,
-        len: usize,
-        take: bool,
-    },
+    Kept { id: u64, len: usize, take: bool },
     /// A sequence in the running batch (copied).
     Running { index: usize, len: usize },
 }
@@ -61,6 +57,9 @@ impl Worker {
         queued: Arc<AtomicUsize>,
         gauges: EngineGauges,
     ) -> Self {
+        // The pool grows to the budget's rows and, where kept prefixes can give way, no
+        // further (see `room_for`).
+        model.kv_pool().set_row_cap(limits.kv_cache_tokens);
         Self {
             model,
             tokenizer,
@@ -203,7 +202,7 @@ impl Worker {
             if running.is_empty() {
                 continue;
             }
-            self.step(&mut running);
+            self.step(&mut running, &mut prefix);
             running.retain_mut(|entry| {
                 let done = entry.sequence.is_finished() || entry.events.is_closed();
                 if done {
@@ -220,7 +219,7 @@ impl Worker {
 
     /// One batched forward over every running sequence: decoding sequences feed one token,
     /// prefilling ones share the chunk budget (the oldest first).
-    fn step(&self, running: &mut [Running<'_>]) {
+    fn step(&self, running: &mut [Running<'_>], prefix: &mut PrefixCache) {
         let started = Instant::now();
         let mut chunk_left = self.limits.prefill_chunk_tokens;
         let mut selected: Vec<usize> = Vec::with_capacity(running.len());
@@ -237,6 +236,21 @@ impl Worker {
                 chunks.push(1);
             }
             selected.push(index);
+        }
+        // Room for the step's tokens first, within the budget's rows while kept prefixes can
+        // give way; a sequence that gets none fails alone instead of failing the step.
+        let mut ready = Vec::with_capacity(selected.len());
+        for (&index, &chunk) in selected.iter().zip(&chunks) {
+            let entry = &mut running[index];
+            let tokens = entry.sequence.next_step_tokens(chunk);
+            match room_for(&mut entry.sequence, tokens, prefix, None) {
+                Ok(()) => ready.push((index, chunk)),
+                Err(err) => fail(entry, &format!("no room in the key/value cache: {err}")),
+            }
+        }
+        let (selected, chunks): (Vec<usize>, Vec<usize>) = ready.into_iter().unzip();
+        if selected.is_empty() {
+            return;
         }
         let mut steps: Vec<SequenceStep<'_>> = Vec::with_capacity(selected.len());
         let mut picked: Vec<&mut Running<'_>> = running
@@ -316,6 +330,9 @@ impl Worker {
         prefix: &PrefixCache,
     ) {
         self.gauges.prefix_cache_tokens.set(prefix.held() as i64);
+        self.gauges
+            .kv_pool_tokens
+            .set(self.model.kv_pool().rows() as i64);
         self.gauges.queue_depth.set(waiting.len() as i64);
         self.gauges.running.set(running.len() as i64);
         self.gauges.kv_reserved_tokens.set(reserved as i64);
@@ -349,7 +366,7 @@ fn closed_sender() -> UnboundedSender<SequenceEvent> {
 fn best_source(prefix: &PrefixCache, running: &[Running<'_>], prompt: &[u32]) -> Option<Reuse> {
     let most = prompt.len().saturating_sub(1);
     let kept = prefix.best(prompt).map(|m| Reuse::Kept {
-        index: m.index,
+        id: m.id,
         len: m.len.min(most),
         take: m.whole,
     });
@@ -374,7 +391,7 @@ fn reuse_len(reuse: Reuse) -> usize {
 
 /// Evicts kept entries, least recently used first, until `needed` tokens of the budget are
 /// free beside them, sparing the entry `reuse` will copy. When even that one is in the way,
-/// it is taken over instead of copied. Returns `reuse` with the spared entry's new index.
+/// it is taken over instead of copied.
 fn make_room(
     prefix: &mut PrefixCache,
     reuse: Option<Reuse>,
@@ -382,19 +399,39 @@ fn make_room(
     needed: usize,
 ) -> Option<Reuse> {
     let spare = match reuse {
-        Some(Reuse::Kept { index, .. }) => Some(index),
+        Some(Reuse::Kept { id, .. }) => Some(id),
         _ => None,
     };
-    let spare = prefix.evict_to(budget.saturating_sub(needed), spare);
+    prefix.evict_to(budget.saturating_sub(needed), spare);
     let over = needed + prefix.held() > budget;
     match reuse {
-        Some(Reuse::Kept { len, take, .. }) => spare.map(|index| Reuse::Kept {
-            index,
+        Some(Reuse::Kept { id, len, take }) => Some(Reuse::Kept {
+            id,
             len,
             take: take || over,
         }),
         other => other,
     }
+}
+
+/// Makes room for `tokens` more tokens of `sequence` in the key/value pool without growing
+/// it past its cap (the budget's rows), evicting kept entries (least recently used first,
+/// never `spare`) while the cap is in the way: kept entries scattered over the pool must not
+/// make it grow. Once none is left to evict the pool grows past the cap, as it would without
+/// a prefix cache (running sequences' runs can be scattered too).
+fn room_for(
+    sequence: &mut ActiveSequence<'_>,
+    tokens: usize,
+    prefix: &mut PrefixCache,
+    spare: Option<u64>,
+) -> crate::engine::Result<()> {
+    while !sequence.reserve_cache(tokens, true)? {
+        if !prefix.evict_oldest(spare) {
+            sequence.reserve_cache(tokens, false)?;
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Gives a new sequence the keys and values `reuse` points at; returns the prompt tokens it
@@ -408,22 +445,28 @@ fn reuse_prefix(
     let Some(reuse) = reuse else { return 0 };
     let result = match reuse {
         Reuse::Kept {
-            index,
+            id,
             len,
             take: true,
         } => prefix
-            .take(index)
+            .take(id)
             .map(|cache| sequence.adopt_cache(cache, len)),
         Reuse::Kept {
-            index,
+            id,
             len,
             take: false,
-        } => prefix
-            .cache(index)
-            .map(|cache| sequence.reuse_prefix(cache, len)),
-        Reuse::Running { index, len } => running
-            .get(index)
-            .map(|r| sequence.reuse_prefix(r.sequence.cache(), len)),
+        } => match room_for(sequence, len, prefix, Some(id)) {
+            Err(err) => Some(Err(err)),
+            Ok(()) => prefix
+                .cache(id)
+                .map(|cache| sequence.reuse_prefix(cache, len)),
+        },
+        Reuse::Running { index, len } => match room_for(sequence, len, prefix, None) {
+            Err(err) => Some(Err(err)),
+            Ok(()) => running
+                .get(index)
+                .map(|r| sequence.reuse_prefix(r.sequence.cache(), len)),
+        },
     };
     match result {
         Some(Ok(())) => reuse_len(reuse),
