@@ -327,6 +327,11 @@ impl<'t> ActiveSequence<'t> {
         }
     }
 
+    /// How many of `tokens`' first tokens this sequence's prompt starts with, fed or not.
+    pub fn prompt_overlap(&self, tokens: &[u32]) -> usize {
+        common_prefix(&self.prompt, tokens)
+    }
+
     /// The cache, for another sequence to copy a prefix of.
     pub fn cache(&self) -> &KvCache {
         &self.cache

@@ -219,3 +219,54 @@ fn a_running_sequence_lends_its_prompt_and_kept_entries_give_way_to_admissions()
     );
     assert_same(&alone, &run(&plain, greedy(big, room)).0, "after eviction");
 }
+
+#[test]
+fn requests_sharing_a_prompt_wait_for_its_prefill_and_copy_it() {
+    // A prompt of 150 tokens fed 16 a step: computed once, then copied to the others.
+    let dir = tiny_model(ModelShape::TinyUntied, 7);
+    let model = LlamaModel::load(&dir, DType::F32, &Device::Cpu).expect("model loads");
+    let tokenizer = Arc::new(LlamaTokenizer::from_dir(&dir).expect("tokenizer loads"));
+    let gauges = Metrics::new().engine.clone();
+    let limits = SchedulerLimits {
+        context_tokens: model.context_length(),
+        max_batch_size: 8,
+        kv_cache_tokens: 4096,
+        max_queue: 16,
+        prefill_chunk_tokens: 16,
+        prefix_cache: true,
+    };
+    let cached = EngineHandle::start(model, tokenizer, limits, gauges.clone()).expect("starts");
+    let (plain, _) = engine(false, 4096);
+    let prompts = prompts();
+    let body: Vec<u32> = prompts.iter().flat_map(|p| p[1..].to_vec()).collect();
+    let mut shared = vec![prompts[0][0]];
+    shared.extend(body.iter().cycle().take(149));
+    assert_eq!(shared.len(), 150);
+    let mut other = shared.clone();
+    other.extend(&prompts[1][1..6]);
+    // Submitted together, as the choices of an `n` = 3 request and a third request.
+    let receivers = [
+        cached.submit(greedy(shared.clone(), 6)).expect("accepted"),
+        cached.submit(greedy(shared.clone(), 6)).expect("accepted"),
+        cached.submit(greedy(other.clone(), 6)).expect("accepted"),
+    ];
+    let results: Vec<(Completion, usize)> = receivers.into_iter().map(wait).collect();
+    assert_eq!(results[0].1, 0, "the first computes the prompt");
+    assert_eq!(
+        results[1].1,
+        shared.len() - 1,
+        "the same prompt: all but its last token"
+    );
+    assert_eq!(results[2].1, shared.len(), "the shared start, copied");
+    let alone = run(&plain, greedy(shared.clone(), 6)).0;
+    assert_same(&results[0].0, &alone, "first");
+    assert_same(&results[1].0, &alone, "second");
+    assert_same(&results[2].0, &run(&plain, greedy(other, 6)).0, "third");
+    // The shared tokens were computed once. Fed: the first's prompt and 5 generated tokens
+    // (the sixth is never fed); the second's last prompt token and 5; the third's 5 own
+    // prompt tokens and 5.
+    assert_eq!(
+        gauges.step_tokens.get(),
+        ((150 + 5) + (1 + 5) + (5 + 5)) as u64
+    );
+}

@@ -129,6 +129,15 @@ impl Worker {
                 } else {
                     None
                 };
+                if self.limits.prefix_cache
+                    && job.beam.is_none()
+                    && worth_waiting(&running, &job.request.prompt, reuse)
+                {
+                    // A running sequence is computing much of this prompt right now (the
+                    // other choices of an `n` > 1 request, a burst sharing a system prompt):
+                    // computing it twice would only slow both down. It is copied once there.
+                    break;
+                }
                 let reuse = make_room(&mut prefix, reuse, budget, reserved + want * width);
                 let Some(mut job) = waiting.pop_front() else {
                     break;
@@ -381,6 +390,25 @@ fn best_source(prefix: &PrefixCache, running: &[Running<'_>], prompt: &[u32]) ->
         .flatten()
         .filter(|r| reuse_len(*r) > 0)
         .max_by_key(|r| reuse_len(*r))
+}
+
+/// Fewest shared prompt tokens a new sequence waits for another's prefill to compute.
+const WAIT_FOR_SHARED_TOKENS: usize = 64;
+
+/// Whether a running sequence still feeding its prompt shares so much of `prompt` (at least
+/// [`WAIT_FOR_SHARED_TOKENS`] and half of it), more than can be reused now, that the new
+/// sequence should wait for that prefill and copy it. The wait ends with that sequence's
+/// prefill (or its end): prefilling sequences are fed every step.
+fn worth_waiting(running: &[Running<'_>], prompt: &[u32], reuse: Option<Reuse>) -> bool {
+    let now = reuse.map_or(0, reuse_len);
+    let most = prompt.len().saturating_sub(1);
+    running
+        .iter()
+        .filter(|r| r.sequence.in_prefill())
+        .map(|r| r.sequence.prompt_overlap(prompt).min(most))
+        .any(|shared| {
+            shared >= WAIT_FOR_SHARED_TOKENS && 2 * shared >= prompt.len() && shared > now
+        })
 }
 
 fn reuse_len(reuse: Reuse) -> usize {
