@@ -6,7 +6,8 @@ HTTP (streamed, greedy, `ignore_eos`):
 
 - turn 1: a long system prompt (unique to the round) and a question;
 - turn 2: the same conversation, the answer and a follow-up question (a chat's next turn);
-- turn 3: a new conversation with the same system prompt (an application's next user).
+- turn 3: a new conversation with the same system prompt (an application's next user);
+- a new system prompt asked for `n` = 4 choices (time until all four started).
 
 Every round starts with a system prompt no earlier round used, so nothing carries over between
 rounds. Reports the median time to first token of each turn for both servers and the ratio,
@@ -72,26 +73,30 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError("llama-server did not become ready")
 
-    def chat(self, messages: list, max_tokens: int) -> tuple[float, str, dict]:
-        """Streams one answer: (seconds to the first content, the text, usage)."""
+    def chat(self, messages: list, max_tokens: int, n: int = 1) -> tuple[float, str, dict]:
+        """Streams one request: (seconds until every choice has its first content, the choices'
+        texts, usage)."""
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True, "stream_options": {"include_usage": True}}
+                "ignore_eos": True, "stream_options": {"include_usage": True}, "n": n}
         start = time.perf_counter()
-        first = None
-        text, usage = [], {}
-        with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=600) as r:
+        first: dict[int, float] = {}
+        texts: dict[int, list[str]] = {}
+        usage = {}
+        with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=900) as r:
             r.raise_for_status()
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 for choice in chunk.get("choices", []):
-                    if choice["delta"].get("content") and first is None:
-                        first = time.perf_counter() - start
-                    text.append(choice["delta"].get("content") or "")
+                    content = choice["delta"].get("content") or ""
+                    if content and choice["index"] not in first:
+                        first[choice["index"]] = time.perf_counter() - start
+                    texts.setdefault(choice["index"], []).append(content)
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-        return (first if first is not None else time.perf_counter() - start), "".join(text), usage
+        started = max(first.values()) if len(first) == n else time.perf_counter() - start
+        return started, "\x1e".join("".join(texts[i]) for i in sorted(texts)), usage
 
     def stop(self) -> None:
         self.process.terminate()
@@ -113,10 +118,14 @@ def workload(server: Server, rounds: int, rules: int, answer_tokens: int) -> lis
         t2, answer2, u2 = server.chat(second, answer_tokens)
         third = [system, {"role": "user", "content": "Who answers questions about part 22?"}]
         t3, answer3, u3 = server.chat(third, answer_tokens)
-        results.append({"ttft": [t1, t2, t3], "usage": [u1, u2, u3],
-                        "text": [answer, answer2, answer3]})
-        print(f"  round {i + 1}: ttft {t1:.2f} / {t2:.2f} / {t3:.2f} s, cached "
-              f"{[u.get('prompt_tokens_details', {}).get('cached_tokens') for u in (u1, u2, u3)]}",
+        fourth = [{"role": "system", "content": system_prompt(1000 + i, rules)},
+                  {"role": "user", "content": "Name three parts."}]
+        t4, answer4, u4 = server.chat(fourth, answer_tokens, n=4)
+        usages = [u1, u2, u3, u4]
+        results.append({"ttft": [t1, t2, t3, t4], "usage": usages,
+                        "text": [answer, answer2, answer3, answer4]})
+        print(f"  round {i + 1}: ttft {t1:.2f} / {t2:.2f} / {t3:.2f} / {t4:.2f} s, cached "
+              f"{[u.get('prompt_tokens_details', {}).get('cached_tokens') for u in usages]}",
               file=sys.stderr)
     return results
 
@@ -145,11 +154,12 @@ def main() -> None:
                 server.stop()
 
     same = [sum(r["text"][t] == o["text"][t] for r, o in zip(measured[True], measured[False]))
-            for t in range(3)]
+            for t in range(4)]
 
     turns = ["turn 1: new system prompt and question",
              "turn 2: the conversation so far and a follow-up",
-             "turn 3: the same system prompt, a new conversation"]
+             "turn 3: the same system prompt, a new conversation",
+             "a new system prompt, `n` = 4 choices (until all four started)"]
     rows = []
     for t, name in enumerate(turns):
         on = statistics.median(r["ttft"][t] for r in measured[True])
@@ -187,7 +197,10 @@ twice in the same run, once with `engine.prefixCache: true` (the default) and on
 
 Turn 2 reuses the first prompt and the answer (the tokens the engine generated, as far as the
 conversation re-encodes to them); turn 3 reuses the system prompt, copied from the kept
-conversation, which stays for later turns.
+conversation, which stays for later turns. The `n` = 4 request's choices are four sequences
+with one prompt: with the cache off all four compute it, sharing the steps' prompt budget, so
+all four start late; with it on, the others wait for the first one's prefill and copy it (its
+"reused" count is the most any choice reused).
 
 Prompt tokens reused from an earlier prompt are the same keys and values a prefill computes,
 bit for bit (a prompt fed in any chunks gives the same ones), so turn 3 answers as without the

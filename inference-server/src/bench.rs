@@ -534,7 +534,7 @@ impl<'a> Bench<'a> {
                 }
                 if sequence.in_prefill() {
                     let take = sequence.next_step_tokens(budget);
-                    budget -= take;
+                    budget = budget.saturating_sub(take);
                     steps.push(sequence.step(take));
                     fed.push(true);
                 } else {

@@ -227,10 +227,11 @@ impl<'t> ActiveSequence<'t> {
         })
     }
 
-    /// Tokens the next step feeds: the rest of the prompt (at most `chunk`), then one.
+    /// Tokens the next step feeds: the rest of the prompt, about `chunk` at a time (see
+    /// [`prompt_step`]), then one.
     pub fn next_step_tokens(&self, chunk: usize) -> usize {
         if self.in_prefill() {
-            (self.prompt.len() - self.fed).min(chunk.max(1))
+            prompt_step(self.prompt.len() - self.fed, chunk)
         } else {
             1
         }
@@ -455,6 +456,26 @@ impl<'t> ActiveSequence<'t> {
     }
 }
 
+/// Prompt tokens a step feeds when `remaining` are still to be fed and `budget` tokens of the
+/// step's prompt budget are left: as many as fit, except that a step never feeds exactly one
+/// token of a longer rest, nor leaves exactly one behind. A one-token step takes the decode
+/// kernels, which round differently from the prompt kernels, so a prompt's keys and values
+/// (and its answer) would depend on how the budget happened to be split between the prompts
+/// of a step; with at least two tokens a step, any split gives the same bits. A step may
+/// therefore take up to two tokens past the budget.
+pub fn prompt_step(remaining: usize, budget: usize) -> usize {
+    let take = remaining.min(budget.max(1));
+    if take == remaining {
+        take
+    } else if remaining - take == 1 {
+        remaining
+    } else if take == 1 {
+        if remaining == 3 { 3 } else { 2 }
+    } else {
+        take
+    }
+}
+
 /// Length of the longest common prefix of `a` and `b`.
 pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -491,6 +512,36 @@ pub fn log_probability(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompt_steps_never_feed_or_leave_a_single_token_of_a_longer_prompt() {
+        for remaining in 1..40 {
+            for budget in 0..45 {
+                let take = prompt_step(remaining, budget);
+                assert!(
+                    (1..=remaining).contains(&take),
+                    "{remaining} {budget}: {take}"
+                );
+                assert!(take <= budget.max(1) + 2, "{remaining} {budget}: {take}");
+                if take < remaining {
+                    assert!(
+                        take >= 2 && remaining - take >= 2,
+                        "{remaining} {budget}: {take}"
+                    );
+                    // Asking again with what was granted gives the same (the scheduler does).
+                    assert_eq!(prompt_step(remaining, take), take);
+                }
+                if remaining > 1 {
+                    assert_ne!(take, 1, "{remaining} {budget}");
+                }
+            }
+        }
+        assert_eq!(prompt_step(513, 512), 513);
+        assert_eq!(prompt_step(600, 512), 512);
+        assert_eq!(prompt_step(600, 1), 2);
+        assert_eq!(prompt_step(3, 1), 3);
+        assert_eq!(prompt_step(1, 512), 1);
+    }
 
     #[test]
     fn log_probabilities_normalise_and_rank() {

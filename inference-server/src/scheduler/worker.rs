@@ -239,7 +239,7 @@ impl Worker {
                     continue;
                 }
                 let take = entry.sequence.next_step_tokens(chunk_left);
-                chunk_left -= take;
+                chunk_left = chunk_left.saturating_sub(take);
                 chunks.push(take);
             } else {
                 chunks.push(1);
@@ -370,10 +370,12 @@ fn closed_sender() -> UnboundedSender<SequenceEvent> {
 }
 
 /// The most leading prompt tokens whose keys and values some kept entry or running sequence
-/// already holds; at least one prompt token is always left to compute (its logits give the
-/// first sampled token).
+/// already holds, leaving at least two prompt tokens to compute: the last one's logits give
+/// the first sampled token, and a step of two or more takes the prompt kernels, so the reused
+/// and computed keys and values are those of the prompt computed without the cache, bit for
+/// bit (see `generation::prompt_step`).
 fn best_source(prefix: &PrefixCache, running: &[Running<'_>], prompt: &[u32]) -> Option<Reuse> {
-    let most = prompt.len().saturating_sub(1);
+    let most = reusable(prompt);
     let kept = prefix.best(prompt).map(|m| Reuse::Kept {
         id: m.id,
         len: m.len.min(most),
@@ -401,7 +403,7 @@ const WAIT_FOR_SHARED_TOKENS: usize = 64;
 /// prefill (or its end): prefilling sequences are fed every step.
 fn worth_waiting(running: &[Running<'_>], prompt: &[u32], reuse: Option<Reuse>) -> bool {
     let now = reuse.map_or(0, reuse_len);
-    let most = prompt.len().saturating_sub(1);
+    let most = reusable(prompt);
     running
         .iter()
         .filter(|r| r.sequence.in_prefill())
@@ -409,6 +411,11 @@ fn worth_waiting(running: &[Running<'_>], prompt: &[u32], reuse: Option<Reuse>) 
         .any(|shared| {
             shared >= WAIT_FOR_SHARED_TOKENS && 2 * shared >= prompt.len() && shared > now
         })
+}
+
+/// The most prompt tokens a new sequence takes from elsewhere (see [`best_source`]).
+fn reusable(prompt: &[u32]) -> usize {
+    prompt.len().saturating_sub(2)
 }
 
 fn reuse_len(reuse: Reuse) -> usize {
