@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -20,22 +21,35 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use common::gguf::gguf_of;
 use common::{golden, ids, tiny_model};
 
-fn engine(prefix_cache: bool, kv_cache_tokens: usize) -> (EngineHandle, EngineGauges) {
-    let dir = tiny_model(ModelShape::TinyUntied, 7);
-    let model = LlamaModel::load(&dir, DType::F32, &Device::Cpu).expect("model loads");
-    let tokenizer = Arc::new(LlamaTokenizer::from_dir(&dir).expect("tokenizer loads"));
+/// The scheduler over the model at `model` (a directory or a GGUF file) with the tokenizer of
+/// `tokenizer`.
+fn start(
+    model: &Path,
+    tokenizer: &Path,
+    prefix_cache: bool,
+    kv_cache_tokens: usize,
+    prefill_chunk_tokens: usize,
+) -> (EngineHandle, EngineGauges) {
+    let model = LlamaModel::load(model, DType::F32, &Device::Cpu).expect("model loads");
+    let tokenizer = Arc::new(LlamaTokenizer::from_dir(tokenizer).expect("tokenizer loads"));
     let gauges = Metrics::new().engine.clone();
     let limits = SchedulerLimits {
         context_tokens: model.context_length(),
         max_batch_size: 8,
         kv_cache_tokens,
         max_queue: 16,
-        prefill_chunk_tokens: 512,
+        prefill_chunk_tokens,
         prefix_cache,
     };
     let handle =
         EngineHandle::start(model, tokenizer, limits, gauges.clone()).expect("engine starts");
     (handle, gauges)
+}
+
+/// The scheduler over the tiny untied model, prompts fed 512 tokens a step.
+fn engine(prefix_cache: bool, kv_cache_tokens: usize) -> (EngineHandle, EngineGauges) {
+    let dir = tiny_model(ModelShape::TinyUntied, 7);
+    start(&dir, &dir, prefix_cache, kv_cache_tokens, 512)
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
@@ -227,18 +241,7 @@ fn a_running_sequence_lends_its_prompt_and_kept_entries_give_way_to_admissions()
 fn requests_sharing_a_prompt_wait_for_its_prefill_and_copy_it() {
     // A prompt of 150 tokens fed 16 a step: computed once, then copied to the others.
     let dir = tiny_model(ModelShape::TinyUntied, 7);
-    let model = LlamaModel::load(&dir, DType::F32, &Device::Cpu).expect("model loads");
-    let tokenizer = Arc::new(LlamaTokenizer::from_dir(&dir).expect("tokenizer loads"));
-    let gauges = Metrics::new().engine.clone();
-    let limits = SchedulerLimits {
-        context_tokens: model.context_length(),
-        max_batch_size: 8,
-        kv_cache_tokens: 4096,
-        max_queue: 16,
-        prefill_chunk_tokens: 16,
-        prefix_cache: true,
-    };
-    let cached = EngineHandle::start(model, tokenizer, limits, gauges.clone()).expect("starts");
+    let (cached, gauges) = start(&dir, &dir, true, 4096, 16);
     let (plain, _) = engine(false, 4096);
     let prompts = prompts();
     let body: Vec<u32> = prompts.iter().flat_map(|p| p[1..].to_vec()).collect();
@@ -281,33 +284,15 @@ fn a_prompts_answer_does_not_depend_on_how_the_steps_split_it() {
     // scheduler never makes one of a longer prompt (`prompt_step`, unit-tested); on this
     // small shape any split must give the same bits.
     let path = gguf_of(ModelShape::Tiny256, 3, GgufFileType::Q4KM);
-    let start = |chunk: usize| {
-        let model = LlamaModel::load(&path, DType::F32, &Device::Cpu).expect("model loads");
-        let tokenizer = LlamaTokenizer::from_dir(&tiny_model(ModelShape::Tiny256, 3));
-        let limits = SchedulerLimits {
-            context_tokens: model.context_length(),
-            max_batch_size: 8,
-            kv_cache_tokens: 4096,
-            max_queue: 16,
-            prefill_chunk_tokens: chunk,
-            prefix_cache: false,
-        };
-        let gauges = Metrics::new().engine.clone();
-        EngineHandle::start(
-            model,
-            Arc::new(tokenizer.expect("tokenizer")),
-            limits,
-            gauges,
-        )
-        .expect("starts")
-    };
+    let tokenizer = tiny_model(ModelShape::Tiny256, 3);
+    let engine = |chunk| start(&path, &tokenizer, false, 4096, chunk).0;
     let prompt: Vec<u32> = (0..41)
         .map(|i| ((i * 7919 + 13) % 128_000) as u32)
         .collect();
-    let whole = run(&start(4096), greedy(prompt.clone(), 8)).0;
+    let whole = run(&engine(4096), greedy(prompt.clone(), 8)).0;
     // Chunks of 40 would leave the last token alone; of 1, every token.
     for chunk in [40, 39, 1] {
-        let split = run(&start(chunk), greedy(prompt.clone(), 8)).0;
+        let split = run(&engine(chunk), greedy(prompt.clone(), 8)).0;
         assert_eq!(split.token_ids, whole.token_ids, "chunk {chunk}");
         assert_eq!(
             split.cumulative_logprob, whole.cumulative_logprob,
