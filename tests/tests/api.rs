@@ -3,7 +3,7 @@
 
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use llama_operator::api::{ComputeQuota, LlamaDeployment};
+use llama_operator::api::{ComputeQuota, LlamaDeployment, SessionAffinity};
 use testenv::{FIELD_MANAGER, TestEnv};
 
 const VALID: &str = r#"
@@ -82,6 +82,7 @@ async fn valid_deployment_is_accepted_with_defaults_and_printer_columns() -> any
     )?;
     assert!(engine.success, "{}", engine.stderr);
     assert_eq!(engine.stdout.trim(), r#"{"kvCacheDtype":"auto"}"#);
+    assert_eq!(stored.spec.endpoint.session_affinity, SessionAffinity::None);
 
     let out = env.run_kubectl(&["get", "llamadeployments"], None)?;
     assert!(out.success, "{}", out.stderr);
@@ -225,6 +226,15 @@ const INVALID: &[(&str, &str, &[&str])] = &[
         "unknown cache element type",
         "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, engine: {kvCacheDtype: fp8}}",
         &["spec.engine.kvCacheDtype", "Unsupported value", "f16"],
+    ),
+    (
+        "unknown session affinity",
+        "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, endpoint: {sessionAffinity: Sticky}}",
+        &[
+            "spec.endpoint.sessionAffinity",
+            "Unsupported value",
+            "ClientIP",
+        ],
     ),
     (
         "zero batch size",

@@ -1,7 +1,8 @@
 //! `LlamaDeployment`: one Meta Llama model served on dedicated GPU instances.
 
 use super::{
-    AUTOSCALING_ANNOTATION, AutoscalingSpec, EngineSpec, LlamaDeploymentStatus, ModelName,
+    AUTOSCALING_ANNOTATION, AutoscalingSpec, EndpointSpec, EngineSpec, LlamaDeploymentStatus,
+    ModelName,
 };
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -78,6 +79,10 @@ pub struct LlamaDeploymentSpec {
     /// and element type, batch size, queue length and prefill chunk.
     #[serde(default)]
     pub engine: EngineSpec,
+
+    /// The Service clients call: how it spreads requests over the instances.
+    #[serde(default)]
+    pub endpoint: EndpointSpec,
 }
 
 /// Where the model weights come from. `type` selects one source; exactly the matching field

@@ -5,6 +5,7 @@
 
 mod autoscaling;
 mod compute_quota;
+mod endpoint;
 mod engine;
 mod llama_deployment;
 mod model;
@@ -15,6 +16,7 @@ pub use compute_quota::{
     ComputeQuota, ComputeQuotaSpec, ComputeQuotaStatus, FamilyLimit, FamilyUsage, QuotaHolder,
     RetiredDeployment,
 };
+pub use endpoint::{EndpointSpec, SessionAffinity};
 pub use engine::{EngineSpec, KvCacheDtype};
 pub use llama_deployment::{
     AuthMode, AuthSpec, ComputeSpec, ContentSafetySpec, HuggingFaceSource, LlamaDeployment,

@@ -22,6 +22,7 @@ pub fn server_service(ld: &LlamaDeployment) -> Result<Service, BuildError> {
             "spec": {
                 "type": "ClusterIP",
                 "selector": selector_labels(&name),
+                "sessionAffinity": ld.spec.endpoint.session_affinity.as_str(),
                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
             },
         }),
@@ -40,5 +41,15 @@ mod tests {
         assert_eq!(spec.selector, Some(selector_labels("chat")));
         assert_eq!(spec.ports.expect("ports")[0].port, 80);
         assert_eq!(endpoint_url("chat", "team-a"), "http://chat.team-a.svc");
+        assert_eq!(spec.session_affinity.as_deref(), Some("None"));
+    }
+
+    #[test]
+    fn client_ip_affinity_keeps_each_client_on_one_instance() {
+        let d = ld(&format!(
+            "{CHAT}  endpoint: {{sessionAffinity: ClientIP}}\n"
+        ));
+        let spec = server_service(&d).expect("service").spec.expect("spec");
+        assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
     }
 }
