@@ -347,9 +347,8 @@ impl<'t> ActiveSequence<'t> {
         let rest = held - tokens.len();
         tokens.extend(self.generated.iter().take(rest));
         let empty = self.cache.emptied();
-        let cache = std::mem::replace(&mut self.cache, empty);
+        let mut cache = std::mem::replace(&mut self.cache, empty);
         // The cache's length counts only tokens whose ids are known.
-        let mut cache = cache;
         cache.truncate(tokens.len());
         (tokens, cache)
     }

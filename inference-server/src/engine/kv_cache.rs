@@ -71,7 +71,7 @@ impl KvCache {
 
     /// Whether this cache and `other` share a pool.
     pub(crate) fn uses_pool_of(&self, other: &KvCache) -> bool {
-        Arc::ptr_eq(&self.pool, &other.pool)
+        self.uses(&other.pool)
     }
 
     /// A new empty cache of the same pool.
@@ -201,7 +201,7 @@ impl KvCache {
     /// pool): a prompt that starts with tokens another sequence has already seen skips
     /// computing their keys and values. On an error the cache is still empty.
     pub(crate) fn copy_prefix_of(&mut self, source: &KvCache, len: usize) -> Result<()> {
-        if !self.is_empty() || len > source.len || !Arc::ptr_eq(&self.pool, &source.pool) {
+        if !self.is_empty() || len > source.len || !self.uses_pool_of(source) {
             return Err(EngineError::InvalidInput(format!(
                 "cannot copy {len} tokens of a cache holding {} into one holding {} (it must \
                  be empty and of the same pool)",

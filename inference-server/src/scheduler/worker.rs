@@ -175,7 +175,7 @@ impl Worker {
                 match ActiveSequence::new(&self.model, &tokenizer, job.request) {
                     Ok(mut sequence) => {
                         let cached_tokens =
-                            reuse_prefix(&mut sequence, reuse, &mut prefix, &running);
+                            apply_reuse(&mut sequence, reuse, &mut prefix, &running);
                         if self.limits.prefix_cache {
                             self.gauges.prefix_prompt_tokens.inc_by(prompt as u64);
                             self.gauges.prefix_hit_tokens.inc_by(cached_tokens as u64);
@@ -471,7 +471,7 @@ fn room_for(
 
 /// Gives a new sequence the keys and values `reuse` points at; returns the prompt tokens it
 /// got. A failed copy only costs the time of computing the prompt.
-fn reuse_prefix(
+fn apply_reuse(
     sequence: &mut ActiveSequence<'_>,
     reuse: Option<Reuse>,
     prefix: &mut PrefixCache,
