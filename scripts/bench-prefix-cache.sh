@@ -13,26 +13,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${BENCH_OUT:-docs/benchmarks/prefix-cache.md}"
-step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)" >&2; }
+# shellcheck source=lib/bench.sh
+source scripts/lib/bench.sh
 
 step "setup: tokenizer, Python (httpx), llama-server"
 TOKENIZER_DIR=$(scripts/setup-tokenizer.sh)
 PYTHON=$(scripts/setup-sdk-venv.sh)
-cargo build --release --locked -p llama-server >&2
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-SERVER="$TARGET_DIR/release/llama-server"
+SERVER=$(release_server "$PYTHON")
 
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/bench-prefix-cache.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
-if [[ -n "${BENCH_MODEL_DIR:-}" ]]; then
-  MODEL_DIR="$BENCH_MODEL_DIR"
-else
-  MODEL_DIR="$SCRATCH/model"
-  step "generate-model: llama-3.2-1b, Q4_K_M"
-  "$SERVER" generate-model --shape llama-3.2-1b --seed 1 --dtype bf16 \
-    --tokenizer-dir "$TOKENIZER_DIR" --out "$MODEL_DIR" --gguf q4_k_m >&2
-  rm -f "$MODEL_DIR/model.safetensors"
-fi
+MODEL_DIR=$(bench_model "$SCRATCH" "$SERVER" "$TOKENIZER_DIR" 1 q4_k_m)
 
 step "measure"
 "$PYTHON" benches/prefix_cache.py --server "$SERVER" --model "$MODEL_DIR/model-q4_k_m.gguf" \

@@ -43,31 +43,19 @@ if [[ -n "${BENCH_QUICK:-}" ]]; then
 fi
 RAW="${OUT%.md}"
 
-step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)" >&2; }
+# shellcheck source=lib/bench.sh
+source scripts/lib/bench.sh
 
 step "setup: tokenizer, llama-cpp-python, llama-server"
 TOKENIZER_DIR=$(scripts/setup-tokenizer.sh)
 PYTHON=$(scripts/setup-llamacpp-venv.sh)
-cargo build --release --locked -p llama-server >&2
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-SERVER="$TARGET_DIR/release/llama-server"
+SERVER=$(release_server "$PYTHON")
 
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/bench-vs-llamacpp.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 IFS=, read -r -a QUANT_LIST <<<"$QUANTS"
 
-if [[ -n "${BENCH_MODEL_DIR:-}" ]]; then
-  MODEL_DIR="$BENCH_MODEL_DIR"
-else
-  MODEL_DIR="$SCRATCH/model"
-  step "generate-model: llama-3.2-1b, seed $SEED, ${QUANT_LIST[*]}"
-  GGUF_ARGS=()
-  for quant in "${QUANT_LIST[@]}"; do GGUF_ARGS+=(--gguf "$quant"); done
-  # bf16 safetensors are only the source of the GGUF files; they are not measured.
-  "$SERVER" generate-model --shape llama-3.2-1b --seed "$SEED" --dtype bf16 \
-    --tokenizer-dir "$TOKENIZER_DIR" --out "$MODEL_DIR" "${GGUF_ARGS[@]}" >&2
-  rm -f "$MODEL_DIR/model.safetensors"
-fi
+MODEL_DIR=$(bench_model "$SCRATCH" "$SERVER" "$TOKENIZER_DIR" "$SEED" "${QUANT_LIST[@]}")
 
 mkdir -p "$RAW"
 COMMON=(--batch "$BATCHES" --prompt-tokens "$PROMPT_TOKENS" --decode-tokens "$DECODE_TOKENS"

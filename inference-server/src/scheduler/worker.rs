@@ -249,10 +249,11 @@ impl Worker {
         // Room for the step's tokens first, within the budget's rows while kept prefixes can
         // give way; a sequence that gets none fails alone instead of failing the step.
         let mut ready = Vec::with_capacity(selected.len());
+        // A chunk is the number of tokens the sequence feeds: `next_step_tokens` gives the
+        // same count again for it.
         for (&index, &chunk) in selected.iter().zip(&chunks) {
             let entry = &mut running[index];
-            let tokens = entry.sequence.next_step_tokens(chunk);
-            match room_for(&mut entry.sequence, tokens, prefix, None) {
+            match room_for(&mut entry.sequence, chunk, prefix, None) {
                 Ok(()) => ready.push((index, chunk)),
                 Err(err) => fail(entry, &format!("no room in the key/value cache: {err}")),
             }

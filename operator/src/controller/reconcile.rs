@@ -322,7 +322,7 @@ async fn apply(ld: &LlamaDeployment, ctx: &Context, ns: &str) -> Result<Action, 
     accrue_into(
         ctx,
         ld,
-        &plan,
+        &plan.instance,
         &observed.running_since,
         now,
         Some(accrual),
@@ -392,37 +392,20 @@ async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
     let catalog = config.catalog();
     let now = config.now();
     let mut status = ld.status.clone().unwrap_or_default();
-    let model = catalog.models.get(&ld.spec.model).cloned();
     let instance_type_name = ld
         .spec
         .compute
         .instance_type
         .clone()
-        .or_else(|| model.as_ref().map(|m| m.default_instance_type.clone()))
+        .or_else(|| (catalog.models.get(&ld.spec.model)).map(|m| m.default_instance_type.clone()))
         .unwrap_or_default();
-    if let (Some(model), Some(instance)) = (
-        model,
-        catalog.instance_types.get(&instance_type_name).cloned(),
-    ) {
-        let model_context = model.context_length;
+    if let Some(instance) = catalog.instance_types.get(&instance_type_name) {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         let listed = pods
             .list(&ListParams::default().labels(&selector_string(&name)))
             .await?;
         let running = running_since(&listed.items);
-        let plan = crate::validate::Plan {
-            model,
-            instance: instance.clone(),
-            instances: 0,
-            provider: ld.spec.node_pool.provider,
-            // Only the cost accrual below reads this plan.
-            serving: crate::serving::ServingPlan {
-                context_length: u64::from(model_context),
-                kv_cache_tokens: None,
-                kv_cache_gib: None,
-            },
-        };
-        accrue_into(ctx, ld, &plan, &running, now, None, &mut status);
+        accrue_into(ctx, ld, instance, &running, now, None, &mut status);
         let retired = crate::api::RetiredDeployment {
             name: name.clone(),
             uid: ld.uid().unwrap_or_default(),
@@ -486,7 +469,7 @@ fn running_since(pods: &[Pod]) -> Vec<Timestamp> {
 fn accrue_into(
     ctx: &Context,
     ld: &LlamaDeployment,
-    plan: &crate::validate::Plan,
+    instance: &crate::catalog::InstanceType,
     running: &[Timestamp],
     now: Timestamp,
     min_interval: Option<Duration>,
@@ -505,8 +488,8 @@ fn accrue_into(
     let next = accrue(
         &previous,
         running,
-        plan.instance.cores,
-        plan.instance.hourly_price,
+        instance.cores,
+        instance.hourly_price,
         now,
     );
     if next.until.is_none() {
@@ -515,7 +498,7 @@ fn accrue_into(
     ctx.metrics.record_cost(
         &ld.namespace().unwrap_or_default(),
         &ld.name_any(),
-        &plan.instance.name,
+        &instance.name,
         previous.core_hours,
         previous.cost,
         next.core_hours,
@@ -523,7 +506,7 @@ fn accrue_into(
     );
     status.core_hours = Some(next.core_hours);
     status.estimated_cost = Some(next.cost);
-    status.currency = Some(plan.instance.currency.clone());
+    status.currency = Some(instance.currency.clone());
     status.cost_accrued_until = next.until.map(Time);
 }
 
