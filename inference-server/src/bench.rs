@@ -40,7 +40,8 @@ use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
 use crate::generation::{ActiveSequence, GenerationRequest};
 use crate::rng::SplitMix64;
 use crate::sampling::SamplingParams;
-use crate::tokenizer::LlamaTokenizer;
+use crate::state::tokenizer_source_for;
+use crate::tokenizer::{LlamaTokenizer, TokenizerSource};
 
 /// Prompt tokens are drawn below this id: the Llama 3 vocabulary's ordinary tokens.
 const ORDINARY_TOKENS: usize = 128_000;
@@ -62,8 +63,9 @@ pub struct BenchArgs {
     /// Seed of the generated model and of the prompts.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Tokenizer files; defaults to the model directory (the directory of a `.gguf` file), and
-    /// for `--shape` to $LLAMA_SERVER_TOKENIZER_DIR.
+    /// Tokenizer files; defaults to the model's own (its directory; for a `.gguf` file the
+    /// `tokenizer.json` beside it, else the file's tokenizer metadata), and for `--shape` to
+    /// $LLAMA_SERVER_TOKENIZER_DIR.
     #[arg(long)]
     pub tokenizer_dir: Option<PathBuf>,
     /// Dtype to run in; defaults to f32 on the CPU and bf16 on a GPU (as `serve` does).
@@ -258,19 +260,12 @@ impl BenchReport {
 
 /// The directory the tokenizer files are read from: `--tokenizer-dir`, else the model
 /// directory, or the directory holding a `.gguf` file.
-fn tokenizer_dir_of(args: &BenchArgs, model: &Path) -> PathBuf {
-    if let Some(dir) = &args.tokenizer_dir {
-        return dir.clone();
-    }
-    match model.parent() {
-        Some(parent) if model.is_file() => {
-            if parent.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                parent.to_path_buf()
-            }
-        }
-        _ => model.to_path_buf(),
+/// The tokenizer `--tokenizer-dir` names, else the model's own as the server finds it
+/// (`tokenizer.json` beside a `.gguf` file, else the file's tokenizer metadata).
+fn tokenizer_source_of(args: &BenchArgs, model: &Path) -> Result<TokenizerSource, BenchError> {
+    match &args.tokenizer_dir {
+        Some(dir) => Ok(TokenizerSource::Dir(dir.clone())),
+        None => tokenizer_source_for(model, None, None).map_err(BenchError::Invalid),
     }
 }
 
@@ -356,7 +351,7 @@ fn measure_all(
     if let Some(kv_dtype) = args.kv_dtype {
         model.set_kv_dtype(kv_dtype)?;
     }
-    let tokenizer = LlamaTokenizer::from_dir(&tokenizer_dir_of(args, dir))?;
+    let tokenizer = LlamaTokenizer::load(&tokenizer_source_of(args, dir)?)?;
     let longest = args
         .prefill_tokens
         .iter()
@@ -626,7 +621,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gguf_file_reads_its_tokenizer_beside_it() {
+    fn a_gguf_file_reads_its_tokenizer_beside_it_unless_one_is_named() {
         use clap::Parser;
         #[derive(clap::Parser)]
         struct Cli {
@@ -636,10 +631,14 @@ mod tests {
         let scratch = tempfile::tempdir().expect("tempdir");
         let file = scratch.path().join("model.gguf");
         std::fs::write(&file, b"").expect("write");
+        std::fs::write(scratch.path().join("tokenizer.json"), b"{}").expect("write");
+        let dir = |path: &Path| TokenizerSource::Dir(path.to_path_buf());
         let args = Cli::parse_from(["bench", "--model", "x"]).bench;
-        assert_eq!(tokenizer_dir_of(&args, &file), scratch.path());
-        assert_eq!(tokenizer_dir_of(&args, scratch.path()), scratch.path());
+        let source = |model: &Path| tokenizer_source_of(&args, model).expect("source");
+        assert_eq!(source(&file), dir(scratch.path()));
+        assert_eq!(source(scratch.path()), dir(scratch.path()));
         let args = Cli::parse_from(["bench", "--model", "x", "--tokenizer-dir", "/t"]).bench;
-        assert_eq!(tokenizer_dir_of(&args, &file), PathBuf::from("/t"));
+        let source = tokenizer_source_of(&args, &file).expect("source");
+        assert_eq!(source, dir(Path::new("/t")));
     }
 }

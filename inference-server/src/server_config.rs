@@ -25,8 +25,9 @@ pub struct ServerConfig {
     pub context_length: Option<usize>,
     /// GPUs per instance, as planned by the operator. Recorded and reported; one device is used.
     pub tensor_parallel: Option<u32>,
-    /// Where the Llama 3 tokenizer lives: for the demo model, and for a GGUF file without a
-    /// `tokenizer.json` beside it. Defaults to `$LLAMA_SERVER_TOKENIZER_DIR`.
+    /// Where the Llama 3 tokenizer lives: for the demo model (default
+    /// `$LLAMA_SERVER_TOKENIZER_DIR`), and for a GGUF file without a `tokenizer.json` beside it,
+    /// before the tokenizer in the file's metadata (see `state::tokenizer_source_for`).
     pub tokenizer_dir: Option<PathBuf>,
     /// Compute device: `cpu` (the default), `cuda` or `cuda:N`; the engine runs in f32 on the
     /// CPU and bf16 on a GPU. `serve --device` and `$LLAMA_SERVER_DEVICE` override it.

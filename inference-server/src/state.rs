@@ -10,13 +10,14 @@ use crate::auth::Authenticator;
 use crate::chat_template::ChatTemplate;
 use crate::content_safety::ContentFilter;
 use crate::engine::LlamaModel;
+use crate::engine::gguf::{GgufFile, has_tokenizer};
 use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
 use crate::llama_guard::LlamaGuard;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::scheduler::{EngineHandle, SchedulerLimits};
 use crate::server_config::ServerConfig;
-use crate::tokenizer::LlamaTokenizer;
+use crate::tokenizer::{LlamaTokenizer, TokenizerSource};
 
 /// The loaded model and what turns messages into its tokens.
 #[derive(Debug)]
@@ -89,8 +90,13 @@ impl AppState {
             let _ = self.guard.set(guard);
         }
         let dir = model_dir(&self.config)?;
-        let tokenizer_dir = tokenizer_dir_for(&dir, tokenizer_fallback(&self.config).as_deref())?;
-        let tokenizer = LlamaTokenizer::from_dir(&tokenizer_dir).map_err(|e| e.to_string())?;
+        let source = tokenizer_source_for(
+            &dir,
+            self.config.tokenizer_dir.as_deref(),
+            bundled_tokenizer_dir().as_deref(),
+        )?;
+        tracing::info!(tokenizer = %source, "tokenizer");
+        let tokenizer = LlamaTokenizer::load(&source).map_err(|e| e.to_string())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
         // `serve` has already resolved --device / $LLAMA_SERVER_DEVICE into the configuration.
         let spec = crate::device::DeviceSpec::choose(None, None, self.config.device.as_deref())
@@ -261,18 +267,27 @@ pub fn single_gguf_in(dir: &Path) -> Result<PathBuf, String> {
 /// The tokenizer directory to fall back on: `tokenizerDir` in the configuration, else
 /// `$LLAMA_SERVER_TOKENIZER_DIR` (the images set it to the bundled Llama 3.1 tokenizer).
 fn tokenizer_fallback(config: &ServerConfig) -> Option<PathBuf> {
-    config
-        .tokenizer_dir
-        .clone()
-        .or_else(|| std::env::var_os("LLAMA_SERVER_TOKENIZER_DIR").map(PathBuf::from))
+    config.tokenizer_dir.clone().or_else(bundled_tokenizer_dir)
 }
 
-/// Where the tokenizer files of `model` lie. A model directory carries its own. A GGUF file uses
-/// the `tokenizer.json` beside it, else the fallback directory (a single `.gguf` downloaded from
-/// a URL comes without tokenizer files).
-pub fn tokenizer_dir_for(model: &Path, fallback: Option<&Path>) -> Result<PathBuf, String> {
+/// `$LLAMA_SERVER_TOKENIZER_DIR`: the images' bundled Llama 3.1 tokenizer.
+fn bundled_tokenizer_dir() -> Option<PathBuf> {
+    std::env::var_os("LLAMA_SERVER_TOKENIZER_DIR").map(PathBuf::from)
+}
+
+/// Where the tokenizer of `model` comes from. A model directory carries its own. A GGUF file
+/// takes, in this order: the `tokenizer.json` beside it; the `configured` directory
+/// (`tokenizerDir`); the tokenizer in its own metadata; the `bundled` directory
+/// (`$LLAMA_SERVER_TOKENIZER_DIR`). So a single `.gguf` downloaded from a URL serves with its
+/// own vocabulary and chat template, and one without tokenizer metadata with the bundled
+/// Llama 3.1 tokenizer.
+pub fn tokenizer_source_for(
+    model: &Path,
+    configured: Option<&Path>,
+    bundled: Option<&Path>,
+) -> Result<TokenizerSource, String> {
     let Some(beside) = model.parent().filter(|_| model.is_file()) else {
-        return Ok(model.to_path_buf());
+        return Ok(TokenizerSource::Dir(model.to_path_buf()));
     };
     let beside = if beside.as_os_str().is_empty() {
         Path::new(".")
@@ -280,20 +295,38 @@ pub fn tokenizer_dir_for(model: &Path, fallback: Option<&Path>) -> Result<PathBu
         beside
     };
     if beside.join("tokenizer.json").is_file() {
-        return Ok(beside.to_path_buf());
+        return Ok(TokenizerSource::Dir(beside.to_path_buf()));
     }
-    match fallback {
-        Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir.to_path_buf()),
+    if let Some(dir) = configured {
+        if dir.join("tokenizer.json").is_file() {
+            return Ok(TokenizerSource::Dir(dir.to_path_buf()));
+        }
+        return Err(format!(
+            "no tokenizer for {}: the tokenizer directory {} (tokenizerDir) holds no \
+             tokenizer.json",
+            model.display(),
+            dir.display()
+        ));
+    }
+    let file = GgufFile::open(model).map_err(|e| e.to_string())?;
+    if has_tokenizer(&file) {
+        return Ok(TokenizerSource::Gguf(model.to_path_buf()));
+    }
+    match bundled {
+        Some(dir) if dir.join("tokenizer.json").is_file() => {
+            Ok(TokenizerSource::Dir(dir.to_path_buf()))
+        }
         Some(dir) => Err(format!(
-            "no tokenizer for {}: neither {} nor the tokenizer directory {} (tokenizerDir or \
-             LLAMA_SERVER_TOKENIZER_DIR) holds tokenizer.json",
+            "no tokenizer for {}: it carries no tokenizer metadata, and neither {} nor the \
+             tokenizer directory {} (LLAMA_SERVER_TOKENIZER_DIR) holds tokenizer.json",
             model.display(),
             beside.display(),
             dir.display()
         )),
         None => Err(format!(
-            "no tokenizer for {}: {} holds no tokenizer.json and no tokenizer directory is \
-             configured (set tokenizerDir in the configuration or LLAMA_SERVER_TOKENIZER_DIR)",
+            "no tokenizer for {}: it carries no tokenizer metadata, {} holds no tokenizer.json \
+             and no tokenizer directory is configured (set tokenizerDir in the configuration \
+             or LLAMA_SERVER_TOKENIZER_DIR)",
             model.display(),
             beside.display()
         )),

@@ -1,12 +1,32 @@
 //! The Llama 3 tokenizer: `tokenizer.json` (Hugging Face `tokenizers`) plus the special tokens
 //! and chat template of `tokenizer_config.json`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::gguf::{GgufFile, embedded_tokenizer};
+
+/// Where a model's tokenizer comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSource {
+    /// A directory with `tokenizer.json` and `tokenizer_config.json`.
+    Dir(PathBuf),
+    /// The `tokenizer.*` metadata of a GGUF file.
+    Gguf(PathBuf),
+}
+
+impl std::fmt::Display for TokenizerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dir(dir) => write!(f, "{}", dir.join("tokenizer.json").display()),
+            Self::Gguf(path) => write!(f, "the tokenizer metadata of {}", path.display()),
+        }
+    }
+}
 
 /// Tokens that end a Llama 3 turn or document; generation stops when it samples one. The
 /// `eos_token_id`s of the model directory's `config.json`/`generation_config.json` are added.
@@ -56,8 +76,65 @@ impl LlamaTokenizer {
                 _ => None,
             }
         };
-        let bos_token = token_field("bos_token").unwrap_or_else(|| "<|begin_of_text|>".into());
-        let eos_token = token_field("eos_token").unwrap_or_else(|| "<|eot_id|>".into());
+        Self::from_parts(
+            inner,
+            &tokenizer_path,
+            token_field("bos_token"),
+            token_field("eos_token"),
+            model_eos_ids(dir)?,
+            chat_template_of(&config),
+        )
+    }
+
+    /// Rebuilds the tokenizer a GGUF file carries in its `tokenizer.*` metadata (see
+    /// [`crate::engine::gguf::embedded_tokenizer`]).
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let Some(embedded) = embedded_tokenizer(&file)? else {
+            return Err(EngineError::GgufMetadata {
+                path: path.to_owned(),
+                key: "tokenizer.ggml.model".into(),
+                reason: "missing: the file carries no tokenizer; put tokenizer.json and \
+                         tokenizer_config.json beside it"
+                    .into(),
+            });
+        };
+        let inner = Tokenizer::from_str(&embedded.tokenizer_json).map_err(|err| {
+            EngineError::Tokenizer(format!(
+                "cannot build the tokenizer of {} from its metadata: {err}",
+                path.display()
+            ))
+        })?;
+        Self::from_parts(
+            inner,
+            path,
+            embedded.bos_token,
+            embedded.eos_token,
+            embedded.stop_ids,
+            embedded.chat_template,
+        )
+    }
+
+    /// Loads the tokenizer `source` names.
+    pub fn load(source: &TokenizerSource) -> Result<Self> {
+        match source {
+            TokenizerSource::Dir(dir) => Self::from_dir(dir),
+            TokenizerSource::Gguf(path) => Self::from_gguf(path),
+        }
+    }
+
+    /// The special tokens (Llama 3's names where the source names none), the stop ids (the
+    /// named stop tokens, the EOS token and `model_stop_ids`) and the chat template.
+    fn from_parts(
+        inner: Tokenizer,
+        source: &Path,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        model_stop_ids: Vec<u32>,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
+        let bos_token = bos_token.unwrap_or_else(|| "<|begin_of_text|>".into());
+        let eos_token = eos_token.unwrap_or_else(|| "<|eot_id|>".into());
         let mut stop_ids: Vec<u32> = STOP_TOKENS
             .iter()
             .chain(std::iter::once(&eos_token.as_str()))
@@ -65,13 +142,13 @@ impl LlamaTokenizer {
             .collect();
         // The model's own end-of-sequence ids count too: some tokenizer files name id 128008
         // `<|reserved_special_token_4|>` although Llama 3.1 models emit it as `<|eom_id|>`.
-        stop_ids.extend(model_eos_ids(dir)?);
+        stop_ids.extend(model_stop_ids);
         stop_ids.sort_unstable();
         stop_ids.dedup();
         if stop_ids.is_empty() {
             return Err(EngineError::Tokenizer(format!(
                 "{} defines none of the stop tokens {STOP_TOKENS:?}",
-                tokenizer_path.display()
+                source.display()
             )));
         }
         Ok(Self {
@@ -79,7 +156,7 @@ impl LlamaTokenizer {
             bos_token,
             eos_token,
             stop_ids,
-            chat_template: chat_template_of(&config),
+            chat_template,
         })
     }
 
@@ -139,7 +216,8 @@ impl LlamaTokenizer {
         &self.eos_token
     }
 
-    /// The Jinja chat template of `tokenizer_config.json`, if it has one.
+    /// The Jinja chat template (`tokenizer_config.json`'s, or a GGUF file's
+    /// `tokenizer.chat_template`), if there is one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }

@@ -127,8 +127,9 @@ pub struct SourceSpec {
     /// The weight format. `safetensors` expects the Hugging Face layout (config.json,
     /// *.safetensors, tokenizer.json, tokenizer_config.json); `gguf` a single .gguf file (a `url`
     /// or `huggingFace` download must give exactly one; with no tokenizer.json beside it the
-    /// server uses the Llama 3.1 tokenizer its image bundles). A `url` ending in `.gguf` needs
-    /// `gguf`. Defaults to `safetensors`.
+    /// server uses the tokenizer and chat template in the file's metadata, else the Llama 3.1
+    /// tokenizer its image bundles). A `url` ending in `.gguf` needs `gguf`. Defaults to
+    /// `safetensors`.
     #[serde(default)]
     pub format: WeightFormat,
 }

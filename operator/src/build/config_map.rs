@@ -27,8 +27,8 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         },
         // `llama-server fetch` downloads into MODEL_DIR: the Hugging Face layout, or (a `.gguf`
         // URL, a GGUF-only repository) one `.gguf` file that the server finds there with
-        // `format: gguf`, taking the tokenizer from the image's LLAMA_SERVER_TOKENIZER_DIR when
-        // none lies beside it.
+        // `format: gguf`, taking the tokenizer from the file's metadata, or from the image's
+        // LLAMA_SERVER_TOKENIZER_DIR, when none lies beside it.
         _ => MODEL_DIR.to_owned(),
     };
     let config = json!({

@@ -8,12 +8,12 @@ use crate::engine::config::{LlamaConfig, TokenIds};
 use crate::engine::error::{EngineError, Result};
 
 /// Typed access to a file's metadata; every error names the file and the key.
-struct Metadata<'a> {
-    file: &'a GgufFile,
+pub(super) struct Metadata<'a> {
+    pub(super) file: &'a GgufFile,
 }
 
-impl Metadata<'_> {
-    fn error(&self, key: &str, reason: impl Into<String>) -> EngineError {
+impl<'a> Metadata<'a> {
+    pub(super) fn error(&self, key: &str, reason: impl Into<String>) -> EngineError {
         EngineError::GgufMetadata {
             path: self.file.path().to_owned(),
             key: key.to_owned(),
@@ -22,7 +22,7 @@ impl Metadata<'_> {
     }
 
     /// An unsigned integer, whatever integer width the writer chose.
-    fn optional_count(&self, key: &str) -> Result<Option<usize>> {
+    pub(super) fn optional_count(&self, key: &str) -> Result<Option<usize>> {
         let Some(value) = self.file.metadata().get(key) else {
             return Ok(None);
         };
@@ -64,11 +64,23 @@ impl Metadata<'_> {
         }
     }
 
-    fn optional_string(&self, key: &str) -> Result<Option<&str>> {
+    pub(super) fn optional_string(&self, key: &str) -> Result<Option<&str>> {
         match self.file.metadata().get(key) {
             None => Ok(None),
             Some(Value::String(v)) => Ok(Some(v)),
             Some(other) => Err(self.error(key, format!("expected a string, found {other:?}"))),
+        }
+    }
+
+    /// An array; the error names its type, not its (possibly long) contents.
+    pub(super) fn optional_array(&self, key: &str) -> Result<Option<&'a [Value]>> {
+        match self.file.metadata().get(key) {
+            None => Ok(None),
+            Some(Value::Array(v)) => Ok(Some(v)),
+            Some(other) => Err(self.error(
+                key,
+                format!("expected an array, found a {:?}", other.value_type()),
+            )),
         }
     }
 }

@@ -18,6 +18,8 @@ mod file;
 pub mod layout;
 mod load;
 mod metadata;
+mod tokenizer;
 
 pub use file::GgufFile;
 pub use metadata::llama_config;
+pub use tokenizer::{GgufTokenizer, embedded_tokenizer, has_tokenizer};
