@@ -68,12 +68,13 @@ impl ChatTemplate {
         })
     }
 
-    /// The template of a tokenizer; an error when its `tokenizer_config.json` has none.
+    /// The template of a tokenizer; an error naming the file and the key when it has none.
     pub fn from_tokenizer(tokenizer: &LlamaTokenizer) -> Result<Self> {
         let source = tokenizer.chat_template().ok_or_else(|| {
-            EngineError::ChatTemplate(
-                "tokenizer_config.json has no `chat_template`; this model cannot serve chat".into(),
-            )
+            EngineError::ChatTemplate(format!(
+                "{}; this model cannot serve chat",
+                tokenizer.missing_template()
+            ))
         })?;
         Self::new(source, tokenizer.bos_token(), tokenizer.eos_token())
     }

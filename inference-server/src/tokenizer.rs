@@ -39,6 +39,9 @@ pub struct LlamaTokenizer {
     eos_token: String,
     stop_ids: Vec<u32>,
     chat_template: Option<String>,
+    /// Where a chat template was looked for and not found, for the error (see
+    /// [`Self::missing_template`]).
+    template_place: String,
 }
 
 impl std::fmt::Debug for LlamaTokenizer {
@@ -83,6 +86,7 @@ impl LlamaTokenizer {
             token_field("eos_token"),
             model_eos_ids(dir)?,
             chat_template_of(&config),
+            format!("{} has no `chat_template`", config_path.display()),
         )
     }
 
@@ -112,6 +116,11 @@ impl LlamaTokenizer {
             embedded.eos_token,
             embedded.stop_ids,
             embedded.chat_template,
+            format!(
+                "{} has no `tokenizer.chat_template` metadata (a tokenizer_config.json with a \
+                 `chat_template`, beside the file, would give one)",
+                path.display()
+            ),
         )
     }
 
@@ -124,7 +133,8 @@ impl LlamaTokenizer {
     }
 
     /// The special tokens (Llama 3's names where the source names none), the stop ids (the
-    /// named stop tokens, the EOS token and `model_stop_ids`) and the chat template.
+    /// named stop tokens, the EOS token and `model_stop_ids`) and the chat template, or what
+    /// says where it is missing (`template_place`).
     fn from_parts(
         inner: Tokenizer,
         source: &Path,
@@ -132,6 +142,7 @@ impl LlamaTokenizer {
         eos_token: Option<String>,
         model_stop_ids: Vec<u32>,
         chat_template: Option<String>,
+        template_place: String,
     ) -> Result<Self> {
         let bos_token = bos_token.unwrap_or_else(|| "<|begin_of_text|>".into());
         let eos_token = eos_token.unwrap_or_else(|| "<|eot_id|>".into());
@@ -157,6 +168,7 @@ impl LlamaTokenizer {
             eos_token,
             stop_ids,
             chat_template,
+            template_place,
         })
     }
 
@@ -220,6 +232,11 @@ impl LlamaTokenizer {
     /// `tokenizer.chat_template`), if there is one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// Where the chat template was looked for, when there is none: the file and the key.
+    pub fn missing_template(&self) -> &str {
+        &self.template_place
     }
 }
 

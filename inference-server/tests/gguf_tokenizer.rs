@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
+use llama_server::chat_template::ChatTemplate;
 use llama_server::engine::EngineError;
 use llama_server::generate_model::ModelShape;
 use llama_server::gguf_export::GgufFileType;
@@ -255,4 +256,19 @@ fn tokenizer_metadata_that_cannot_be_rebuilt_is_refused_naming_the_key() {
 
     let message = attempt("none.gguf", &without_tokenizer);
     assert!(message.contains("carries no tokenizer"), "{message}");
+
+    // No chat template: the tokenizer loads, chat is refused naming the key.
+    let path = out.path().join("no-template.gguf");
+    rewrite(
+        &good,
+        &path,
+        |metadata| metadata.retain(|(key, _)| key != "tokenizer.chat_template"),
+        |_, t| Some(t),
+    );
+    let tokenizer = LlamaTokenizer::from_gguf(&path).expect("tokenizer still loads");
+    assert_eq!(tokenizer.chat_template(), None);
+    let err = ChatTemplate::from_tokenizer(&tokenizer).expect_err("no template");
+    let message = err.to_string();
+    assert!(message.contains("`tokenizer.chat_template`"), "{message}");
+    assert!(message.contains(&path.display().to_string()), "{message}");
 }

@@ -220,6 +220,10 @@ fn tokenizer_without_chat_template_is_a_clear_error() {
     let tokenizer = LlamaTokenizer::from_dir(&dir).expect("tokenizer still loads");
     let err = ChatTemplate::from_tokenizer(&tokenizer).expect_err("no template");
     assert!(err.to_string().contains("no `chat_template`"), "{err}");
+    assert!(
+        err.to_string().contains(&config_path.display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
