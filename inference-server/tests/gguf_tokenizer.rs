@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 use llama_server::chat_template::ChatTemplate;
@@ -125,22 +124,14 @@ async fn a_gguf_file_alone_serves_with_its_own_tokenizer() {
 
 /// The answer of a server on the one `.gguf` file in `dir` to a chat request.
 async fn chat(dir: &Path, body: &str) -> serde_json::Value {
-    use tower::ServiceExt;
-
     let state = common::open_server(&format!("modelPath: {}\nformat: gguf\n", dir.display())).await;
     let request = axum::http::Request::post("/v1/chat/completions")
         .header("content-type", "application/json")
         .body(axum::body::Body::from(body.to_owned()))
         .expect("request");
-    let response = llama_server::app(Arc::clone(&state))
-        .oneshot(request)
-        .await
-        .expect("response");
-    assert_eq!(response.status(), axum::http::StatusCode::OK);
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .expect("body");
-    serde_json::from_slice(&bytes).expect("json")
+    let (status, body) = common::send(&state, request).await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+    serde_json::from_str(&body).expect("json")
 }
 
 /// Where each tokenizer comes from, in order: beside the file, `tokenizerDir`, the file's
