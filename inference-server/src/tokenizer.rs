@@ -1,5 +1,6 @@
 //! The Llama 3 tokenizer: `tokenizer.json` (Hugging Face `tokenizers`) plus the special tokens
-//! and chat template of `tokenizer_config.json`.
+//! and chat template of `tokenizer_config.json`, or the same rebuilt from a GGUF file's
+//! `tokenizer.*` metadata.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -39,8 +40,8 @@ pub struct LlamaTokenizer {
     eos_token: String,
     stop_ids: Vec<u32>,
     chat_template: Option<String>,
-    /// Where a chat template was looked for and not found, for the error (see
-    /// [`Self::missing_template`]).
+    /// What to say when there is no chat template: the file and the key it would come from
+    /// (see [`Self::missing_template`]).
     template_place: String,
 }
 
