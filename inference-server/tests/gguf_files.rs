@@ -14,7 +14,7 @@ use llama_server::engine::{EngineError, LlamaConfig, LlamaModel};
 use llama_server::generate_model::ModelShape;
 use llama_server::gguf_export::GgufFileType;
 
-use common::gguf::{Metadata, gguf_of, load, rewrite, scratch, without_tokenizer};
+use common::gguf::{Metadata, gguf_of, load, rewrite, scratch, set, without_tokenizer};
 use common::tiny_model;
 
 #[test]
@@ -106,16 +106,6 @@ fn broken_files_give_errors_that_name_the_file_and_the_fault() {
             rewrite(&good, &path, edit, |tensor, t| keep(tensor).then_some(t));
             path
         };
-    let set = |key: &'static str, value: Value| {
-        move |metadata: &mut Metadata| {
-            for (k, v) in metadata.iter_mut() {
-                if k == key {
-                    *v = value.clone();
-                }
-            }
-        }
-    };
-
     let garbage = out.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a GGUF file at all").expect("write");
     let err = attempt(&garbage);

@@ -15,7 +15,7 @@ use llama_server::rng::SplitMix64;
 use llama_server::state::tokenizer_source_for;
 use llama_server::tokenizer::{LlamaTokenizer, TokenizerSource};
 
-use common::gguf::{Metadata, gguf_of, rewrite, scratch, without_tokenizer};
+use common::gguf::{Metadata, gguf_of, rewrite, scratch, set, without_tokenizer};
 use common::tiny_model;
 
 /// Text that exercises every branch of Llama 3's split pattern and the special tokens.
@@ -193,16 +193,6 @@ fn tokenizer_metadata_that_cannot_be_rebuilt_is_refused_naming_the_key() {
         assert!(message.contains(&path.display().to_string()), "{message}");
         message
     };
-    let set = |key: &'static str, value: Value| {
-        move |metadata: &mut Metadata| {
-            for (k, v) in metadata.iter_mut() {
-                if k == key {
-                    *v = value.clone();
-                }
-            }
-        }
-    };
-
     let message = attempt(
         "spm.gguf",
         &set("tokenizer.ggml.model", Value::String("llama".into())),

@@ -201,6 +201,17 @@ pub fn without_tokenizer(metadata: &mut Metadata) {
     metadata.retain(|(key, _)| !key.starts_with("tokenizer."));
 }
 
+/// A metadata edit for [`rewrite`] that gives `key` the value `value`.
+pub fn set(key: &'static str, value: Value) -> impl Fn(&mut Metadata) {
+    move |metadata: &mut Metadata| {
+        for (k, v) in metadata.iter_mut() {
+            if k == key {
+                *v = value.clone();
+            }
+        }
+    }
+}
+
 /// Copies a GGUF file, editing its metadata and mapping (or dropping) tensors.
 pub fn rewrite(
     from: &Path,
