@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod quota;
 pub mod serving;
 pub mod validate;
+pub mod weights;
 
 pub use error::Error;

@@ -1,7 +1,7 @@
 //! What each instance's engine serves: the context window and the key/value cache budget, from
 //! `spec.engine`, the model catalog and the instance type's GPU memory. Pure.
 
-use crate::api::EngineSpec;
+use crate::api::{EngineSpec, WeightType};
 use crate::catalog::{InstanceType, ModelInfo};
 use crate::validate::SpecError;
 
@@ -26,11 +26,13 @@ pub struct ServingPlan {
     pub kv_cache_gib: Option<f64>,
 }
 
-/// Decides the context window and cache budget, or says which field to change.
+/// Decides the context window and cache budget, or says which field to change. `model`'s
+/// weights are of `weight_type` (see `ModelInfo::with_weights`).
 pub fn plan_serving(
     engine: &EngineSpec,
     model: &ModelInfo,
     instance: &InstanceType,
+    weight_type: WeightType,
 ) -> Result<ServingPlan, SpecError> {
     let model_context = u64::from(model.context_length);
     let asked_context = engine.context_length.map(clamp_u64);
@@ -55,7 +57,7 @@ pub fn plan_serving(
         });
     };
     let per_token = per_token_16.saturating_mul(engine.kv_cache_dtype.width_factor());
-    let weights_gib = model.weights_gb * 1e9 / GIB;
+    let weights_gib = model.weights_gib();
     let total_gib = f64::from(instance.total_gpu_memory_gib());
     let free_gib = (total_gib * GPU_MEMORY_FRACTION - weights_gib).max(0.0);
     let fits = (free_gib * GIB / per_token as f64).floor() as u64;
@@ -68,6 +70,8 @@ pub fn plan_serving(
         free_gib: round2(free_gib),
         instance: instance.name.clone(),
         dtype: engine.kv_cache_dtype,
+        weights_gib: round2(weights_gib),
+        weight_type,
     };
 
     let budget = match asked_budget {
@@ -94,7 +98,7 @@ fn clamp_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -131,6 +135,7 @@ mod tests {
             &engine("{}"),
             &model(ModelName::Llama32_1B),
             &instance(A100),
+            WeightType::Bf16,
         )
         .expect("plan");
         assert_eq!(plan.context_length, 131_072);
@@ -146,6 +151,7 @@ mod tests {
             &engine("{}"),
             &model(ModelName::Llama31_8BInstruct),
             &instance(A100),
+            WeightType::Bf16,
         )
         .expect("plan");
         let free = 80.0 * 0.9 - 8.03 * 2.0 * 1e9 / GIB;
@@ -158,6 +164,7 @@ mod tests {
             &engine("{kvCacheDtype: f32}"),
             &model(ModelName::Llama31_8BInstruct),
             &instance(A100),
+            WeightType::Bf16,
         )
         .expect("plan");
         assert_eq!(
@@ -169,13 +176,23 @@ mod tests {
     #[test]
     fn a_smaller_window_makes_a_smaller_default_and_a_budget_caps_the_window() {
         let m = model(ModelName::Llama31_8BInstruct);
-        let plan =
-            plan_serving(&engine("{contextLength: 8192}"), &m, &instance(A100)).expect("plan");
+        let plan = plan_serving(
+            &engine("{contextLength: 8192}"),
+            &m,
+            &instance(A100),
+            WeightType::Bf16,
+        )
+        .expect("plan");
         assert_eq!(plan.context_length, 8192);
         assert_eq!(plan.kv_cache_tokens, Some(65_536));
         assert_eq!(plan.kv_cache_gib, Some(8.0));
-        let plan =
-            plan_serving(&engine("{kvCacheTokens: 20000}"), &m, &instance(A100)).expect("plan");
+        let plan = plan_serving(
+            &engine("{kvCacheTokens: 20000}"),
+            &m,
+            &instance(A100),
+            WeightType::Bf16,
+        )
+        .expect("plan");
         assert_eq!(plan.kv_cache_tokens, Some(20_000));
         assert_eq!(plan.context_length, 20_000);
     }
@@ -186,6 +203,7 @@ mod tests {
             &engine("{kvCacheTokens: 1000000}"),
             &model(ModelName::Llama31_8BInstruct),
             &instance(A100),
+            WeightType::Bf16,
         )
         .expect_err("does not fit");
         let text = err.to_string();
@@ -197,6 +215,33 @@ mod tests {
         assert!(text.contains("122.07 GiB"), "{text}");
         assert!(text.contains("at most 467"), "{text}");
         assert!(text.contains(A100), "{text}");
+        assert!(text.contains("less 14.96 GiB of BF16 weights"), "{text}");
+    }
+
+    #[test]
+    fn quantized_weights_leave_more_room_for_the_cache() {
+        // 70B at Q4_K_M on one A100 80 GB: 72 GiB usable − 43.56 GiB of weights = 28.44 GiB,
+        // at 320 KiB a token (80 layers) = 93,187 tokens: the default budget, and the window
+        // it caps. 16-bit weights (131.5 GiB) would not fit at all.
+        let m = model(ModelName::Llama31_70BInstruct).with_weights(WeightType::Q4KM, 80);
+        let plan =
+            plan_serving(&engine("{}"), &m, &instance(A100), WeightType::Q4KM).expect("plan");
+        let free = 80.0 * 0.9 - 70.6 * 5.3 / 8.0 * 1e9 / GIB;
+        let fits = (free * GIB / 327_680.0).floor() as u64;
+        assert_eq!(plan.kv_cache_tokens, Some(fits));
+        assert!((93_000..93_300).contains(&fits), "{fits}");
+        assert_eq!(plan.context_length, fits);
+        let err = plan_serving(
+            &engine("{kvCacheTokens: 200000}"),
+            &m,
+            &instance(A100),
+            WeightType::Q4KM,
+        )
+        .expect_err("does not fit");
+        assert!(
+            err.to_string().contains("less 43.56 GiB of Q4_K_M weights"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -205,8 +250,13 @@ mod tests {
         // tokens, fewer than the window asked for.
         let mut m = model(ModelName::Llama31_8BInstruct);
         m.kv_bytes_per_token = Some(1 << 20);
-        let err = plan_serving(&engine("{contextLength: 100000}"), &m, &instance(A100))
-            .expect_err("does not fit");
+        let err = plan_serving(
+            &engine("{contextLength: 100000}"),
+            &m,
+            &instance(A100),
+            WeightType::Bf16,
+        )
+        .expect_err("does not fit");
         assert_eq!(err.reason(), "KvCacheDoesNotFit");
         assert!(
             err.to_string()
@@ -221,6 +271,7 @@ mod tests {
             &engine("{contextLength: 200000}"),
             &model(ModelName::Llama32_1B),
             &instance(A100),
+            WeightType::Bf16,
         )
         .expect_err("too long");
         assert_eq!(err.reason(), "ContextLengthTooLong");
@@ -231,11 +282,17 @@ mod tests {
     fn without_a_size_per_token_the_servers_default_stands() {
         let mut m = model(ModelName::Llama32_1B);
         m.kv_bytes_per_token = None;
-        let plan = plan_serving(&engine("{}"), &m, &instance(A100)).expect("plan");
+        let plan =
+            plan_serving(&engine("{}"), &m, &instance(A100), WeightType::Bf16).expect("plan");
         assert_eq!(plan.kv_cache_tokens, None);
         assert_eq!(plan.context_length, 131_072);
-        let plan =
-            plan_serving(&engine("{kvCacheTokens: 5000}"), &m, &instance(A100)).expect("plan");
+        let plan = plan_serving(
+            &engine("{kvCacheTokens: 5000}"),
+            &m,
+            &instance(A100),
+            WeightType::Bf16,
+        )
+        .expect("plan");
         assert_eq!(plan.kv_cache_tokens, Some(5000));
         assert_eq!(plan.context_length, 5000);
         assert_eq!(plan.kv_cache_gib, None);

@@ -5,6 +5,7 @@ use crate::api::{AuthMode, LlamaDeployment, NodePoolProvider, SourceType, Weight
 use crate::catalog::{Architecture, InstanceType, ModelInfo};
 use crate::config::Catalog;
 use crate::serving::{ServingPlan, plan_serving};
+use crate::weights::{Weights, weights_of};
 
 /// A spec the user must fix. Reported as a condition; never retried until something changes.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -14,10 +15,13 @@ pub enum SpecError {
     )]
     UnknownInstanceType { value: String, known: String },
     #[error(
-        "spec.model {model} needs {needed_gib} GiB of GPU memory on {needed_gpus} GPU(s), but spec.compute.instanceType {instance} has {have_gib} GiB on {have_gpus} GPU(s); choose a larger instance type (e.g. {suggestion})"
+        "spec.model {model} with {weights} weights needs {needed_gib} GiB of GPU memory on {needed_gpus} GPU(s), but spec.compute.instanceType {instance} has {have_gib} GiB on {have_gpus} GPU(s); choose a larger instance type (e.g. {suggestion}){}",
+        quantized_hint(*.weights)
     )]
     ModelDoesNotFit {
         model: String,
+        /// The weight type and where it was read.
+        weights: Weights,
         needed_gib: u32,
         needed_gpus: u32,
         instance: String,
@@ -26,9 +30,14 @@ pub enum SpecError {
         suggestion: String,
     },
     #[error(
-        "spec.model {model} needs {needed_gpus} GPUs, more than any single instance type offers; it needs a multi-node deployment, which this version does not support"
+        "spec.model {model} with {weights} weights needs {needed_gpus} GPUs, more than any single instance type offers; it needs a multi-node deployment, which this version does not support{}",
+        quantized_hint(*.weights)
     )]
-    NeedsMultiNode { model: String, needed_gpus: u32 },
+    NeedsMultiNode {
+        model: String,
+        weights: Weights,
+        needed_gpus: u32,
+    },
     #[error("spec.model {model} is not in the operator's model catalog")]
     UnknownModel { model: String },
     #[error(
@@ -73,7 +82,7 @@ pub enum SpecError {
     )]
     ContextLengthTooLong { model: String, value: u64, max: u64 },
     #[error(
-        "{field}: {value} tokens of key/value cache (kvCacheDtype {dtype}) need {needed_gib} GiB, but {instance} has {free_gib} GiB of GPU memory beside the model's weights (90 % of its GPU memory, less the 16-bit weights): use at most {fits} tokens, a smaller kvCacheDtype or a larger instance type"
+        "{field}: {value} tokens of key/value cache (kvCacheDtype {dtype}) need {needed_gib} GiB, but {instance} has {free_gib} GiB of GPU memory beside the model's weights (90 % of its GPU memory, less {weights_gib} GiB of {weight_type} weights): use at most {fits} tokens, a smaller kvCacheDtype or a larger instance type"
     )]
     KvCacheDoesNotFit {
         field: &'static str,
@@ -83,6 +92,8 @@ pub enum SpecError {
         free_gib: f64,
         instance: String,
         dtype: crate::api::KvCacheDtype,
+        weights_gib: f64,
+        weight_type: crate::api::WeightType,
     },
 }
 
@@ -131,6 +142,17 @@ pub struct Plan {
     pub provider: NodePoolProvider,
     /// The context window and key/value cache budget of each instance.
     pub serving: ServingPlan,
+    /// The weight type `model`'s memory figures count.
+    pub weights: Weights,
+}
+
+/// The hint a fit error ends with while the weights are 16-bit.
+fn quantized_hint(weights: Weights) -> &'static str {
+    if weights.weight_type.is_16_bit() {
+        ", or quantized GGUF weights (spec.source.format: gguf with spec.source.quantization, e.g. Q4_K_M)"
+    } else {
+        ""
+    }
 }
 
 /// Checks a spec against the catalogs and its references.
@@ -141,28 +163,26 @@ pub fn validate(
 ) -> Result<Plan, SpecError> {
     let spec = &ld.spec;
     let namespace = ld.metadata.namespace.clone().unwrap_or_default();
-    let model =
-        catalog
-            .models
-            .get(&spec.model)
-            .cloned()
-            .ok_or_else(|| SpecError::UnknownModel {
-                model: spec.model.to_string(),
-            })?;
-    if model.architecture == Architecture::Vision && spec.source.type_ != SourceType::Demo {
+    let listed = catalog
+        .models
+        .get(&spec.model)
+        .ok_or_else(|| SpecError::UnknownModel {
+            model: spec.model.to_string(),
+        })?;
+    if listed.architecture == Architecture::Vision && spec.source.type_ != SourceType::Demo {
         return Err(SpecError::VisionUnsupported {
-            model: model.name.to_string(),
+            model: listed.name.to_string(),
         });
     }
-    let max_gpus = catalog
-        .instance_types
-        .values()
-        .map(|t| t.gpu_count)
-        .max()
-        .unwrap_or(0);
+    let types = || catalog.instance_types.values();
+    let max_gpus = types().map(|t| t.gpu_count).max().unwrap_or(0);
+    let largest_gpu_gib = types().map(|t| t.gpu_memory_gib).max().unwrap_or(0);
+    let weights = weights_of(&spec.source);
+    let model = listed.with_weights(weights.weight_type, largest_gpu_gib);
     if model.gpus_per_instance > max_gpus {
         return Err(SpecError::NeedsMultiNode {
             model: model.name.to_string(),
+            weights,
             needed_gpus: model.gpus_per_instance,
         });
     }
@@ -197,6 +217,7 @@ pub fn validate(
             .unwrap_or_else(|| model.default_instance_type.clone());
         return Err(SpecError::ModelDoesNotFit {
             model: model.name.to_string(),
+            weights,
             needed_gib: model.gpu_memory_gib,
             needed_gpus: model.gpus_per_instance,
             instance: instance.name.clone(),
@@ -280,13 +301,14 @@ pub fn validate(
             namespace,
         });
     }
-    let serving = plan_serving(&spec.engine, &model, &instance)?;
+    let serving = plan_serving(&spec.engine, &model, &instance, weights.weight_type)?;
     Ok(Plan {
         model,
         instance,
         instances: spec.compute.instance_count,
         provider: spec.node_pool.provider,
         serving,
+        weights,
     })
 }
 
@@ -341,6 +363,60 @@ spec:
         );
         assert!(msg.contains("158 GiB"), "{msg}");
         assert!(msg.contains("Standard_NC96ads_A100_v4"), "{msg}");
+        assert!(
+            msg.contains("with BF16 (spec.source.format) weights"),
+            "{msg}"
+        );
+        assert!(msg.contains("or quantized GGUF weights"), "{msg}");
+    }
+
+    /// A 70B deployment on one A100 80 GB from `source`.
+    fn seventy_b_on_one_a100(source: &str) -> LlamaDeployment {
+        ld(&format!(
+            "{}  compute: {{instanceType: Standard_NC24ads_A100_v4}}\n",
+            BASE.replace("Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-70B-Instruct")
+                .replace("{type: demo}", source)
+        ))
+    }
+
+    #[test]
+    fn seventy_b_at_four_bits_fits_one_a100() {
+        let spec = seventy_b_on_one_a100(
+            "{type: url, format: gguf, url: 'https://m.example/Meta-Llama-3.1-70B-Instruct-Q4_K_M.gguf'}",
+        );
+        let plan = validate(&spec, &catalog(), &References::default()).expect("fits");
+        assert_eq!(plan.weights.weight_type, crate::api::WeightType::Q4KM);
+        assert_eq!(plan.model.gpu_memory_gib, 53);
+        assert_eq!(plan.instance.name, "Standard_NC24ads_A100_v4");
+        // The cache budget is what fits beside 43.56 GiB of weights (see serving's tests).
+        assert!(
+            plan.serving.kv_cache_tokens.is_some_and(|t| t > 90_000),
+            "{:?}",
+            plan.serving
+        );
+        // The same file at eight bits does not, and the message says what was counted.
+        let spec = seventy_b_on_one_a100(
+            "{type: url, format: gguf, quantization: Q8_0, url: 'https://m.example/llama-70b.gguf'}",
+        );
+        let err = validate(&spec, &catalog(), &References::default()).expect_err("too big");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("with Q8_0 (spec.source.quantization) weights needs 85 GiB of GPU memory on 1 GPU(s)"),
+            "{msg}"
+        );
+        // The cheapest that holds it: one H100 NVL (94 GiB).
+        assert!(msg.contains("e.g. Standard_NC40ads_H100_v5"), "{msg}");
+        assert!(!msg.contains("or quantized GGUF weights"), "{msg}");
+        // A GGUF file whose type nothing names is sized as 16-bit, and the message says so.
+        let spec = seventy_b_on_one_a100(
+            "{type: url, format: gguf, url: 'https://m.example/llama-70b.gguf'}",
+        );
+        let err = validate(&spec, &catalog(), &References::default()).expect_err("too big");
+        assert!(
+            err.to_string()
+                .contains("with F16 (assumed: set spec.source.quantization) weights"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -503,5 +579,19 @@ spec:
         let spec = ld(&BASE.replace("Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-405B-Instruct"));
         let err = validate(&spec, &catalog(), &References::default()).expect_err("multi-node");
         assert_eq!(err.reason(), "MultiNodeUnsupported");
+        assert!(
+            err.to_string().contains("or quantized GGUF weights"),
+            "{err}"
+        );
+        // At four bits its 301 GiB fit one node of eight H100s (its default instance type).
+        let spec = ld(&BASE
+            .replace("Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-405B-Instruct")
+            .replace(
+                "{type: demo}",
+                "{type: pvc, format: gguf, pvc: {claimName: w, path: 405b/Llama-3.1-405B-Instruct-Q4_K_M.gguf}}",
+            ));
+        let plan = validate(&spec, &catalog(), &References::default()).expect("fits one node");
+        assert_eq!(plan.instance.name, "Standard_ND96isr_H100_v5");
+        assert_eq!(plan.model.gpus_per_instance, 4);
     }
 }

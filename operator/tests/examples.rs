@@ -36,6 +36,7 @@ async fn every_example_passes_server_side_dry_run() -> anyhow::Result<()> {
     for model_object in [
         "llama-405b",
         "llama-70b",
+        "llama-70b-q4",
         "llama-guard",
         "trial",
         "chat-managed-keys",

@@ -561,6 +561,16 @@ async fn a_download_whose_log_cannot_be_read_is_still_reported_as_downloading() 
     .await?;
     // kwok runs the pod (its init container counts as done): the deployment becomes Ready.
     wait_ready(&env, &op, "fetcher", 90).await?;
+    // The GPU memory estimate counts the Q8_0 weights the file name names: 1.24 B × 8.6 bits.
+    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
+    let engine = api.get("fetcher").await?.status.and_then(|s| s.engine);
+    assert_eq!(
+        engine
+            .as_ref()
+            .map(|e| (e.weights.as_deref(), e.weights_gib)),
+        Some((Some("Q8_0 (the file name in spec.source.url)"), Some(1.24))),
+        "{engine:?}"
+    );
     let pods = pods_of(&env, "fetcher").await?;
     let [pod] = pods.as_slice() else {
         anyhow::bail!("expected one server pod, got {}", pods.len());
@@ -596,7 +606,6 @@ async fn a_download_whose_log_cannot_be_read_is_still_reported_as_downloading() 
             }})),
         )
         .await?;
-    let api: Api<LlamaDeployment> = Api::namespaced(env.client.clone(), &env.namespace);
     let (status, reason, message) = wait_for(Duration::from_secs(60), || async {
         condition(&api.get("fetcher").await.ok()?, "ModelLoaded").filter(|c| c.1 == "Downloading")
     })

@@ -242,6 +242,19 @@ const INVALID: &[(&str, &str, &[&str])] = &[
         &["spec.engine.maxBatchSize", "greater than or equal to 1"],
     ),
     (
+        "a weight type for safetensors weights",
+        "spec: {model: Meta-Llama-3.2-1B, source: {type: url, url: 'https://example.com/m.tar', quantization: Q4_K_M}}",
+        &[
+            "spec.source.quantization",
+            "only allowed when spec.source.format is 'gguf'",
+        ],
+    ),
+    (
+        "unknown weight type",
+        "spec: {model: Meta-Llama-3.2-1B, source: {type: url, format: gguf, url: 'https://example.com/m.gguf', quantization: IQ4_XS}}",
+        &["spec.source.quantization", "Unsupported value", "Q4_K_M"],
+    ),
+    (
         "one-token context window",
         "spec: {model: Meta-Llama-3.2-1B, source: {type: demo}, engine: {contextLength: 1}}",
         &["spec.engine.contextLength", "greater than or equal to 2"],

@@ -2,7 +2,7 @@
 
 use super::{
     AUTOSCALING_ANNOTATION, AutoscalingSpec, EndpointSpec, EngineSpec, LlamaDeploymentStatus,
-    ModelName,
+    ModelName, WeightType,
 };
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -95,7 +95,8 @@ pub struct LlamaDeploymentSpec {
     validation = Rule::new("self.type != 'huggingFace' || has(self.huggingFace)").message("spec.source.huggingFace is required when spec.source.type is 'huggingFace'").field_path(".huggingFace"),
     validation = Rule::new("!has(self.pvc) || self.type == 'pvc'").message("spec.source.pvc is only allowed when spec.source.type is 'pvc'").field_path(".pvc"),
     validation = Rule::new("!has(self.url) || self.type == 'url'").message("spec.source.url is only allowed when spec.source.type is 'url'").field_path(".url"),
-    validation = Rule::new("!has(self.huggingFace) || self.type == 'huggingFace'").message("spec.source.huggingFace is only allowed when spec.source.type is 'huggingFace'").field_path(".huggingFace")
+    validation = Rule::new("!has(self.huggingFace) || self.type == 'huggingFace'").message("spec.source.huggingFace is only allowed when spec.source.type is 'huggingFace'").field_path(".huggingFace"),
+    validation = Rule::new("!has(self.quantization) || self.format == 'gguf'").message("spec.source.quantization is only allowed when spec.source.format is 'gguf' (safetensors weights are 16-bit)").field_path(".quantization")
 )]
 pub struct SourceSpec {
     /// The kind of source: `pvc` (weights already on a PersistentVolumeClaim), `url` (downloaded
@@ -132,6 +133,15 @@ pub struct SourceSpec {
     /// `safetensors`.
     #[serde(default)]
     pub format: WeightFormat,
+
+    /// For `format: gguf`: the file's weight type as llama.cpp names it (e.g. `Q4_K_M`,
+    /// `Q8_0`, `F16`). It sizes the GPU memory the weights take, and so which instance types
+    /// fit and how large a key/value cache fits beside them (the server keeps quantized
+    /// weights quantized). Unset, the type is read from the file name in `url` or `pvc.path`
+    /// (`…-Q4_K_M.gguf`), and a name without one is sized as 16-bit weights, on the safe side.
+    /// The estimate is in `status.engine`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<WeightType>,
 }
 
 /// The kind of weight source.

@@ -10,6 +10,7 @@ mod engine;
 mod llama_deployment;
 mod model;
 mod status;
+mod weight_type;
 
 pub use autoscaling::{AUTOSCALING_ANNOTATION, AutoscalingSpec, AutoscalingStatus, ObservedLoad};
 pub use compute_quota::{
@@ -25,6 +26,7 @@ pub use llama_deployment::{
 };
 pub use model::ModelName;
 pub use status::{EngineStatus, InstanceCounts, LlamaDeploymentStatus, Phase, QuotaSource};
+pub use weight_type::WeightType;
 
 /// The API group of every resource this operator serves.
 pub const GROUP: &str = "llama-operator.io";

@@ -137,6 +137,14 @@ pub struct EngineStatus {
     /// token and `spec.engine.kvCacheDtype`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_gib: Option<f64>,
+    /// The weight type the GPU memory estimate counts, and where it was read, e.g. `Q4_K_M
+    /// (the file name in spec.source.url)`; `BF16 (spec.source.format)` for safetensors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+    /// The GPU memory the weights take, estimated from the model's parameters and the weight
+    /// type, in GiB. The cache budget is what fits beside it in 90 % of the GPU memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_gib: Option<f64>,
 }
 
 /// Which quota pays for a deployment.

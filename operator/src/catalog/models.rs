@@ -1,6 +1,6 @@
 //! The model catalog: size, context and GPU needs of every model the API names.
 
-use crate::api::ModelName;
+use crate::api::{ModelName, WeightType};
 use serde::{Deserialize, Serialize};
 
 /// Text-only or vision (image and text in).
@@ -23,7 +23,8 @@ pub struct ModelInfo {
     pub context_length: u32,
     /// Text or vision.
     pub architecture: Architecture,
-    /// Size of the bf16 weights in GB (10^9 bytes).
+    /// Size of the weights in GB (10^9 bytes): bf16 in the catalog, the deployment's weight
+    /// type once [`ModelInfo::with_weights`] has applied it.
     pub weights_gb: f64,
     /// GPU memory needed in GiB: weights plus headroom for the KV cache and activations.
     pub gpu_memory_gib: u32,
@@ -36,6 +37,33 @@ pub struct ModelInfo {
     /// cache budget with it. Unset: the budget is not checked against GPU memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_bytes_per_token: Option<u64>,
+}
+
+impl ModelInfo {
+    /// The weights' size in GiB.
+    pub fn weights_gib(&self) -> f64 {
+        self.weights_gb * 1e9 / f64::from(1u32 << 30)
+    }
+
+    /// This model with weights of `weight_type` in place of the catalog's 16-bit ones.
+    ///
+    /// Quantized weights take `bits_per_parameter` a parameter; they need as many GPUs as
+    /// their memory takes on GPUs of `largest_gpu_gib` each (at least one, at most the
+    /// catalog's count). 16-bit weights keep the catalog's figures and GPU count.
+    pub fn with_weights(&self, weight_type: WeightType, largest_gpu_gib: u32) -> ModelInfo {
+        if weight_type.is_16_bit() {
+            return self.clone();
+        }
+        let weights_gb = self.parameters_billion * weight_type.bits_per_parameter() / 8.0;
+        let gpu_memory_gib = with_headroom(weights_gb);
+        let gpus = gpu_memory_gib.div_ceil(largest_gpu_gib.max(1));
+        ModelInfo {
+            weights_gb,
+            gpu_memory_gib,
+            gpus_per_instance: gpus.clamp(1, self.gpus_per_instance.max(1)),
+            ..self.clone()
+        }
+    }
 }
 
 /// GPU memory for `weights_gb` of weights plus 20 % headroom, in GiB, rounded up.
@@ -170,6 +198,44 @@ mod tests {
                 model.name != ModelName::Llama31_405BInstruct,
                 "{}",
                 model.name
+            );
+        }
+    }
+
+    #[test]
+    fn quantized_weights_take_their_bits_and_need_fewer_gpus() {
+        let model = |name| {
+            default_models()
+                .into_iter()
+                .find(|m| m.name == name)
+                .expect("catalog model")
+        };
+        let seventy = model(ModelName::Llama31_70BInstruct);
+        // 70.6 B × 5.3 bits = 46.8 GB = 43.56 GiB, × 1.2 = 52.3 → 53 GiB: one 80 GB GPU.
+        let q4 = seventy.with_weights(WeightType::Q4KM, 80);
+        assert!((q4.weights_gb - 46.7725).abs() < 1e-9, "{}", q4.weights_gb);
+        assert_eq!((q4.gpu_memory_gib, q4.gpus_per_instance), (53, 1));
+        // 8.6 bits: 75.9 GB → 85 GiB with headroom, more than one 80 GB GPU holds.
+        let q8 = seventy.with_weights(WeightType::Q8_0, 80);
+        assert_eq!((q8.gpu_memory_gib, q8.gpus_per_instance), (85, 2));
+        // 16-bit files keep the catalog's sizing, GPU count included.
+        assert_eq!(seventy.with_weights(WeightType::F16, 80), seventy);
+        // 405 B at Q4_K_M: 269 GB, 301 GiB: four 80 GB GPUs, one node.
+        let big = model(ModelName::Llama31_405BInstruct).with_weights(WeightType::Q4KM, 80);
+        assert_eq!((big.gpu_memory_gib, big.gpus_per_instance), (301, 4));
+    }
+
+    #[test]
+    fn estimates_are_not_below_the_files_generate_model_writes() {
+        // The 1B files of `generate-model --shape llama-3.2-1b --gguf` (the benchmark's,
+        // docs/benchmarks/engine-vs-llama-cpp.md): 1,321 MB at Q8_0 and 808 MB at Q4_K_M, for
+        // the shape's 1.236 B parameters.
+        for (t, file_mb) in [(WeightType::Q8_0, 1321.0), (WeightType::Q4KM, 808.0)] {
+            let estimate_mb = 1.236e3 * t.bits_per_parameter() / 8.0;
+            assert!(estimate_mb >= file_mb, "{t}: {estimate_mb} < {file_mb}");
+            assert!(
+                estimate_mb < file_mb * 1.05,
+                "{t}: {estimate_mb} too far above"
             );
         }
     }

@@ -188,6 +188,8 @@ pub fn status_for(
             .kv_cache_tokens
             .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
         kv_cache_gib: plan.serving.kv_cache_gib,
+        weights: Some(plan.weights.to_string()),
+        weights_gib: Some(crate::serving::round2(plan.model.weights_gib())),
     });
     status.instances = Some(InstanceCounts {
         desired,
