@@ -143,6 +143,33 @@ impl LlamaConfig {
                 return Err(invalid(field, "must be greater than 0"));
             }
         }
+        // Far above any Llama model, far below what an allocation sized by them can survive: a
+        // damaged file or config.json is refused here, before tables of that size are made.
+        let bounded = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.kv_heads(), 1 << 12),
+            ("head_dim", self.head_dim(), 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 26,
+            ),
+        ];
+        for (field, value, limit) in bounded {
+            if value > limit {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{value} is larger than any Llama model's (at most {limit} here): the \
+                         model's configuration is damaged"
+                    ),
+                ));
+            }
+        }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(invalid(
                 "hidden_size",
@@ -307,6 +334,36 @@ mod tests {
         );
         std::fs::write(&path, LLAMA_31_8B).expect("write");
         LlamaConfig::from_file(&path).expect("a Llama 3.1 config loads");
+    }
+
+    #[test]
+    fn sizes_beyond_any_llama_are_refused_before_anything_is_sized_by_them() {
+        for (field, set) in [
+            (
+                "num_hidden_layers",
+                &(|c: &mut LlamaConfig| c.num_hidden_layers = 1 << 40) as &dyn Fn(&mut LlamaConfig),
+            ),
+            ("max_position_embeddings", &|c| {
+                c.max_position_embeddings = 1 << 27
+            }),
+            ("head_dim", &|c| c.head_dim = Some(1 << 13)),
+            ("vocab_size", &|c| c.vocab_size = usize::MAX),
+        ] {
+            let mut config = parse(LLAMA_31_8B);
+            set(&mut config);
+            let err = config.validate().expect_err("too large");
+            let text = err.to_string();
+            assert!(text.contains(field) && text.contains("damaged"), "{text}");
+        }
+        // The largest Llama 3.1 (405B: 126 layers, hidden 16384, 53248 wide) is well inside.
+        let mut config = parse(LLAMA_31_8B);
+        (
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.intermediate_size,
+        ) = (126, 16384, 53248);
+        config.num_attention_heads = 128;
+        config.validate().expect("405B's shape");
     }
 
     #[test]

@@ -155,7 +155,8 @@ impl LlamaModel {
             "model.embed_tokens.weight",
             &[config.vocab_size, hidden],
         )?);
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Not sized by the configuration: a missing layer's tensors end the loop with an error.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(DecoderLayer {

@@ -42,7 +42,8 @@ impl LlamaModel {
         let embedding = reader.qtensor(TOKEN_EMBD, &[config.vocab_size, hidden])?;
         let embedding_dtype = embedding.dtype();
         let embed_tokens = Embedding::from_qtensor(embedding, dtype)?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        // Not sized by the configuration: a missing layer's tensors end the loop with an error.
+        let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let name = |part: &str| block_tensor(i, part);
             layers.push(DecoderLayer {

@@ -193,12 +193,30 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     config.validate().map_err(|err| match err {
         EngineError::InvalidConfig { field, reason } => EngineError::GgufMetadata {
             path: file.path().to_owned(),
-            key: format!("llama.* ({field})"),
+            key: gguf_key_of(field),
             reason,
         },
         other => other,
     })?;
     Ok(config)
+}
+
+/// The GGUF key a `config.json` field is read from, for errors.
+fn gguf_key_of(field: &str) -> String {
+    let key = match field {
+        "vocab_size" => "token_embd.weight (its rows)",
+        "hidden_size" => "llama.embedding_length",
+        "intermediate_size" => "llama.feed_forward_length",
+        "num_hidden_layers" => "llama.block_count",
+        "num_attention_heads" => "llama.attention.head_count",
+        "num_key_value_heads" => "llama.attention.head_count_kv",
+        "head_dim" => "llama.attention.key_length",
+        "max_position_embeddings" => "llama.context_length",
+        "rms_norm_eps" => "llama.attention.layer_norm_rms_epsilon",
+        "rope_theta" => "llama.rope.freq_base",
+        other => return format!("llama.* ({other})"),
+    };
+    key.to_owned()
 }
 
 fn token_id(meta: &Metadata<'_>, key: &str) -> Result<Option<u32>> {
