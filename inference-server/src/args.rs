@@ -53,6 +53,11 @@ pub struct ServeArgs {
     /// the configuration's `device`; the default is cpu.
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// Where the reason the server stopped (a model that does not load, a bad configuration)
+    /// is also written, when the file exists (the kubelet mounts it; the operator shows it in
+    /// the deployment's `ModelLoaded` condition).
+    #[arg(long, default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

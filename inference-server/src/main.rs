@@ -128,11 +128,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let termination_log = args.termination_log.clone();
     match runtime.block_on(llama_server::server::serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("llama-server: {err}");
             tracing::error!(error = %err, "llama-server stopped");
+            fetch::write_termination_message(&termination_log, &err.to_string());
             ExitCode::FAILURE
         }
     }

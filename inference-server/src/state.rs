@@ -161,6 +161,13 @@ impl AppState {
 fn model_dir(config: &ServerConfig) -> Result<PathBuf, String> {
     if config.model_path != "demo" {
         let path = PathBuf::from(&config.model_path);
+        if !path.exists() {
+            return Err(format!(
+                "modelPath {}: no such file or directory (a Hugging Face model directory or a \
+                 .gguf file; under the operator, spec.source.pvc.path names it on the claim)",
+                path.display()
+            ));
+        }
         // `LlamaModel::load` reads a file as GGUF and a directory as safetensors.
         if config.format.as_deref() == Some("gguf") && path.is_dir() {
             return single_gguf_in(&path);

@@ -335,3 +335,48 @@ fn generate_model_binary_writes_a_model_and_fails_cleanly() {
         "{stderr}"
     );
 }
+
+/// A server whose model does not load exits 1 and leaves the reason in its termination-message
+/// file, where the kubelet (and so the operator's `ModelLoaded` condition) reads it.
+#[test]
+fn serve_writes_why_the_model_did_not_load_to_the_termination_log() {
+    let dir = Scratch::new("serve-fails");
+    let missing = dir.join("no-such-model");
+    let config = dir.join("server.yaml");
+    std::fs::write(
+        &config,
+        format!("modelPath: {}\nauth: {{mode: none}}\n", missing.display()),
+    )
+    .expect("config");
+    let termination_log = dir.join("termination-log");
+    std::fs::write(&termination_log, "").expect("termination log");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--termination-log")
+        .arg(&termination_log)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let message = std::fs::read_to_string(&termination_log).expect("read");
+    assert!(
+        message.starts_with(&format!(
+            "cannot load the model: modelPath {}: no such file or directory",
+            missing.display()
+        )),
+        "{message}"
+    );
+    assert!(stderr.contains(&message), "{stderr}");
+    // Without the file (a process outside Kubernetes) nothing is created.
+    let elsewhere = dir.join("absent");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--termination-log")
+        .arg(&elsewhere)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!elsewhere.exists());
+}
