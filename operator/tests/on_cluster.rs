@@ -628,5 +628,50 @@ async fn a_download_whose_log_cannot_be_read_is_still_reported_as_downloading() 
     let log = op.log_text();
     assert!(log.contains("cannot read the fetch-model log"), "{log}");
     assert!(!log.contains("reconcile failed"), "{log}");
+
+    // Then the download is done, and the server stops while loading, as a kubelet reports it:
+    // in back-off, its last run ended with the reason `serve` wrote to its termination log.
+    let why = "cannot load the model: GGUF metadata `general.architecture` in /models/llama-1b-Q8_0.gguf: qwen2";
+    Api::<Pod>::namespaced(env.client.clone(), &env.namespace)
+        .patch_status(
+            &pod_name,
+            &Default::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {
+                "phase": "Running",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Initialized", "status": "True"},
+                    {"type": "Ready", "status": "False"},
+                ],
+                "initContainerStatuses": [{
+                    "name": "fetch-model", "image": "llama-server", "imageID": "",
+                    "ready": true, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+                }],
+                "containerStatuses": [{
+                    "name": "llama-server", "image": "llama-server", "imageID": "",
+                    "ready": false, "restartCount": 2,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": why}},
+                }],
+            }})),
+        )
+        .await?;
+    let (status, _, message) = wait_for(Duration::from_secs(60), || async {
+        condition(&api.get("fetcher").await.ok()?, "ModelLoaded").filter(|c| c.1 == "LoadFailed")
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("no LoadFailed condition: {e}\n{}", op.log_text()))?;
+    assert_eq!(status, "False");
+    assert!(
+        message.ends_with(&format!("{why} (exit code 1)")),
+        "{message}"
+    );
+    // Nothing but a change mends it: kstatus's Stalled says so, with Ready's reason.
+    let ld = api.get("fetcher").await?;
+    assert_eq!(
+        condition(&ld, "Stalled").map(|c| (c.0, c.1)),
+        Some(("True".into(), "LoadFailed".into()))
+    );
     Ok(())
 }

@@ -88,7 +88,7 @@ pub fn server_deployment(
     let security = container_security();
     let gpus = it.gpu_count.to_string();
     let server = json!({
-        "name": "llama-server",
+        "name": SERVER_CONTAINER,
         "image": config.server_image,
         "args": ["serve", "--config", SERVER_CONFIG_PATH, "--listen", format!("0.0.0.0:{PORT}"),
                  "--drain-seconds", config.drain_seconds.to_string()],
@@ -102,6 +102,9 @@ pub fn server_deployment(
         "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 2},
         "volumeMounts": mounts,
         "securityContext": security,
+        // `serve` writes why it stopped to /dev/termination-log; a crash that wrote nothing
+        // (killed for memory, a signal) leaves the log's last lines there instead.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     });
 
     let mut labels = pod_labels(ld, &name);
@@ -157,6 +160,8 @@ fn container_security() -> Value {
 /// Name of the init container that downloads the weights; its exit code and termination message
 /// tell the operator whether the download failed.
 pub const FETCH_CONTAINER: &str = "fetch-model";
+/// The server container's name.
+pub const SERVER_CONTAINER: &str = "llama-server";
 
 /// The init container that downloads URL or Hugging Face weights into the model volume.
 fn fetch_container(ld: &LlamaDeployment, image: &str) -> Result<Value, BuildError> {
@@ -231,6 +236,8 @@ mod tests {
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/health/live");
         assert_eq!(c["securityContext"]["runAsNonRoot"], true);
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        // Why the server stopped reaches the pod's status, and so ModelLoaded.
+        assert_eq!(c["terminationMessagePolicy"], "FallbackToLogsOnError");
         assert_eq!(pod["securityContext"]["runAsUser"], 65532);
         assert_eq!(pod["terminationGracePeriodSeconds"], 330);
         assert_eq!(pod["volumes"][1]["secret"]["secretName"], "chat-keys");

@@ -10,7 +10,7 @@ mod secret;
 mod service;
 
 pub use config_map::server_config_map;
-pub use deployment::{FETCH_CONTAINER, HF_TOKEN_DEFAULT_KEY, server_deployment};
+pub use deployment::{FETCH_CONTAINER, HF_TOKEN_DEFAULT_KEY, SERVER_CONTAINER, server_deployment};
 pub use karpenter_node_pool::{
     karpenter_node_claim_resource, karpenter_node_pool, karpenter_node_pool_name,
     karpenter_node_pool_resource,

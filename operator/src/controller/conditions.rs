@@ -12,12 +12,18 @@ pub const RECONCILING: &str = "Reconciling";
 /// check at once instead of waiting for its timeout.
 pub const STALLED: &str = "Stalled";
 
-/// Ready reasons that no retry mends: a spec error, a failed download, missing quota. Each
-/// needs a change by someone (the spec, the source, the ComputeQuota or other deployments).
-const STALLED_REASONS: [&str; 3] = ["DownloadFailed", "QuotaExceeded", "InsufficientQuota"];
+/// Ready reasons that no retry mends: a spec error, a failed download, a server that stops
+/// while loading, missing quota. Each needs a change by someone (the spec, the source, the
+/// ComputeQuota or other deployments).
+const STALLED_REASONS: [&str; 4] = [
+    "DownloadFailed",
+    "LoadFailed",
+    "QuotaExceeded",
+    "InsufficientQuota",
+];
 
 /// Derives the kstatus conditions from `Ready` and the phase: `Stalled` True for spec errors
-/// (phase `Failed`), failed downloads and exceeded quota; `Reconciling` True while the
+/// (phase `Failed`), failed downloads and loads, and exceeded quota; `Reconciling` True while the
 /// deployment is on its way to Ready (provisioning, downloading, loading, progressing); both
 /// False when it is Ready or scaled to zero. Their reason and message are Ready's.
 pub fn set_kstatus(
@@ -135,6 +141,10 @@ mod tests {
         assert_eq!(
             case(false, "DownloadFailed", false),
             pair("False", "True", "DownloadFailed")
+        );
+        assert_eq!(
+            case(false, "LoadFailed", false),
+            pair("False", "True", "LoadFailed")
         );
         assert_eq!(
             case(false, "QuotaExceeded", false),

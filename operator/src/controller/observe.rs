@@ -4,9 +4,9 @@ use super::conditions::{self, MODEL_LOADED, NODE_POOL_READY, READY};
 use crate::api::{
     EngineStatus, InstanceCounts, LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, Phase,
 };
-use crate::build::FETCH_CONTAINER;
+use crate::build::{FETCH_CONTAINER, SERVER_CONTAINER};
 use crate::validate::{Plan, SpecError};
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::jiff::Timestamp;
 
 /// What the operator saw of a deployment's children.
@@ -27,6 +27,8 @@ pub struct Observed {
     pub download_progress: Option<DownloadProgress>,
     /// Why a server pod's download failed, when one did (see [`download_failure`]).
     pub download_failed: Option<String>,
+    /// Why a server stopped, when one did and no instance is ready (see [`load_failure`]).
+    pub load_failed: Option<String>,
     /// Start times of the running server pods.
     pub running_since: Vec<Timestamp>,
     /// Names of the server pods.
@@ -124,6 +126,15 @@ pub fn status_for(
             "DownloadFailed",
             format!("downloading the model weights failed: {why}"),
         )
+    } else if let Some(why) = &observed.load_failed {
+        (
+            false,
+            "LoadFailed",
+            format!(
+                "llama-server stopped before {} was served: {why}",
+                ld.spec.model
+            ),
+        )
     } else if observed.downloading {
         let message = match &observed.download_progress {
             Some(progress) => format!("downloading the model weights: {progress}"),
@@ -204,32 +215,44 @@ pub fn status_for(
 /// container's termination message (`llama-server fetch` writes its error there).
 pub fn download_failure(pods: &[Pod]) -> Option<String> {
     pods.iter().find_map(|pod| {
-        let fetch = pod
-            .status
-            .as_ref()?
-            .init_container_statuses
-            .as_ref()?
-            .iter()
-            .find(|c| c.name == FETCH_CONTAINER)?;
-        let state = fetch.state.as_ref()?;
-        let failed = |t: &Option<ContainerStateTerminated>| {
-            t.as_ref().filter(|t| t.exit_code != 0).map(|t| {
-                let why = t
-                    .message
-                    .as_deref()
-                    .map(str::trim)
-                    .filter(|m| !m.is_empty())
-                    .or(t.reason.as_deref())
-                    .unwrap_or("no message");
-                format!("{why} (exit code {})", t.exit_code)
-            })
-        };
-        failed(&state.terminated).or_else(|| {
-            state
-                .waiting
-                .as_ref()
-                .and_then(|_| failed(&fetch.last_state.as_ref()?.terminated))
+        let status = pod.status.as_ref()?;
+        failure(status.init_container_statuses.as_deref()?, FETCH_CONTAINER)
+    })
+}
+
+/// The message of a server pod's `llama-server` container that exited non-zero and is not
+/// running again, as [`download_failure`]: `serve` writes why it stopped (a model that does not
+/// load, a bad configuration); a crash that wrote nothing leaves its log's last lines
+/// (`FallbackToLogsOnError`), or the kubelet's reason (`OOMKilled`).
+pub fn load_failure(pods: &[Pod]) -> Option<String> {
+    pods.iter().find_map(|pod| {
+        let status = pod.status.as_ref()?;
+        failure(status.container_statuses.as_deref()?, SERVER_CONTAINER)
+    })
+}
+
+/// How container `name` failed: its termination message (or reason) and exit code, when it
+/// exited non-zero and has not started again.
+fn failure(statuses: &[ContainerStatus], name: &str) -> Option<String> {
+    let container = statuses.iter().find(|c| c.name == name)?;
+    let state = container.state.as_ref()?;
+    let failed = |t: &Option<ContainerStateTerminated>| {
+        t.as_ref().filter(|t| t.exit_code != 0).map(|t| {
+            let why = t
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .or(t.reason.as_deref())
+                .unwrap_or("no message");
+            format!("{why} (exit code {})", t.exit_code)
         })
+    };
+    failed(&state.terminated).or_else(|| {
+        state
+            .waiting
+            .as_ref()
+            .and_then(|_| failed(&container.last_state.as_ref()?.terminated))
     })
 }
 
@@ -597,5 +620,74 @@ fetch: Llama-3.1-8B-Q4_K_M.gguf 1.2 GiB / 4.6 GiB (26%), 101.3 MiB/s
             .message;
         assert!(msg.contains("expected aa, got bb"), "{msg}");
         assert!(t.iter().any(|t| t.reason == "DownloadFailed" && !t.status));
+    }
+
+    /// A server pod whose `llama-server` container has `state` and `lastState`.
+    fn pod_with_server(state: serde_json::Value, last_state: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "chat-0"},
+            "status": {"containerStatuses": [{
+                "name": SERVER_CONTAINER, "image": "llama-server", "imageID": "", "ready": false,
+                "restartCount": 3, "state": state, "lastState": last_state,
+            }]},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn a_server_that_stops_shows_why() {
+        let failed = serde_json::json!({"terminated": {"exitCode": 1, "reason": "Error",
+            "message": "cannot load the model: modelPath /models/x.gguf: no such file or directory"}});
+        let crash_loop = pod_with_server(
+            serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            failed.clone(),
+        );
+        let why = load_failure(&[crash_loop.clone()]).expect("a failure");
+        assert_eq!(
+            why,
+            "cannot load the model: modelPath /models/x.gguf: no such file or directory (exit code 1)"
+        );
+        // The download's reader does not take the server's failure for its own.
+        assert_eq!(download_failure(&[crash_loop]), None);
+        // Killed for memory, with nothing written: the kubelet's reason.
+        let oom = pod_with_server(
+            serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            serde_json::json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+        );
+        assert_eq!(
+            load_failure(&[oom]).as_deref(),
+            Some("OOMKilled (exit code 137)")
+        );
+        // Running again after a failure is loading; no status yet is nothing.
+        let restarted = pod_with_server(serde_json::json!({"running": {}}), failed);
+        assert_eq!(load_failure(&[restarted]), None);
+        let fresh: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "chat-1"}}))
+                .expect("pod");
+        assert_eq!(load_failure(&[fresh]), None);
+
+        let d = ld(CHAT);
+        let seen = Observed {
+            nodes_ready: 2,
+            replicas: 2,
+            load_failed: Some(why.clone()),
+            ..Default::default()
+        };
+        let (s, t) = status_for(&d, &plan(&d), &seen, "e".into(), "x".into(), now());
+        assert_eq!(cond(&s, MODEL_LOADED), ("False", "LoadFailed"));
+        assert_eq!(cond(&s, READY), ("False", "LoadFailed"));
+        let msg = &conditions::get(&s.conditions, MODEL_LOADED)
+            .expect("model loaded")
+            .message;
+        assert!(msg.starts_with("llama-server stopped before"), "{msg}");
+        assert!(msg.ends_with(&why), "{msg}");
+        assert!(t.iter().any(|t| t.reason == "LoadFailed" && !t.status));
+        // One instance serving is loaded, whatever another's trouble.
+        let seen = Observed {
+            ready_replicas: 1,
+            ..seen
+        };
+        let (s, _) = status_for(&d, &plan(&d), &seen, "e".into(), "x".into(), now());
+        assert_eq!(cond(&s, MODEL_LOADED), ("True", "Loaded"));
     }
 }

@@ -6,7 +6,7 @@ use super::conditions;
 use super::dereference;
 use super::karpenter_status::{PoolProblem, pool_problem};
 use super::observe::{
-    DownloadProgress, Observed, Transition, download_failure, downloading_pod,
+    DownloadProgress, Observed, Transition, download_failure, downloading_pod, load_failure,
     parse_download_progress, status_for, status_for_invalid,
 };
 use crate::api::{LlamaDeployment, LlamaDeploymentStatus, NodePoolProvider, QuotaSource};
@@ -674,6 +674,7 @@ async fn observe(
         downloading,
         download_progress,
         download_failed: download_failure(&pods),
+        load_failed: load_failure(&pods),
     })
 }
 
