@@ -642,7 +642,7 @@ fetch: Llama-3.1-8B-Q4_K_M.gguf 1.2 GiB / 4.6 GiB (26%), 101.3 MiB/s
             serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}}),
             failed.clone(),
         );
-        let why = load_failure(&[crash_loop.clone()]).expect("a failure");
+        let why = load_failure(std::slice::from_ref(&crash_loop)).expect("a failure");
         assert_eq!(
             why,
             "cannot load the model: modelPath /models/x.gguf: no such file or directory (exit code 1)"
