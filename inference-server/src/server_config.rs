@@ -25,6 +25,10 @@ pub struct ServerConfig {
     pub context_length: Option<usize>,
     /// GPUs per instance, as planned by the operator. Recorded and reported; one device is used.
     pub tensor_parallel: Option<u32>,
+    /// The GGUF weight type (llama.cpp's name, e.g. `Q4_K_M`) the operator sized the GPU memory
+    /// and cache budget for. A GGUF file whose `general.file_type` names another type is
+    /// refused at load, naming both; unset, nothing is checked.
+    pub weight_type: Option<String>,
     /// Where the Llama 3 tokenizer lives: for the demo model (default
     /// `$LLAMA_SERVER_TOKENIZER_DIR`), and for a GGUF file without a `tokenizer.json` beside it,
     /// before the tokenizer in the file's metadata (see `state::tokenizer_source_for`).
@@ -47,6 +51,7 @@ impl Default for ServerConfig {
             format: None,
             context_length: None,
             tensor_parallel: None,
+            weight_type: None,
             tokenizer_dir: None,
             device: None,
             auth: AuthConfig::default(),

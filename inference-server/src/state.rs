@@ -10,7 +10,7 @@ use crate::auth::Authenticator;
 use crate::chat_template::ChatTemplate;
 use crate::content_safety::ContentFilter;
 use crate::engine::LlamaModel;
-use crate::engine::gguf::{GgufFile, has_tokenizer};
+use crate::engine::gguf::{GgufFile, check_file_type, has_tokenizer};
 use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
 use crate::llama_guard::LlamaGuard;
 use crate::metrics::Metrics;
@@ -90,6 +90,12 @@ impl AppState {
             let _ = self.guard.set(guard);
         }
         let dir = model_dir(&self.config)?;
+        if let Some(expected) = &self.config.weight_type
+            && dir.is_file()
+        {
+            let file = GgufFile::open(&dir).map_err(|e| e.to_string())?;
+            check_file_type(&file, expected).map_err(|e| e.to_string())?;
+        }
         let source = tokenizer_source_for(
             &dir,
             self.config.tokenizer_dir.as_deref(),

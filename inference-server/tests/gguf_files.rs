@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device};
-use llama_server::engine::gguf::{GgufFile, llama_config};
+use llama_server::engine::gguf::{GgufFile, check_file_type, llama_config};
 use llama_server::engine::{EngineError, LlamaConfig, LlamaModel};
 use llama_server::generate_model::ModelShape;
 use llama_server::gguf_export::GgufFileType;
@@ -334,4 +334,61 @@ fn a_gguf_directory_must_hold_exactly_one_gguf_file() {
     assert!(err.contains("holds 2 .gguf files"), "{err}");
     assert!(err.contains("a-Q8_0.gguf, b-Q4_K_M.gguf"), "{err}");
     assert!(err.contains(&models.path().display().to_string()), "{err}");
+}
+
+/// The weight type the operator sized a deployment for is checked against the file's
+/// `general.file_type`, and a mismatch stops `serve` with both named.
+#[test]
+fn a_file_of_another_weight_type_than_sized_for_is_refused() {
+    let q8 = gguf_of(ModelShape::Tiny, 42, GgufFileType::Q8_0);
+    let file = GgufFile::open(&q8).expect("open");
+    assert_eq!(llama_server::engine::gguf::file_type(&file), Some("Q8_0"));
+    check_file_type(&file, "Q8_0").expect("the type it is");
+    let err = check_file_type(&file, "Q4_K_M").expect_err("another type");
+    let text = err.to_string();
+    for needle in [
+        q8.display().to_string().as_str(),
+        "general.file_type",
+        "the file's weights are Q8_0",
+        "sized for Q4_K_M",
+        "set spec.source.quantization: Q8_0",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in {text}");
+    }
+    // A file that names no type cannot be checked, and loads.
+    let out = scratch();
+    let unnamed = out.path().join("unnamed.gguf");
+    rewrite(
+        &q8,
+        &unnamed,
+        |metadata| metadata.retain(|(key, _)| key != "general.file_type"),
+        |_, t| Some(t),
+    );
+    check_file_type(&GgufFile::open(&unnamed).expect("open"), "Q4_K_M").expect("unchecked");
+
+    // `serve` with the operator's `weightType`: it stops before loading, and says why.
+    let config = out.path().join("server.yaml");
+    let termination_log = out.path().join("termination-log");
+    std::fs::write(&termination_log, "").expect("termination log");
+    std::fs::write(
+        &config,
+        format!(
+            "modelPath: {}\nformat: gguf\nweightType: Q4_K_M\nauth: {{mode: none}}\n",
+            q8.display()
+        ),
+    )
+    .expect("config");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--termination-log")
+        .arg(&termination_log)
+        .output()
+        .expect("runs");
+    assert_eq!(run.status.code(), Some(1));
+    let message = std::fs::read_to_string(&termination_log).expect("read");
+    assert!(
+        message.starts_with("cannot load the model") && message.contains("sized for Q4_K_M"),
+        "{message}"
+    );
 }

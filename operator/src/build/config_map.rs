@@ -1,8 +1,9 @@
 //! The ConfigMap with llama-server's configuration for one deployment.
 
 use super::{BuildError, child_metadata, from_json, name_of};
-use crate::api::{LlamaDeployment, SourceType};
+use crate::api::{LlamaDeployment, SourceType, WeightType};
 use crate::validate::Plan;
+use crate::weights::WeightsFrom;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::json;
 
@@ -31,7 +32,7 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         // LLAMA_SERVER_TOKENIZER_DIR, when none lies beside it.
         _ => MODEL_DIR.to_owned(),
     };
-    let config = json!({
+    let mut config = json!({
         "modelName": spec.model.to_string(),
         "modelPath": model_path,
         "format": spec.source.format,
@@ -50,6 +51,11 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         "contentSafety": spec.content_safety,
         "engine": engine_config(ld, plan),
     });
+    if let Some(weight_type) = checked_weight_type(plan)
+        && let Some(fields) = config.as_object_mut()
+    {
+        fields.insert("weightType".into(), json!(weight_type.name()));
+    }
     let text = serde_yaml::to_string(&config).map_err(|e| BuildError::Serde {
         kind: "ConfigMap",
         source: serde_json::Error::io(std::io::Error::other(e)),
@@ -63,6 +69,18 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
             "data": {"server.yaml": text},
         }),
     )
+}
+
+/// The quantized weight type the GPU memory was sized for, when the spec names it (the field or
+/// the file name): the server refuses a file of another type, which would not fit the plan. A
+/// 16-bit or assumed type is not checked.
+fn checked_weight_type(plan: &Plan) -> Option<WeightType> {
+    let weights = plan.weights;
+    let named = matches!(
+        weights.from,
+        WeightsFrom::Quantization | WeightsFrom::Url | WeightsFrom::PvcPath
+    );
+    (named && !weights.weight_type.is_16_bit()).then_some(weights.weight_type)
 }
 
 /// The server's `engine` section: the planned budget and the limits the spec sets; the server's
@@ -189,6 +207,8 @@ mod tests {
         assert_eq!(cfg["modelPath"], MODEL_DIR);
         assert_eq!(cfg["format"], "gguf");
         assert!(cfg.get("tokenizerDir").is_none(), "{cfg:?}");
+        // The type the file name names, which sized the plan, is checked against the file.
+        assert_eq!(cfg["weightType"], "Q4_K_M");
 
         let d = ld(&CHAT.replace(
             "{type: demo}",
@@ -200,6 +220,17 @@ mod tests {
             serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
         assert_eq!(cfg["modelPath"], MODEL_DIR);
         assert_eq!(cfg["format"], "gguf");
+        // Nothing names this repository's type: sized as 16-bit, and nothing to check.
+        assert!(cfg.get("weightType").is_none(), "{cfg:?}");
+        let d = ld(&CHAT.replace(
+            "{type: demo}",
+            "{type: huggingFace, huggingFace: {repository: bartowski/Llama-3.1-8B-GGUF}, \
+             format: gguf, quantization: Q6_K}",
+        ));
+        let cm = server_config_map(&d, &plan(&d)).expect("configmap");
+        let cfg: serde_yaml::Value =
+            serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
+        assert_eq!(cfg["weightType"], "Q6_K");
     }
 
     #[test]

@@ -15,11 +15,13 @@
 //! candle's quantized kernels; float matrices (F16, BF16, F32) are expanded to the compute dtype.
 
 mod file;
+mod file_type;
 pub mod layout;
 mod load;
 mod metadata;
 mod tokenizer;
 
 pub use file::GgufFile;
+pub use file_type::{FILE_TYPE_KEY, check_file_type, file_type, file_type_name};
 pub use metadata::llama_config;
 pub use tokenizer::{GgufTokenizer, embedded_tokenizer, has_tokenizer};
