@@ -104,6 +104,11 @@ pub struct FetchArgs {
     /// Branch, tag or commit of the `--hugging-face` repository.
     #[arg(long, default_value = "main", conflicts_with = "url")]
     pub revision: String,
+    /// From a `--hugging-face` repository of GGUF files, take the one of this type (its name
+    /// has the word, e.g. `Q4_K_M` in `Llama-3.2-1B-Instruct-Q4_K_M.gguf`). Without it a
+    /// repository with several `.gguf` files is refused.
+    #[arg(long, conflicts_with = "url")]
+    pub gguf_type: Option<String>,
     /// Where a failure's message is also written; must exist (the kubelet mounts it).
     #[arg(long, default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,

@@ -68,7 +68,8 @@ fn fetch(args: FetchArgs) -> ExitCode {
             &args.revision,
             std::env::var("HF_ENDPOINT").ok().as_deref(),
             std::env::var("HF_TOKEN").ok(),
-        ),
+        )
+        .map(|source| source.with_gguf_type(args.gguf_type.clone())),
         (None, None) => Err(fetch::FetchError::InvalidUrl {
             url: String::new(),
             reason: "give --url or --hugging-face".to_owned(),

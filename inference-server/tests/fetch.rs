@@ -521,3 +521,89 @@ async fn persistent_server_errors_give_up_after_a_few_attempts() {
     assert_eq!(requests(&served).len(), 4);
     assert!(listing(&out).is_empty(), "left behind: {:?}", listing(&out));
 }
+
+/// A repository of GGUF files, one per type, as GGUF publishers lay them out (public: no token).
+fn gguf_repository() -> Shared {
+    let names = [
+        "Llama-3.2-1B-Instruct-Q4_K_M.gguf",
+        "Llama-3.2-1B-Instruct-Q8_0.gguf",
+        "Llama-3.2-1B-Instruct-f16.gguf",
+    ];
+    let listing = serde_json::json!({
+        "id": "publisher/Llama-3.2-1B-Instruct-GGUF",
+        "siblings": std::iter::once("README.md")
+            .chain(names)
+            .map(|n| serde_json::json!({"rfilename": n}))
+            .collect::<Vec<_>>(),
+    })
+    .to_string();
+    let prefix = "/publisher/Llama-3.2-1B-Instruct-GGUF/resolve/main";
+    let mut files: Vec<(String, Vec<u8>)> = vec![(
+        "/api/models/publisher/Llama-3.2-1B-Instruct-GGUF/revision/main".into(),
+        listing.into_bytes(),
+    )];
+    for (i, name) in names.iter().enumerate() {
+        files.push((format!("{prefix}/{name}"), vec![i as u8 + 1; 1024]));
+    }
+    Arc::new(Mutex::new(Served {
+        files: files.into_iter().collect(),
+        ..Served::default()
+    }))
+}
+
+#[tokio::test]
+async fn a_gguf_repository_gives_the_file_of_the_type_asked_for() {
+    let served = gguf_repository();
+    let base = start(served.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("models");
+    let repository = ["--hugging-face", "publisher/Llama-3.2-1B-Instruct-GGUF"];
+    let env = [("HF_ENDPOINT", base.as_str())];
+
+    // Three files and no type: refused after the listing, before any download.
+    let mut args = vec!["--out", path_str(&out)];
+    args.extend(repository);
+    let refused = fetch(&args, &env).await;
+    let (stdout, stderr) = text(&refused);
+    assert!(
+        !refused.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("holds 3 .gguf files") && stderr.contains("spec.source.quantization"),
+        "{stderr}"
+    );
+    assert!(
+        requests(&served).iter().all(|r| !r.ends_with(".gguf")),
+        "{:?}",
+        requests(&served)
+    );
+
+    let mut typed = args.clone();
+    typed.extend(["--gguf-type", "Q8_0"]);
+    let run = fetch(&typed, &env).await;
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        listing(&out),
+        [".llama-fetch-complete", "Llama-3.2-1B-Instruct-Q8_0.gguf"]
+    );
+    assert_eq!(
+        std::fs::read(out.join("Llama-3.2-1B-Instruct-Q8_0.gguf")).expect("weights"),
+        vec![2u8; 1024]
+    );
+
+    // A type the repository lacks names the files it has.
+    let mut missing = args.clone();
+    missing.extend(["--gguf-type", "Q6_K"]);
+    let other = dir.path().join("other");
+    missing[1] = path_str(&other);
+    let run = fetch(&missing, &env).await;
+    let (_, stderr) = text(&run);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("no .gguf file of type Q6_K")
+            && stderr.contains("Llama-3.2-1B-Instruct-f16.gguf"),
+        "{stderr}"
+    );
+}

@@ -92,6 +92,29 @@ pub enum FetchError {
         revision: String,
     },
 
+    #[error(
+        "{repository}@{revision} holds {count} .gguf files ({files}), and llama-server serves one: \
+         name its type with spec.source.quantization (llama-server fetch --gguf-type), e.g. Q4_K_M"
+    )]
+    SeveralGguf {
+        repository: String,
+        revision: String,
+        count: usize,
+        files: String,
+    },
+
+    #[error(
+        "{repository}@{revision} has no .gguf file of type {wanted} (a file whose name has the \
+         word {wanted}); its .gguf files: {available}. Set spec.source.quantization \
+         (llama-server fetch --gguf-type) to the type of one of them"
+    )]
+    NoGgufOfType {
+        repository: String,
+        revision: String,
+        wanted: String,
+        available: String,
+    },
+
     #[error("{repository}@{revision} has safetensors weights but lacks {}", missing.join(", "))]
     MissingFiles {
         repository: String,

@@ -29,6 +29,8 @@ pub struct Repository {
     pub revision: String,
     /// Whether a token is sent, for the message of a 401/403.
     pub has_token: bool,
+    /// `--gguf-type`: take the repository's `.gguf` file of this type (e.g. `Q4_K_M`).
+    pub gguf_type: Option<String>,
 }
 
 impl Repository {
@@ -54,6 +56,7 @@ impl Repository {
             name: name.to_owned(),
             revision: revision.to_owned(),
             has_token,
+            gguf_type: None,
         })
     }
 
@@ -104,7 +107,10 @@ impl Repository {
     }
 
     fn describe(&self) -> String {
-        format!("{}@{}", self.name, self.revision)
+        match &self.gguf_type {
+            Some(t) => format!("{}@{} ({t})", self.name, self.revision),
+            None => format!("{}@{}", self.name, self.revision),
+        }
     }
 }
 
@@ -120,15 +126,40 @@ struct Sibling {
     rfilename: String,
 }
 
-/// The files to download from a repository holding `files`: the safetensors layout (config,
-/// tokenizer, weights and their index) when there are top-level `*.safetensors`, otherwise every
-/// top-level `*.gguf`. Sub-directories (such as Meta's `original/`) are never taken.
+/// The files to download from a repository holding `files`: with a `gguf_type`, the top-level
+/// `.gguf` file(s) of that type; else the safetensors layout (config, tokenizer, weights and
+/// their index) when there are top-level `*.safetensors`; else the one top-level `*.gguf`
+/// (several are refused: a GGUF repository usually holds one file per type, and the server
+/// serves one). Sub-directories (such as Meta's `original/`) are never taken.
 pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<String>, FetchError> {
     let top_level = || {
         files
             .iter()
             .filter(|f| !f.contains('/') && !f.starts_with('.'))
     };
+    let gguf = || -> Vec<String> {
+        top_level()
+            .filter(|f| f.to_ascii_lowercase().ends_with(".gguf"))
+            .cloned()
+            .collect()
+    };
+    if let Some(wanted) = &repository.gguf_type {
+        let available = gguf();
+        let of_type: Vec<String> = available
+            .iter()
+            .filter(|f| names_type(f, wanted))
+            .cloned()
+            .collect();
+        if of_type.is_empty() {
+            return Err(FetchError::NoGgufOfType {
+                repository: repository.name.clone(),
+                revision: repository.revision.clone(),
+                wanted: wanted.clone(),
+                available: listed(&available),
+            });
+        }
+        return Ok(of_type);
+    }
     let has = |name: &str| top_level().any(|f| f == name);
     let safetensors: Vec<String> = top_level()
         .filter(|f| f.ends_with(".safetensors"))
@@ -156,17 +187,36 @@ pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<Str
         selected.extend(safetensors);
         return Ok(selected);
     }
-    let gguf: Vec<String> = top_level()
-        .filter(|f| f.ends_with(".gguf"))
-        .cloned()
-        .collect();
-    if gguf.is_empty() {
-        return Err(FetchError::NoWeights {
+    let gguf = gguf();
+    match gguf.len() {
+        0 => Err(FetchError::NoWeights {
             repository: repository.name.clone(),
             revision: repository.revision.clone(),
-        });
+        }),
+        1 => Ok(gguf),
+        count => Err(FetchError::SeveralGguf {
+            repository: repository.name.clone(),
+            revision: repository.revision.clone(),
+            count,
+            files: listed(&gguf),
+        }),
     }
-    Ok(gguf)
+}
+
+/// Whether file name `name` names weight type `wanted` as one of its words (split at `-`, `.`
+/// and spaces, compared without case): `Llama-3.2-1B-Instruct-Q4_K_M.gguf` names `Q4_K_M`.
+fn names_type(name: &str, wanted: &str) -> bool {
+    name.split(['-', '.', ' '])
+        .any(|word| word.eq_ignore_ascii_case(wanted))
+}
+
+/// File names for a message.
+fn listed(files: &[String]) -> String {
+    if files.is_empty() {
+        "none".to_owned()
+    } else {
+        files.join(", ")
+    }
 }
 
 /// Lists the revision's files and downloads the selected ones into `out`, one at a time, each
@@ -299,10 +349,44 @@ mod tests {
     }
 
     #[test]
-    fn gguf_only_repositories_take_the_gguf_files() {
-        let files = names(&["README.md", "model.Q4_K_M.gguf", "model.Q8_0.gguf"]);
-        let selected = select_files(&repo("https://h", "main"), &files).expect("selected");
-        assert_eq!(selected, names(&["model.Q4_K_M.gguf", "model.Q8_0.gguf"]));
+    fn gguf_repositories_give_the_file_of_the_type_asked_for() {
+        let files = names(&[
+            "README.md",
+            "Llama-3.2-1B-Instruct-Q4_K_M.gguf",
+            "Llama-3.2-1B-Instruct-Q4_K_S.gguf",
+            "Llama-3.2-1B-Instruct-Q8_0.gguf",
+            "Llama-3.2-1B-Instruct-Q6_K_L.gguf",
+        ]);
+        let mut r = repo("https://h", "main");
+        // Several files and no type: refused before anything is downloaded, naming them.
+        let err = select_files(&r, &files).expect_err("several");
+        let message = err.to_string();
+        assert!(
+            message.contains("4 .gguf files")
+                && message.contains("Llama-3.2-1B-Instruct-Q8_0.gguf")
+                && message.contains("spec.source.quantization"),
+            "{message}"
+        );
+        r.gguf_type = Some("q4_k_m".into());
+        assert_eq!(
+            select_files(&r, &files).expect("of the type"),
+            names(&["Llama-3.2-1B-Instruct-Q4_K_M.gguf"])
+        );
+        // Q6_K is not Q6_K_L.
+        r.gguf_type = Some("Q6_K".into());
+        let err = select_files(&r, &files).expect_err("no Q6_K file");
+        let message = err.to_string();
+        assert!(
+            message.contains("no .gguf file of type Q6_K")
+                && message.contains("Llama-3.2-1B-Instruct-Q6_K_L.gguf"),
+            "{message}"
+        );
+        // One file needs no type.
+        let one = names(&["README.md", "model.Q8_0.gguf"]);
+        assert_eq!(
+            select_files(&repo("https://h", "main"), &one).expect("the one"),
+            names(&["model.Q8_0.gguf"])
+        );
     }
 
     #[test]

@@ -91,6 +91,15 @@ impl Source {
         Ok(Self::HuggingFace { repository, token })
     }
 
+    /// Takes the repository's `.gguf` file of `gguf_type` (a Hugging Face source; a URL names
+    /// its one file itself).
+    pub fn with_gguf_type(mut self, gguf_type: Option<String>) -> Self {
+        if let Self::HuggingFace { repository, .. } = &mut self {
+            repository.gguf_type = gguf_type;
+        }
+        self
+    }
+
     /// What the completion marker holds: enough to tell a different source, and no secret.
     pub fn describe(&self) -> String {
         match self {
@@ -98,10 +107,16 @@ impl Source {
                 Some(sha) => format!("url {url} sha256 {}", sha.as_str()),
                 None => format!("url {url}"),
             },
-            Self::HuggingFace { repository, .. } => format!(
-                "hugging-face {}@{} from {}",
-                repository.name, repository.revision, repository.endpoint
-            ),
+            Self::HuggingFace { repository, .. } => match &repository.gguf_type {
+                Some(t) => format!(
+                    "hugging-face {}@{} gguf {t} from {}",
+                    repository.name, repository.revision, repository.endpoint
+                ),
+                None => format!(
+                    "hugging-face {}@{} from {}",
+                    repository.name, repository.revision, repository.endpoint
+                ),
+            },
         }
     }
 

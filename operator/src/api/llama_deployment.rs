@@ -139,7 +139,10 @@ pub struct SourceSpec {
     /// fit and how large a key/value cache fits beside them (the server keeps quantized
     /// weights quantized). Unset, the type is read from the file name in `url` or `pvc.path`
     /// (`…-Q4_K_M.gguf`), and a name without one is sized as 16-bit weights, on the safe side.
-    /// The estimate is in `status.engine`.
+    /// The estimate is in `status.engine`. For `huggingFace` it also picks the repository's
+    /// `.gguf` file of this type (its name has the type as a word), which a repository of
+    /// several `.gguf` files needs. A named type is checked against the file's
+    /// `general.file_type` when the server loads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<WeightType>,
 }

@@ -182,6 +182,9 @@ fn fetch_container(ld: &LlamaDeployment, image: &str) -> Result<Value, BuildErro
                     "--revision".to_owned(),
                     hf.revision.clone().unwrap_or_else(|| "main".into()),
                 ]);
+                if let Some(quantization) = source.quantization {
+                    args.extend(["--gguf-type".to_owned(), quantization.name().to_owned()]);
+                }
                 if let Some(token) = &hf.token_secret_ref {
                     env.push(json!({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
                         "name": token.name, "key": token.key.clone().unwrap_or_else(|| HF_TOKEN_DEFAULT_KEY.into())}}}));
@@ -303,6 +306,31 @@ mod tests {
         assert_eq!(env["name"], "HF_TOKEN");
         assert_eq!(env["valueFrom"]["secretKeyRef"]["name"], "hf");
         assert_eq!(env["valueFrom"]["secretKeyRef"]["key"], "token");
+    }
+
+    #[test]
+    fn a_gguf_repository_is_fetched_for_the_named_type() {
+        let args = |source: &str| {
+            let y = build(&CHAT.replace("{type: demo}", source));
+            y["spec"]["template"]["spec"]["initContainers"][0]["args"]
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect::<Vec<_>>()
+        };
+        let typed = args(
+            "{type: huggingFace, format: gguf, quantization: Q4_K_M, huggingFace: {repository: bartowski/Llama-3.2-1B-Instruct-GGUF}}",
+        );
+        assert!(
+            typed.ends_with(&["--gguf-type".to_owned(), "Q4_K_M".to_owned()]),
+            "{typed:?}"
+        );
+        let untyped = args(
+            "{type: huggingFace, format: gguf, huggingFace: {repository: bartowski/Llama-3.2-1B-Instruct-GGUF}}",
+        );
+        assert!(!untyped.contains(&"--gguf-type".to_owned()), "{untyped:?}");
     }
 
     #[test]
