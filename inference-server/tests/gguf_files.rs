@@ -367,24 +367,13 @@ fn a_file_of_another_weight_type_than_sized_for_is_refused() {
     check_file_type(&GgufFile::open(&unnamed).expect("open"), "Q4_K_M").expect("unchecked");
 
     // `serve` with the operator's `weightType`: it stops before loading, and says why.
-    let config = out.path().join("server.yaml");
     let termination_log = out.path().join("termination-log");
     std::fs::write(&termination_log, "").expect("termination log");
-    std::fs::write(
-        &config,
-        format!(
-            "modelPath: {}\nformat: gguf\nweightType: Q4_K_M\nauth: {{mode: none}}\n",
-            q8.display()
-        ),
-    )
-    .expect("config");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--termination-log")
-        .arg(&termination_log)
-        .output()
-        .expect("runs");
+    let config = format!(
+        "modelPath: {}\nformat: gguf\nweightType: Q4_K_M\nauth: {{mode: none}}\n",
+        q8.display()
+    );
+    let run = common::serve_until_exit(out.path(), &config, &termination_log);
     assert_eq!(run.status.code(), Some(1));
     let message = std::fs::read_to_string(&termination_log).expect("read");
     assert!(

@@ -342,21 +342,10 @@ fn generate_model_binary_writes_a_model_and_fails_cleanly() {
 fn serve_writes_why_the_model_did_not_load_to_the_termination_log() {
     let dir = Scratch::new("serve-fails");
     let missing = dir.join("no-such-model");
-    let config = dir.join("server.yaml");
-    std::fs::write(
-        &config,
-        format!("modelPath: {}\nauth: {{mode: none}}\n", missing.display()),
-    )
-    .expect("config");
+    let config = format!("modelPath: {}\nauth: {{mode: none}}\n", missing.display());
     let termination_log = dir.join("termination-log");
     std::fs::write(&termination_log, "").expect("termination log");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--termination-log")
-        .arg(&termination_log)
-        .output()
-        .expect("runs");
+    let out = common::serve_until_exit(&dir, &config, &termination_log);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let message = std::fs::read_to_string(&termination_log).expect("read");
@@ -370,13 +359,7 @@ fn serve_writes_why_the_model_did_not_load_to_the_termination_log() {
     assert!(stderr.contains(&message), "{stderr}");
     // Without the file (a process outside Kubernetes) nothing is created.
     let elsewhere = dir.join("absent");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--termination-log")
-        .arg(&elsewhere)
-        .output()
-        .expect("runs");
+    let out = common::serve_until_exit(&dir, &config, &elsewhere);
     assert_eq!(out.status.code(), Some(1));
     assert!(!elsewhere.exists());
 }

@@ -230,3 +230,18 @@ pub async fn post_chat(
         .expect("request");
     send(state, request).await
 }
+
+/// Runs `llama-server serve` with the configuration `config` (YAML, written to
+/// `dir/server.yaml`) and `--termination-log termination_log` until it exits: for servers that
+/// must stop at start.
+pub fn serve_until_exit(dir: &Path, config: &str, termination_log: &Path) -> std::process::Output {
+    let path = dir.join("server.yaml");
+    std::fs::write(&path, config).expect("config");
+    std::process::Command::new(env!("CARGO_BIN_EXE_llama-server"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .arg("--termination-log")
+        .arg(termination_log)
+        .output()
+        .expect("runs")
+}

@@ -568,16 +568,27 @@ fetch: Llama-3.1-8B-Q4_K_M.gguf 1.2 GiB / 4.6 GiB (26%), 101.3 MiB/s
         assert_eq!(msg(&s3, MODEL_LOADED), "downloading the model weights");
     }
 
-    /// A server pod whose `fetch-model` init container has `state` and `lastState`.
-    fn pod_with_fetch(state: serde_json::Value, last_state: serde_json::Value) -> Pod {
+    /// A server pod whose container `name`, listed under `statuses` (`containerStatuses` or
+    /// `initContainerStatuses`), has `state` and `lastState`.
+    fn pod_with(
+        statuses: &str,
+        name: &str,
+        state: serde_json::Value,
+        last_state: serde_json::Value,
+    ) -> Pod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "chat-0"},
-            "status": {"initContainerStatuses": [{
-                "name": FETCH_CONTAINER, "image": "llama-server", "imageID": "", "ready": false,
+            "status": {statuses: [{
+                "name": name, "image": "llama-server", "imageID": "", "ready": false,
                 "restartCount": 1, "state": state, "lastState": last_state,
             }]},
         }))
         .expect("pod")
+    }
+
+    /// A server pod whose `fetch-model` init container has `state` and `lastState`.
+    fn pod_with_fetch(state: serde_json::Value, last_state: serde_json::Value) -> Pod {
+        pod_with("initContainerStatuses", FETCH_CONTAINER, state, last_state)
     }
 
     #[test]
@@ -624,14 +635,7 @@ fetch: Llama-3.1-8B-Q4_K_M.gguf 1.2 GiB / 4.6 GiB (26%), 101.3 MiB/s
 
     /// A server pod whose `llama-server` container has `state` and `lastState`.
     fn pod_with_server(state: serde_json::Value, last_state: serde_json::Value) -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "chat-0"},
-            "status": {"containerStatuses": [{
-                "name": SERVER_CONTAINER, "image": "llama-server", "imageID": "", "ready": false,
-                "restartCount": 3, "state": state, "lastState": last_state,
-            }]},
-        }))
-        .expect("pod")
+        pod_with("containerStatuses", SERVER_CONTAINER, state, last_state)
     }
 
     #[test]
