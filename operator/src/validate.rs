@@ -190,7 +190,7 @@ pub fn validate(
         .compute
         .instance_type
         .clone()
-        .unwrap_or(model.default_instance_type.clone());
+        .unwrap_or_else(|| default_instance_type(&model, &spec.engine, weights, catalog));
     let instance = catalog
         .instance_types
         .get(&instance_name)
@@ -312,6 +312,63 @@ pub fn validate(
     })
 }
 
+/// The instance type of a deployment that names none: for 16-bit weights the model's default
+/// (the catalog's, Azure's choice); for quantized weights, which the catalog's defaults
+/// oversize, the cheapest instance type that holds them with a key/value cache for the whole
+/// context window (the model's, or `spec.engine.contextLength`), else the model's default.
+pub fn default_instance_type(
+    model: &ModelInfo,
+    engine: &crate::api::EngineSpec,
+    weights: Weights,
+    catalog: &Catalog,
+) -> String {
+    if weights.weight_type.is_16_bit() {
+        return model.default_instance_type.clone();
+    }
+    let window = engine
+        .context_length
+        .and_then(|c| u64::try_from(c).ok())
+        .unwrap_or(u64::from(model.context_length));
+    catalog
+        .instance_types
+        .values()
+        .filter(|t| {
+            model.gpu_memory_gib <= t.total_gpu_memory_gib()
+                && model.gpus_per_instance <= t.gpu_count
+                && plan_serving(engine, model, t, weights.weight_type)
+                    .is_ok_and(|plan| plan.context_length >= window)
+        })
+        .min_by(|a, b| {
+            a.hourly_price
+                .total_cmp(&b.hourly_price)
+                .then_with(|| a.name.cmp(&b.name))
+        })
+        .map_or_else(|| model.default_instance_type.clone(), |t| t.name.clone())
+}
+
+/// The instance type `ld` runs on, as [`validate`] decides it; `None` for a model the catalog
+/// lacks.
+pub fn instance_type_of(ld: &LlamaDeployment, catalog: &Catalog) -> Option<String> {
+    if let Some(named) = &ld.spec.compute.instance_type {
+        return Some(named.clone());
+    }
+    let listed = catalog.models.get(&ld.spec.model)?;
+    let largest_gpu_gib = catalog
+        .instance_types
+        .values()
+        .map(|t| t.gpu_memory_gib)
+        .max()
+        .unwrap_or(0);
+    let weights = weights_of(&ld.spec.source);
+    let model = listed.with_weights(weights.weight_type, largest_gpu_gib);
+    Some(default_instance_type(
+        &model,
+        &ld.spec.engine,
+        weights,
+        catalog,
+    ))
+}
+
 /// Whether a URL's path (its query and fragment aside) ends in `.gguf`: `llama-server fetch`
 /// then saves a single GGUF file, which only `format: gguf` can load.
 fn url_names_gguf(url: &str) -> bool {
@@ -377,6 +434,53 @@ spec:
             BASE.replace("Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-70B-Instruct")
                 .replace("{type: demo}", source)
         ))
+    }
+
+    #[test]
+    fn quantized_weights_default_to_the_cheapest_instance_that_holds_a_full_window() {
+        let base = |model: &str, extra: &str| {
+            ld(&format!(
+                "{}{extra}",
+                BASE.replace("Meta-Llama-3.1-8B-Instruct", model).replace(
+                    "{type: demo}",
+                    "{type: url, format: gguf, url: 'https://m.example/Llama-Q4_K_M.gguf'}",
+                )
+            ))
+        };
+        let chosen = |spec: &LlamaDeployment| {
+            let plan = validate(spec, &catalog(), &References::default()).expect("valid");
+            assert_eq!(
+                instance_type_of(spec, &catalog()).as_deref(),
+                Some(plan.instance.name.as_str()),
+                "the cleanup's answer is validate's"
+            );
+            (plan.instance.name, plan.serving.context_length)
+        };
+        // 70B at Q4_K_M: one A100 80 GB holds the weights but only 93k tokens of cache; one
+        // H100 NVL (94 GB, $6.98 an hour) holds the whole 131,072-token window. The catalog's
+        // default for 16-bit weights is four A100s ($14.69).
+        let seventy = "Meta-Llama-3.1-70B-Instruct";
+        assert_eq!(
+            chosen(&base(seventy, "")),
+            ("Standard_NC40ads_H100_v5".to_owned(), 131_072)
+        );
+        // A 32k window fits beside the weights on one A100.
+        assert_eq!(
+            chosen(&base(seventy, "  engine: {contextLength: 32768}\n")),
+            ("Standard_NC24ads_A100_v4".to_owned(), 32_768)
+        );
+        // A named instance type stands.
+        assert_eq!(
+            chosen(&base(
+                seventy,
+                "  compute: {instanceType: Standard_NC96ads_A100_v4}\n"
+            ))
+            .0,
+            "Standard_NC96ads_A100_v4"
+        );
+        // 16-bit weights keep the catalog's default.
+        let bf16 = ld(&BASE.replace("Meta-Llama-3.1-8B-Instruct", seventy));
+        assert_eq!(chosen(&bf16).0, "Standard_NC96ads_A100_v4");
     }
 
     #[test]
@@ -583,7 +687,8 @@ spec:
             err.to_string().contains("or quantized GGUF weights"),
             "{err}"
         );
-        // At four bits its 301 GiB fit one node of eight H100s (its default instance type).
+        // At four bits its 301 GiB fit one node of eight GPUs: the cheapest, eight A100s, with
+        // room for 677k tokens of cache.
         let spec = ld(&BASE
             .replace("Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-405B-Instruct")
             .replace(
@@ -591,7 +696,7 @@ spec:
                 "{type: pvc, format: gguf, pvc: {claimName: w, path: 405b/Llama-3.1-405B-Instruct-Q4_K_M.gguf}}",
             ));
         let plan = validate(&spec, &catalog(), &References::default()).expect("fits one node");
-        assert_eq!(plan.instance.name, "Standard_ND96isr_H100_v5");
+        assert_eq!(plan.instance.name, "Standard_ND96amsr_A100_v4");
         assert_eq!(plan.model.gpus_per_instance, 4);
     }
 }

@@ -237,7 +237,10 @@ pub struct SecretRef {
 )]
 pub struct ComputeSpec {
     /// The VM size of each instance, e.g. Standard_NC24ads_A100_v4 or Standard_ND96isr_H100_v5,
-    /// from the operator's instance-type catalog. Defaults to the model's default instance type.
+    /// from the operator's instance-type catalog. Defaults to the model's default instance type;
+    /// for quantized GGUF weights (`spec.source.quantization`, or the type the file name
+    /// names), to the cheapest instance type that holds them with a key/value cache for the
+    /// whole context window (the model's, or `spec.engine.contextLength`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"))]
     pub instance_type: Option<String>,

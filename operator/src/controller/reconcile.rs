@@ -392,13 +392,7 @@ async fn cleanup(ld: &LlamaDeployment, ctx: &Context) -> Result<Action, Error> {
     let catalog = config.catalog();
     let now = config.now();
     let mut status = ld.status.clone().unwrap_or_default();
-    let instance_type_name = ld
-        .spec
-        .compute
-        .instance_type
-        .clone()
-        .or_else(|| (catalog.models.get(&ld.spec.model)).map(|m| m.default_instance_type.clone()))
-        .unwrap_or_default();
+    let instance_type_name = crate::validate::instance_type_of(ld, &catalog).unwrap_or_default();
     if let Some(instance) = catalog.instance_types.get(&instance_type_name) {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         let listed = pods
