@@ -10,7 +10,7 @@ use crate::auth::Authenticator;
 use crate::chat_template::ChatTemplate;
 use crate::content_safety::ContentFilter;
 use crate::engine::LlamaModel;
-use crate::engine::gguf::{GgufFile, check_file_type, has_tokenizer};
+use crate::engine::gguf::{GgufFile, check_file_type, has_tokenizer, split_prefix};
 use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
 use crate::llama_guard::LlamaGuard;
 use crate::metrics::Metrics;
@@ -231,7 +231,8 @@ fn install_tool_template(dir: &std::path::Path) -> Result<(), String> {
 
 /// The one `*.gguf` file in `dir`: `llama-server fetch` saves a URL's GGUF file, or a GGUF-only
 /// Hugging Face repository's file, into the model directory under its own name, so a directory is
-/// accepted for the gguf format when it holds exactly one.
+/// accepted for the gguf format when it holds exactly one, or the parts of one split file (the
+/// first part is returned; it opens the others).
 pub fn single_gguf_in(dir: &Path) -> Result<PathBuf, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| {
         format!(
@@ -256,6 +257,20 @@ pub fn single_gguf_in(dir: &Path) -> Result<PathBuf, String> {
         }
     }
     found.sort();
+    // The parts of one split file (`NAME-00001-of-00003.gguf`, …) are one model: its first part
+    // opens the rest.
+    let name = |p: &PathBuf| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let prefixes: Vec<Option<String>> = found
+        .iter()
+        .map(|p| split_prefix(&name(p)).map(str::to_owned))
+        .collect();
+    if found.len() > 1 && prefixes[0].is_some() && prefixes.iter().all(|p| *p == prefixes[0]) {
+        return Ok(found[0].clone());
+    }
     match found.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(format!(

@@ -528,6 +528,9 @@ fn gguf_repository() -> Shared {
         "Llama-3.2-1B-Instruct-Q4_K_M.gguf",
         "Llama-3.2-1B-Instruct-Q8_0.gguf",
         "Llama-3.2-1B-Instruct-f16.gguf",
+        // A type split in two, in a directory of its own.
+        "Llama-3.2-1B-Instruct-Q6_K/Llama-3.2-1B-Instruct-Q6_K-00001-of-00002.gguf",
+        "Llama-3.2-1B-Instruct-Q6_K/Llama-3.2-1B-Instruct-Q6_K-00002-of-00002.gguf",
     ];
     let listing = serde_json::json!({
         "id": "publisher/Llama-3.2-1B-Instruct-GGUF",
@@ -593,16 +596,33 @@ async fn a_gguf_repository_gives_the_file_of_the_type_asked_for() {
         vec![2u8; 1024]
     );
 
+    // A split type: both parts, saved side by side at the top.
+    let split_out = dir.path().join("split");
+    let mut split = vec!["--out", path_str(&split_out)];
+    split.extend(repository);
+    split.extend(["--gguf-type", "Q6_K"]);
+    let run = fetch(&split, &env).await;
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        listing(&split_out),
+        [
+            ".llama-fetch-complete",
+            "Llama-3.2-1B-Instruct-Q6_K-00001-of-00002.gguf",
+            "Llama-3.2-1B-Instruct-Q6_K-00002-of-00002.gguf",
+        ]
+    );
+
     // A type the repository lacks names the files it has.
     let mut missing = args.clone();
-    missing.extend(["--gguf-type", "Q6_K"]);
+    missing.extend(["--gguf-type", "Q5_K_M"]);
     let other = dir.path().join("other");
     missing[1] = path_str(&other);
     let run = fetch(&missing, &env).await;
     let (_, stderr) = text(&run);
     assert!(!run.status.success());
     assert!(
-        stderr.contains("no .gguf file of type Q6_K")
+        stderr.contains("no .gguf file of type Q5_K_M")
             && stderr.contains("Llama-3.2-1B-Instruct-f16.gguf"),
         "{stderr}"
     );

@@ -14,7 +14,7 @@ use llama_server::engine::{EngineError, LlamaConfig, LlamaModel};
 use llama_server::generate_model::ModelShape;
 use llama_server::gguf_export::GgufFileType;
 
-use common::gguf::{Metadata, gguf_of, load, rewrite, scratch, set, without_tokenizer};
+use common::gguf::{Metadata, gguf_of, load, rewrite, scratch, set, split, without_tokenizer};
 use common::tiny_model;
 
 #[test]
@@ -379,5 +379,42 @@ fn a_file_of_another_weight_type_than_sized_for_is_refused() {
     assert!(
         message.starts_with("cannot load the model") && message.contains("sized for Q4_K_M"),
         "{message}"
+    );
+}
+
+/// A file split by llama.cpp's `gguf-split` (large types come so: Hugging Face takes files of
+/// at most 50 GB) loads from its first part as the whole file does, and a directory of its
+/// parts serves.
+#[test]
+fn a_split_file_loads_from_its_first_part_as_the_whole_file_does() {
+    let whole = gguf_of(ModelShape::TinyUntied, 7, GgufFileType::Q8_0);
+    let out = scratch();
+    let parts = split(&whole, out.path(), "tiny-Q8_0", 3);
+    let file = GgufFile::open(&parts[0]).expect("open the first part");
+    assert_eq!(file.part_count(), 3);
+    assert_eq!(
+        file.tensor_names().count(),
+        GgufFile::open(&whole).expect("open").tensor_names().count()
+    );
+    assert_eq!(
+        common::gguf::probe_logits(&load(&parts[0]), 0),
+        common::gguf::probe_logits(&load(&whole), 0),
+        "the same bytes, the same logits"
+    );
+    // The model directory `fetch` leaves resolves to the first part.
+    assert_eq!(
+        llama_server::state::single_gguf_in(out.path()).as_ref(),
+        Ok(&parts[0])
+    );
+
+    // Opened from a later part, or with a part missing: refused, naming the file.
+    let err = LlamaModel::load_gguf(&parts[1], DType::F32, &Device::Cpu).expect_err("part 2");
+    assert!(err.to_string().contains("is not the first part"), "{err}");
+    std::fs::remove_file(&parts[2]).expect("remove");
+    let err = LlamaModel::load_gguf(&parts[0], DType::F32, &Device::Cpu).expect_err("a part gone");
+    assert!(matches!(err, EngineError::Io { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&parts[2].display().to_string()),
+        "{err}"
     );
 }

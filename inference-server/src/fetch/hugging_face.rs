@@ -128,9 +128,9 @@ struct Sibling {
 
 /// The files to download from a repository holding `files`: with a `gguf_type`, the top-level
 /// `.gguf` file(s) of that type; else the safetensors layout (config, tokenizer, weights and
-/// their index) when there are top-level `*.safetensors`; else the one top-level `*.gguf`
-/// (several are refused: a GGUF repository usually holds one file per type, and the server
-/// serves one). Sub-directories (such as Meta's `original/`) are never taken.
+/// their index) when there are top-level `*.safetensors`; else the one top-level `*.gguf`, or
+/// the parts of one split file (several files are refused: a GGUF repository usually holds one
+/// per type, and the server serves one). Sub-directories (such as Meta's `original/`) are never taken.
 pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<String>, FetchError> {
     let top_level = || {
         files
@@ -144,7 +144,14 @@ pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<Str
             .collect()
     };
     if let Some(wanted) = &repository.gguf_type {
-        let available = gguf();
+        // Large types come split, often in a directory of their own
+        // (`NAME-Q8_0/NAME-Q8_0-00001-of-00002.gguf`): files one level down count too.
+        let available: Vec<String> = files
+            .iter()
+            .filter(|f| f.matches('/').count() <= 1 && !f.starts_with('.'))
+            .filter(|f| f.to_ascii_lowercase().ends_with(".gguf"))
+            .cloned()
+            .collect();
         let of_type: Vec<String> = available
             .iter()
             .filter(|f| names_type(f, wanted))
@@ -188,6 +195,13 @@ pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<Str
         return Ok(selected);
     }
     let gguf = gguf();
+    let prefix = |f: &String| crate::engine::gguf::split_prefix(f).map(str::to_owned);
+    let one_split_file = gguf.len() > 1
+        && prefix(&gguf[0]).is_some()
+        && gguf.iter().all(|f| prefix(f) == prefix(&gguf[0]));
+    if one_split_file {
+        return Ok(gguf);
+    }
     match gguf.len() {
         0 => Err(FetchError::NoWeights {
             repository: repository.name.clone(),
@@ -206,6 +220,7 @@ pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<Str
 /// Whether file name `name` names weight type `wanted` as one of its words (split at `-`, `.`
 /// and spaces, compared without case): `Llama-3.2-1B-Instruct-Q4_K_M.gguf` names `Q4_K_M`.
 fn names_type(name: &str, wanted: &str) -> bool {
+    let name = name.rsplit('/').next().unwrap_or(name);
     name.split(['-', '.', ' '])
         .any(|word| word.eq_ignore_ascii_case(wanted))
 }
@@ -258,7 +273,8 @@ pub async fn fetch(
                 return Err(repository.explain(err));
             }
         };
-        let dest = out.join(file);
+        // Saved flat: the server looks for the .gguf file(s) at the top of the directory.
+        let dest = out.join(file.rsplit('/').next().unwrap_or(file));
         tokio::fs::rename(&partial, &dest)
             .await
             .map_err(FetchError::io("move the download to", &dest))?;
@@ -380,6 +396,24 @@ mod tests {
             message.contains("no .gguf file of type Q6_K")
                 && message.contains("Llama-3.2-1B-Instruct-Q6_K_L.gguf"),
             "{message}"
+        );
+        // Split files in a directory of their own.
+        let split = names(&[
+            "Llama-3.1-70B-Instruct-Q4_K_M.gguf",
+            "Llama-3.1-70B-Instruct-Q8_0/Llama-3.1-70B-Instruct-Q8_0-00001-of-00002.gguf",
+            "Llama-3.1-70B-Instruct-Q8_0/Llama-3.1-70B-Instruct-Q8_0-00002-of-00002.gguf",
+            "deeper/down/Llama-3.1-70B-Instruct-Q8_0.gguf",
+        ]);
+        r.gguf_type = Some("Q8_0".into());
+        assert_eq!(
+            select_files(&r, &split).expect("split"),
+            split[1..3].to_vec()
+        );
+        // Nor do the parts of one split file.
+        let parts = names(&["x-Q8_0-00001-of-00002.gguf", "x-Q8_0-00002-of-00002.gguf"]);
+        assert_eq!(
+            select_files(&repo("https://h", "main"), &parts).expect("one split file"),
+            parts
         );
         // One file needs no type.
         let one = names(&["README.md", "model.Q8_0.gguf"]);

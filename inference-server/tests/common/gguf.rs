@@ -239,3 +239,45 @@ pub fn rewrite(
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     gguf_file::write(&mut writer, &metadata, &tensors).expect("write");
 }
+
+/// Splits the GGUF file `from` into `parts` files in `dir` as llama.cpp's `gguf-split` does:
+/// `{name}-00001-of-0000N.gguf`, …; the first keeps the metadata, every part gets `split.no`,
+/// `split.count` and `split.tensors.count`, and the tensors are dealt out in name order.
+pub fn split(from: &Path, dir: &Path, name: &str, parts: u16) -> Vec<PathBuf> {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(from).expect("open"));
+    let content = Content::read(&mut reader).expect("read");
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, QTensor)> = names
+        .iter()
+        .map(|n| {
+            let t = content
+                .tensor(&mut reader, n, &Device::Cpu)
+                .expect("tensor");
+            ((*n).clone(), t)
+        })
+        .collect();
+    let per_part = tensors.len().div_ceil(usize::from(parts));
+    let mut paths = Vec::new();
+    for (no, chunk) in tensors.chunks(per_part).enumerate() {
+        let mut metadata: Metadata = if no == 0 {
+            content.metadata.clone().into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        metadata.push(("split.no".into(), Value::U16(no as u16)));
+        metadata.push(("split.count".into(), Value::U16(parts)));
+        metadata.push((
+            "split.tensors.count".into(),
+            Value::I32(tensors.len() as i32),
+        ));
+        let path = dir.join(format!("{name}-{:05}-of-{parts:05}.gguf", no + 1));
+        let mut writer = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let chunk: Vec<(&str, &QTensor)> = chunk.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        gguf_file::write(&mut writer, &metadata, &chunk).expect("write");
+        paths.push(path);
+    }
+    assert_eq!(paths.len(), usize::from(parts), "every part holds tensors");
+    paths
+}

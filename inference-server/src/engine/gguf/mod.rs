@@ -21,7 +21,7 @@ mod load;
 mod metadata;
 mod tokenizer;
 
-pub use file::GgufFile;
+pub use file::{GgufFile, split_prefix};
 pub use file_type::{FILE_TYPE_KEY, check_file_type, file_type, file_type_name};
 pub use metadata::llama_config;
 pub use tokenizer::{GgufTokenizer, embedded_tokenizer, has_tokenizer};
