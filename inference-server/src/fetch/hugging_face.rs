@@ -126,11 +126,12 @@ struct Sibling {
     rfilename: String,
 }
 
-/// The files to download from a repository holding `files`: with a `gguf_type`, the top-level
-/// `.gguf` file(s) of that type; else the safetensors layout (config, tokenizer, weights and
-/// their index) when there are top-level `*.safetensors`; else the one top-level `*.gguf`, or
-/// the parts of one split file (several files are refused: a GGUF repository usually holds one
-/// per type, and the server serves one). Sub-directories (such as Meta's `original/`) are never taken.
+/// The files to download from a repository holding `files`: with a `gguf_type`, the `.gguf`
+/// file(s) of that type, at the top or one directory down (split parts); else the safetensors
+/// layout (config, tokenizer, weights and their index) when there are top-level
+/// `*.safetensors`; else the one top-level `*.gguf`, or the parts of one split file (several
+/// files are refused: a GGUF repository usually holds one per type, and the server serves
+/// one). Other sub-directories (such as Meta's `original/`) are never taken.
 pub fn select_files(repository: &Repository, files: &[String]) -> Result<Vec<String>, FetchError> {
     let top_level = || {
         files
