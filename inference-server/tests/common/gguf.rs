@@ -212,6 +212,32 @@ pub fn set(key: &'static str, value: Value) -> impl Fn(&mut Metadata) {
     }
 }
 
+/// A GGUF file's metadata and tensors, the tensors in name order.
+fn read_all(from: &Path) -> (Metadata, Vec<(String, QTensor)>) {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(from).expect("open"));
+    let content = Content::read(&mut reader).expect("read");
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors = names
+        .into_iter()
+        .map(|name| {
+            let tensor = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .expect("tensor");
+            (name.clone(), tensor)
+        })
+        .collect();
+    (content.metadata.into_iter().collect(), tensors)
+}
+
+/// Writes a GGUF file.
+fn write_gguf(to: &Path, metadata: &Metadata, tensors: &[(String, QTensor)]) {
+    let mut writer = std::io::BufWriter::new(std::fs::File::create(to).expect("create"));
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut writer, &metadata, &tensors).expect("write");
+}
+
 /// Copies a GGUF file, editing its metadata and mapping (or dropping) tensors.
 pub fn rewrite(
     from: &Path,
@@ -219,49 +245,25 @@ pub fn rewrite(
     edit_metadata: impl FnOnce(&mut Metadata),
     mut map_tensor: impl FnMut(&str, QTensor) -> Option<QTensor>,
 ) {
-    let mut reader = std::io::BufReader::new(std::fs::File::open(from).expect("open"));
-    let content = Content::read(&mut reader).expect("read");
-    let mut metadata: Metadata = content.metadata.clone().into_iter().collect();
+    let (mut metadata, tensors) = read_all(from);
     edit_metadata(&mut metadata);
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(String, QTensor)> = names
+    let tensors: Vec<(String, QTensor)> = tensors
         .into_iter()
-        .filter_map(|name| {
-            let tensor = content
-                .tensor(&mut reader, name, &Device::Cpu)
-                .expect("tensor");
-            map_tensor(name, tensor).map(|t| (name.clone(), t))
-        })
+        .filter_map(|(name, tensor)| map_tensor(&name, tensor).map(|t| (name, t)))
         .collect();
-    let mut writer = std::io::BufWriter::new(std::fs::File::create(to).expect("create"));
-    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    gguf_file::write(&mut writer, &metadata, &tensors).expect("write");
+    write_gguf(to, &metadata, &tensors);
 }
 
 /// Splits the GGUF file `from` into `parts` files in `dir` as llama.cpp's `gguf-split` does:
 /// `{name}-00001-of-0000N.gguf`, …; the first keeps the metadata, every part gets `split.no`,
 /// `split.count` and `split.tensors.count`, and the tensors are dealt out in name order.
 pub fn split(from: &Path, dir: &Path, name: &str, parts: u16) -> Vec<PathBuf> {
-    let mut reader = std::io::BufReader::new(std::fs::File::open(from).expect("open"));
-    let content = Content::read(&mut reader).expect("read");
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    let tensors: Vec<(String, QTensor)> = names
-        .iter()
-        .map(|n| {
-            let t = content
-                .tensor(&mut reader, n, &Device::Cpu)
-                .expect("tensor");
-            ((*n).clone(), t)
-        })
-        .collect();
+    let (all_metadata, tensors) = read_all(from);
     let per_part = tensors.len().div_ceil(usize::from(parts));
     let mut paths = Vec::new();
     for (no, chunk) in tensors.chunks(per_part).enumerate() {
         let mut metadata: Metadata = if no == 0 {
-            content.metadata.clone().into_iter().collect()
+            all_metadata.clone()
         } else {
             Vec::new()
         };
@@ -272,10 +274,7 @@ pub fn split(from: &Path, dir: &Path, name: &str, parts: u16) -> Vec<PathBuf> {
             Value::I32(tensors.len() as i32),
         ));
         let path = dir.join(format!("{name}-{:05}-of-{parts:05}.gguf", no + 1));
-        let mut writer = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let chunk: Vec<(&str, &QTensor)> = chunk.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        gguf_file::write(&mut writer, &metadata, &chunk).expect("write");
+        write_gguf(&path, &metadata, chunk);
         paths.push(path);
     }
     assert_eq!(paths.len(), usize::from(parts), "every part holds tensors");
