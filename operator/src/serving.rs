@@ -221,7 +221,7 @@ mod tests {
     #[test]
     fn quantized_weights_leave_more_room_for_the_cache() {
         // 70B at Q4_K_M on one A100 80 GB: 72 GiB usable − 43.56 GiB of weights = 28.44 GiB,
-        // at 320 KiB a token (80 layers) = 93,187 tokens: the default budget, and the window
+        // at 320 KiB a token (80 layers) = 93,191 tokens: the default budget, and the window
         // it caps. 16-bit weights (131.5 GiB) would not fit at all.
         let m = model(ModelName::Llama31_70BInstruct).with_weights(WeightType::Q4KM, 80);
         let plan =
