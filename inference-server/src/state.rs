@@ -90,26 +90,38 @@ impl AppState {
             let _ = self.guard.set(guard);
         }
         let dir = model_dir(&self.config)?;
-        if let Some(expected) = &self.config.weight_type
-            && dir.is_file()
-        {
-            let file = GgufFile::open(&dir).map_err(|e| e.to_string())?;
-            check_file_type(&file, expected).map_err(|e| e.to_string())?;
+        // A GGUF file's header (its vocabulary is most of it) is read once, for the weight
+        // type, the tokenizer and the model.
+        let gguf = if dir.is_file() {
+            Some(GgufFile::open(&dir).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        if let (Some(expected), Some(file)) = (&self.config.weight_type, &gguf) {
+            check_file_type(file, expected).map_err(|e| e.to_string())?;
         }
-        let source = tokenizer_source_for(
+        let source = tokenizer_source_with(
             &dir,
             self.config.tokenizer_dir.as_deref(),
             bundled_tokenizer_dir().as_deref(),
+            gguf.as_ref(),
         )?;
         tracing::info!(tokenizer = %source, "tokenizer");
-        let tokenizer = LlamaTokenizer::load(&source).map_err(|e| e.to_string())?;
+        let tokenizer = match (&source, &gguf) {
+            (TokenizerSource::Gguf(_), Some(file)) => LlamaTokenizer::from_gguf_file(file),
+            _ => LlamaTokenizer::load(&source),
+        }
+        .map_err(|e| e.to_string())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
         // `serve` has already resolved --device / $LLAMA_SERVER_DEVICE into the configuration.
         let spec = crate::device::DeviceSpec::choose(None, None, self.config.device.as_deref())
             .map_err(|e| e.to_string())?;
         let device = spec.open().map_err(|e| e.to_string())?;
-        let mut model =
-            LlamaModel::load(&dir, spec.default_dtype(), &device).map_err(|e| e.to_string())?;
+        let mut model = match gguf {
+            Some(file) => LlamaModel::load_gguf_file(file, spec.default_dtype(), &device),
+            None => LlamaModel::load(&dir, spec.default_dtype(), &device),
+        }
+        .map_err(|e| e.to_string())?;
         if let Some(dtype) = self.config.engine.kv_cache_dtype.chosen() {
             model
                 .set_kv_dtype(dtype)
@@ -314,6 +326,16 @@ pub fn tokenizer_source_for(
     configured: Option<&Path>,
     bundled: Option<&Path>,
 ) -> Result<TokenizerSource, String> {
+    tokenizer_source_with(model, configured, bundled, None)
+}
+
+/// [`tokenizer_source_for`], with the GGUF file `model` already opened where it is one.
+fn tokenizer_source_with(
+    model: &Path,
+    configured: Option<&Path>,
+    bundled: Option<&Path>,
+    opened: Option<&GgufFile>,
+) -> Result<TokenizerSource, String> {
     let Some(beside) = model.parent().filter(|_| model.is_file()) else {
         return Ok(TokenizerSource::Dir(model.to_path_buf()));
     };
@@ -336,8 +358,11 @@ pub fn tokenizer_source_for(
             dir.display()
         ));
     }
-    let file = GgufFile::open(model).map_err(|e| e.to_string())?;
-    if has_tokenizer(&file) {
+    let carries_tokenizer = match opened {
+        Some(file) => has_tokenizer(file),
+        None => has_tokenizer(&GgufFile::open(model).map_err(|e| e.to_string())?),
+    };
+    if carries_tokenizer {
         return Ok(TokenizerSource::Gguf(model.to_path_buf()));
     }
     match bundled {

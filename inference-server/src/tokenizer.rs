@@ -94,8 +94,13 @@ impl LlamaTokenizer {
     /// Rebuilds the tokenizer a GGUF file carries in its `tokenizer.*` metadata (see
     /// [`crate::engine::gguf::embedded_tokenizer`]).
     pub fn from_gguf(path: &Path) -> Result<Self> {
-        let file = GgufFile::open(path)?;
-        let Some(embedded) = embedded_tokenizer(&file)? else {
+        Self::from_gguf_file(&GgufFile::open(path)?)
+    }
+
+    /// [`Self::from_gguf`] on a file whose header is already read.
+    pub fn from_gguf_file(file: &GgufFile) -> Result<Self> {
+        let path = file.path();
+        let Some(embedded) = embedded_tokenizer(file)? else {
             return Err(EngineError::GgufMetadata {
                 path: path.to_owned(),
                 key: "tokenizer.ggml.model".into(),

@@ -21,8 +21,12 @@ impl LlamaModel {
     /// converted to `dtype`. The tokenizer is not read from the file (the server takes
     /// `tokenizer.json` from the same directory).
     pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let _span = tracing::info_span!("load_gguf", path = %path.display()).entered();
-        let mut file = GgufFile::open(path)?;
+        Self::load_gguf_file(GgufFile::open(path)?, dtype, device)
+    }
+
+    /// [`Self::load_gguf`] on a file whose header is already read.
+    pub fn load_gguf_file(mut file: GgufFile, dtype: DType, device: &Device) -> Result<Self> {
+        let _span = tracing::info_span!("load_gguf", path = %file.path().display()).entered();
         let config = metadata::llama_config(&file)?;
         let rope = match frequency_factors(&mut file, config.head_dim())? {
             Some(factors) => Rope::with_frequency_factors(&config, &factors, device)?,
