@@ -129,6 +129,20 @@ impl DeviceSpec {
     }
 }
 
+impl DeviceSpec {
+    /// Opens the devices a model split over `count` GPUs runs on: this GPU and the next
+    /// `count - 1` ordinals, each reported by name when it cannot be opened. The CPU is one
+    /// device whatever the count.
+    pub fn open_several(self, count: usize) -> Result<Vec<Device>, DeviceError> {
+        match self {
+            Self::Cpu => Ok(vec![self.open()?]),
+            Self::Cuda(first) => (first..first + count.max(1))
+                .map(|ordinal| Self::Cuda(ordinal).open())
+                .collect(),
+        }
+    }
+}
+
 /// Opens GPU `ordinal` with one stream of its own that every thread's work goes to (candle's
 /// default is the calling thread's per-thread stream, which the loading thread and the engine
 /// thread would not share). With everything on one stream, the order of the stream is the only
@@ -194,6 +208,20 @@ mod tests {
         }
         assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
         assert_eq!(DeviceSpec::Cpu.to_string(), "cpu");
+    }
+
+    #[test]
+    fn several_devices_are_the_one_cpu_or_consecutive_gpus() {
+        let cpu = DeviceSpec::Cpu.open_several(4).expect("the CPU");
+        assert_eq!(cpu.len(), 1);
+        assert!(cpu[0].is_cpu());
+        if !cuda_built() {
+            // The first GPU that cannot be opened is named.
+            assert_eq!(
+                DeviceSpec::Cuda(2).open_several(2).map(|d| d.len()),
+                Err(DeviceError::CudaNotBuilt(DeviceSpec::Cuda(2)))
+            );
+        }
     }
 
     #[test]

@@ -74,8 +74,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     )?;
     // A missing driver or GPU stops the server here, before it listens: the pod crash-loops
     // with this message instead of serving 503s.
-    device.open()?;
-    tracing::info!(%device, dtype = ?device.default_dtype(), "compute device");
+    let gpus = config.gpu_count();
+    device.open_several(gpus)?;
+    if device == DeviceSpec::Cpu && gpus > 1 {
+        tracing::info!(
+            gpus,
+            "gpus is for GPU devices: the CPU runs the whole model"
+        );
+    }
+    tracing::info!(%device, gpus, dtype = ?device.default_dtype(), "compute device");
     config.device = Some(device.to_string());
     let auth = authenticator(&config)?;
     match &auth {

@@ -23,8 +23,13 @@ pub struct ServerConfig {
     /// (the default). A request's prompt must leave room for one token, and no completion
     /// runs past it (`finish_reason: length`).
     pub context_length: Option<usize>,
-    /// GPUs per instance, as planned by the operator. Recorded and reported; one device is used.
-    pub tensor_parallel: Option<u32>,
+    /// GPUs per instance, as the operator planned them (`tensorParallel`, the field's earlier
+    /// name, is read too). On a GPU the model's decoder layers are split over this many GPUs,
+    /// from the device's ordinal on (`cuda:N` to `cuda:N+gpus-1`), each holding its layers'
+    /// weights and keys and values, the first also the embedding and output projection.
+    /// Unset or 1: one GPU. The CPU is one device whatever the number.
+    #[serde(alias = "tensorParallel")]
+    pub gpus: Option<u32>,
     /// The GGUF weight type (llama.cpp's name, e.g. `Q4_K_M`) the operator sized the GPU memory
     /// and cache budget for. A GGUF file whose `general.file_type` names another type is
     /// refused at load, naming both; unset, nothing is checked.
@@ -50,7 +55,7 @@ impl Default for ServerConfig {
             model_path: "demo".into(),
             format: None,
             context_length: None,
-            tensor_parallel: None,
+            gpus: None,
             weight_type: None,
             tokenizer_dir: None,
             device: None,
@@ -267,6 +272,11 @@ impl ServerConfig {
         })
     }
 
+    /// GPUs the model is split over on a GPU device (`gpus`, 1 when unset).
+    pub fn gpu_count(&self) -> usize {
+        self.gpus.map_or(1, |n| n.max(1) as usize)
+    }
+
     /// Parses and checks configuration text; the error names the field.
     pub fn from_yaml(text: &str) -> Result<Self, String> {
         let config: Self = if text.trim().is_empty() {
@@ -281,6 +291,9 @@ impl ServerConfig {
     fn check(&self) -> Result<(), String> {
         if self.model_name.trim().is_empty() {
             return Err("modelName must not be empty".into());
+        }
+        if self.gpus == Some(0) {
+            return Err("gpus must be at least 1 (leave it unset for one GPU)".into());
         }
         if self.engine.max_batch_size == 0 {
             return Err("engine.maxBatchSize must be at least 1".into());
@@ -337,9 +350,24 @@ contentSafety:
 "#;
         let config = ServerConfig::from_yaml(text).expect("config");
         assert_eq!(config.model_name, "Meta-Llama-3.1-8B-Instruct");
+        assert_eq!(config.gpus, Some(2), "tensorParallel is read as gpus");
+        assert_eq!(config.gpu_count(), 2);
         assert_eq!(config.context_length, Some(131072));
         assert_eq!(config.auth.mode, AuthMode::Key);
         assert_eq!(config.engine, EngineConfig::default());
+    }
+
+    #[test]
+    fn gpus_counts_at_least_one() {
+        assert_eq!(
+            ServerConfig::from_yaml("gpus: 4")
+                .expect("gpus")
+                .gpu_count(),
+            4
+        );
+        assert_eq!(ServerConfig::default().gpu_count(), 1);
+        let err = ServerConfig::from_yaml("gpus: 0").expect_err("zero GPUs");
+        assert!(err.contains("gpus must be at least 1"), "{err}");
     }
 
     #[test]

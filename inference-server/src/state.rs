@@ -116,12 +116,21 @@ impl AppState {
         // `serve` has already resolved --device / $LLAMA_SERVER_DEVICE into the configuration.
         let spec = crate::device::DeviceSpec::choose(None, None, self.config.device.as_deref())
             .map_err(|e| e.to_string())?;
-        let device = spec.open().map_err(|e| e.to_string())?;
+        let devices = spec
+            .open_several(self.config.gpu_count())
+            .map_err(|e| e.to_string())?;
         let mut model = match gguf {
-            Some(file) => LlamaModel::load_gguf_file(file, spec.default_dtype(), &device),
-            None => LlamaModel::load(&dir, spec.default_dtype(), &device),
+            Some(file) => LlamaModel::load_gguf_file(file, spec.default_dtype(), &devices),
+            None => LlamaModel::load_on(&dir, spec.default_dtype(), &devices),
         }
         .map_err(|e| e.to_string())?;
+        if devices.len() > 1 {
+            tracing::info!(
+                gpus = devices.len(),
+                layers = ?model.placement().layer_counts(),
+                "decoder layers split over the GPUs (the first also holds the embedding and output)"
+            );
+        }
         if let Some(dtype) = self.config.engine.kv_cache_dtype.chosen() {
             model
                 .set_kv_dtype(dtype)

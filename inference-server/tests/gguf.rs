@@ -112,7 +112,7 @@ fn tiny_untied_files_honour_llama3_rope_scaling() {
         unscaled_config,
         &WeightFiles::open(&dir).expect("weights"),
         DType::F32,
-        &Device::Cpu,
+        &[Device::Cpu],
     )
     .expect("unscaled model");
     let without = compare(&reference.0[1].1, &probe_logits(&unscaled, DEPTH));
@@ -318,4 +318,25 @@ fn hf_rows_of(gguf_rows: &Tensor, heads: usize) -> Tensor {
         .collect();
     let order = Tensor::new(order.as_slice(), &Device::Cpu).expect("order");
     gguf_rows.index_select(&order, 0).expect("reorder")
+}
+
+#[test]
+fn a_gguf_model_split_over_two_devices_computes_what_it_does_on_one() {
+    // The CPU stands in for both devices: this checks that the loader puts every layer's
+    // quantized weights where the placement says and that the split model's logits are the
+    // whole model's, bit for bit.
+    let path = gguf_of(ModelShape::Tiny256, 3, GgufFileType::Q4KM);
+    let split = LlamaModel::load_gguf_on(&path, DType::F32, &[Device::Cpu, Device::Cpu])
+        .expect("split over two devices");
+    // Its 32 M-parameter embedding and output outweigh both 0.6 M-parameter layers, so the
+    // balance puts the layers on the second device.
+    assert_eq!(split.placement().layer_counts(), vec![0, 2]);
+    let whole = load(&path);
+    for depth in [0, 64] {
+        assert_eq!(
+            probe_logits(&split, depth),
+            probe_logits(&whole, depth),
+            "depth {depth}"
+        );
+    }
 }

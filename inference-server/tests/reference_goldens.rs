@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::{DType, Device};
 use llama_server::chat_template::ChatTemplate;
-use llama_server::engine::{LlamaModel, LogitsFor, SequenceStep};
+use llama_server::engine::{LlamaModel, LogitsFor, Placement, SequenceStep};
+use llama_server::generate_model::ModelShape;
 use llama_server::sampling::argmax;
 use llama_server::tokenizer::LlamaTokenizer;
 
@@ -73,6 +74,32 @@ fn greedy_alone(model: &LlamaModel, prompt: &[u32], steps: usize) -> Vec<u32> {
         input = vec![token];
     }
     out
+}
+
+/// Greedy continuations of `prompts` run together, every sequence in every forward step.
+fn greedy_together(model: &LlamaModel, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<u32>> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut inputs = prompts.to_vec();
+    let mut outputs = vec![Vec::new(); prompts.len()];
+    for _ in 0..steps {
+        let mut batch: Vec<SequenceStep<'_>> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tokens, cache)| SequenceStep {
+                tokens,
+                cache,
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        let logits = model.forward(&mut batch).expect("forward");
+        for (i, row) in logits.iter().enumerate() {
+            let row: Vec<f32> = row.flatten_all().and_then(|t| t.to_vec1()).expect("row");
+            let token = argmax(&row);
+            outputs[i].push(token);
+            inputs[i] = vec![token];
+        }
+    }
+    outputs
 }
 
 #[test]
@@ -171,34 +198,62 @@ fn batched_sequences_of_different_lengths_match_running_alone() {
             .iter()
             .map(|p| ids(&p["greedy"]))
             .collect();
-        let steps = expected[0].len();
-        let mut caches: Vec<_> = prompts.iter().map(|_| loaded.model.new_cache()).collect();
-        let mut inputs = prompts.clone();
-        let mut outputs = vec![Vec::new(); prompts.len()];
-        for _ in 0..steps {
-            let mut batch: Vec<SequenceStep<'_>> = inputs
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(tokens, cache)| SequenceStep {
-                    tokens,
-                    cache,
-                    logits: LogitsFor::Last,
-                })
-                .collect();
-            let logits = loaded.model.forward(&mut batch).expect("forward");
-            for (i, row) in logits.iter().enumerate() {
-                let row: Vec<f32> = row.flatten_all().and_then(|t| t.to_vec1()).expect("row");
-                let token = argmax(&row);
-                outputs[i].push(token);
-                inputs[i] = vec![token];
-            }
-        }
+        let outputs = greedy_together(&loaded.model, &prompts, expected[0].len());
         assert_eq!(
             outputs, expected,
             "{} (batched decode {batched})",
             loaded.name
         );
     }
+}
+
+#[test]
+fn a_model_split_over_several_devices_matches_transformers() {
+    // The CPU stands in for every device (a forward step hands the hidden state over between
+    // runs of layers, a no-op here); what this checks is the bookkeeping: each device's layers
+    // with their own attention plan, rotary tables and key/value tensors. Layers go round
+    // three devices, so consecutive layers are on different ones, and the embedding's device
+    // holds none at first.
+    for &(shape, name, seed) in &GOLDEN_MODELS {
+        let dir = tiny_model(shape, seed);
+        let golden = golden(&format!("{name}-seed{seed}.json"));
+        let layers = llama_server::engine::LlamaConfig::from_file(&dir.join("config.json"))
+            .expect("config")
+            .num_hidden_layers;
+        let placement = Placement::new(
+            vec![Device::Cpu; 3],
+            (0..layers).map(|i| [1, 2, 0][i % 3]).collect(),
+        )
+        .expect("placement");
+        let mut model = LlamaModel::load_placed(&dir, DType::F32, placement).expect("loads");
+        assert_eq!(model.placement().devices().len(), 3, "{name}");
+        assert_eq!(model.placement().device_index(0), 1, "{name}");
+        assert_eq!(model.kv_pool().num_layers(), layers, "{name}");
+        let prompts: Vec<Vec<u32>> = prompts(&golden)
+            .iter()
+            .map(|p| ids(&p["input_ids"]))
+            .collect();
+        let expected: Vec<Vec<u32>> = crate::prompts(&golden)
+            .iter()
+            .map(|p| ids(&p["greedy"]))
+            .collect();
+        for (prompt, want) in prompts.iter().zip(&expected) {
+            assert_eq!(&greedy_alone(&model, prompt, want.len()), want, "{name}");
+        }
+        for batched in [false, true] {
+            model.set_batched_decode(batched);
+            let together = greedy_together(&model, &prompts, expected[0].len());
+            assert_eq!(together, expected, "{name} (batched decode {batched})");
+        }
+    }
+    // A placement of another layer count is refused, naming both counts.
+    let dir = tiny_model(ModelShape::Tiny, 42);
+    let wrong = Placement::new(vec![Device::Cpu; 2], vec![0, 1, 1, 1, 1]).expect("placement");
+    let err = LlamaModel::load_placed(&dir, DType::F32, wrong).expect_err("5 layers for 2");
+    assert!(
+        err.to_string().contains("5 layers for a model of 2"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -35,11 +35,12 @@ pub(crate) struct Extent {
 /// The shared key/value tensors of a model and their free rows.
 #[derive(Debug)]
 pub struct KvPool {
-    layers: usize,
+    /// Per layer, the device its keys and values live on (the layer's, see
+    /// [`super::Placement`]).
+    devices: Vec<Device>,
     kv_heads: usize,
     head_dim: usize,
     dtype: DType,
-    device: Device,
     state: Mutex<PoolState>,
 }
 
@@ -67,12 +68,17 @@ impl KvPool {
         dtype: DType,
         device: &Device,
     ) -> Self {
+        Self::placed(vec![device.clone(); layers], kv_heads, head_dim, dtype)
+    }
+
+    /// An empty pool whose layer `i` lives on `devices[i]` (a model split over several
+    /// devices).
+    pub fn placed(devices: Vec<Device>, kv_heads: usize, head_dim: usize, dtype: DType) -> Self {
         Self {
-            layers,
+            devices,
             kv_heads,
             head_dim,
             dtype,
-            device: device.clone(),
             state: Mutex::new(PoolState::default()),
         }
     }
@@ -84,7 +90,7 @@ impl KvPool {
 
     /// Layers the pool holds keys and values for.
     pub fn num_layers(&self) -> usize {
-        self.layers
+        self.devices.len()
     }
 
     /// Rows currently allocated (free or taken): the pool's memory is
@@ -109,7 +115,7 @@ impl KvPool {
         self.lock().tensors.get(layer).cloned().ok_or_else(|| {
             EngineError::InvalidInput(format!(
                 "layer {layer} is outside a key/value pool of {} layers (or it is empty)",
-                self.layers
+                self.devices.len()
             ))
         })
     }
@@ -218,8 +224,8 @@ impl KvPool {
         // Layer by layer, each old tensor dropped as soon as it is copied: growing holds one
         // layer twice at most, not the whole cache (the peak memory of a growth). Only the
         // rows below the high-water mark are copied: the others were never written.
-        let grown = |old: Option<&Tensor>| -> Result<Tensor> {
-            let new = zeros(shape, self.dtype, &self.device)?;
+        let grown = |old: Option<&Tensor>, device: &Device| -> Result<Tensor> {
+            let new = zeros(shape, self.dtype, device)?;
             if let Some(old) = old
                 && written > 0
             {
@@ -227,10 +233,10 @@ impl KvPool {
             }
             Ok(new)
         };
-        for layer in 0..self.layers {
+        for (layer, device) in self.devices.iter().enumerate() {
             let (k, v) = match state.tensors.get(layer) {
-                Some((old_k, old_v)) => (grown(Some(old_k))?, grown(Some(old_v))?),
-                None => (grown(None)?, grown(None)?),
+                Some((old_k, old_v)) => (grown(Some(old_k), device)?, grown(Some(old_v), device)?),
+                None => (grown(None, device)?, grown(None, device)?),
             };
             match state.tensors.get_mut(layer) {
                 Some(slot) => *slot = (k, v),

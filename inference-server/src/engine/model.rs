@@ -26,9 +26,11 @@ use super::cpu_pool;
 use super::cpu_prefill_attention::{self, PrefillRows};
 use super::cpu_swiglu::swiglu;
 use super::error::{EngineError, Result};
+use super::gguf::GgufFile;
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
 use super::linear::{Embedding, Linear};
+use super::placement::{Placement, hand_over};
 use super::rope::Rope;
 use super::weights::WeightFiles;
 
@@ -98,7 +100,11 @@ impl DecoderLayer {
 pub struct LlamaModel {
     pub(super) config: LlamaConfig,
     pub(super) dtype: DType,
+    /// The device of the embedding, the final norm and the output projection (the first of
+    /// [`Self::placement`]).
     pub(super) device: Device,
+    /// Where each decoder layer, and its keys and values, lives.
+    pub(super) placement: Placement,
     pub(super) embed_tokens: Embedding,
     pub(super) layers: Vec<DecoderLayer>,
     pub(super) norm: Tensor,
@@ -125,64 +131,106 @@ impl LlamaModel {
     /// model directory, memory-mapped, converted to `dtype` on `device`. A path to a file rather
     /// than a directory is read as GGUF ([`LlamaModel::load_gguf`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_on(dir, dtype, std::slice::from_ref(device))
+    }
+
+    /// [`Self::load`] with the layers split over `devices` ([`Placement::split`]).
+    pub fn load_on(dir: &Path, dtype: DType, devices: &[Device]) -> Result<Self> {
+        Self::load_with(dir, dtype, |config| Placement::split(devices, config))
+    }
+
+    /// [`Self::load`] with the layers where `placement` puts them (it must place exactly the
+    /// model's layers).
+    pub fn load_placed(dir: &Path, dtype: DType, placement: Placement) -> Result<Self> {
+        Self::load_with(dir, dtype, |config| placement.for_model(config))
+    }
+
+    /// [`Self::load`] with the placement `place` chooses for the model's configuration.
+    fn load_with(
+        dir: &Path,
+        dtype: DType,
+        place: impl FnOnce(&LlamaConfig) -> Result<Placement>,
+    ) -> Result<Self> {
         if dir.is_file() {
-            return Self::load_gguf(dir, dtype, device);
+            return Self::load_gguf_with(GgufFile::open(dir)?, dtype, place);
         }
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let weights = WeightFiles::open(dir)?;
-        Self::from_weights(config, &weights, dtype, device)
+        config.validate()?;
+        let placement = place(&config)?;
+        Self::from_weights_placed(config, &weights, dtype, placement)
     }
 
-    /// Builds the model from an already validated configuration and opened weights.
+    /// Builds the model from a configuration and opened weights, its layers split over
+    /// `devices` ([`Placement::split`]; one device holds everything).
     pub fn from_weights(
         config: LlamaConfig,
         weights: &WeightFiles,
         dtype: DType,
-        device: &Device,
+        devices: &[Device],
     ) -> Result<Self> {
         config.validate()?;
+        let placement = Placement::split(devices, &config)?;
+        Self::from_weights_placed(config, weights, dtype, placement)
+    }
+
+    /// [`Self::from_weights`] on a validated configuration, with its placement.
+    fn from_weights_placed(
+        config: LlamaConfig,
+        weights: &WeightFiles,
+        dtype: DType,
+        placement: Placement,
+    ) -> Result<Self> {
+        let device = placement.first();
         let hidden = config.hidden_size;
         let head_dim = config.head_dim();
         let q_out = config.num_attention_heads * head_dim;
         let kv_out = config.kv_heads() * head_dim;
         let inter = config.intermediate_size;
-        let load = |name: &str, shape: &[usize]| weights.load(name, shape, dtype, device);
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::dense(load(name, &[out, inp])?))
+        let load =
+            |name: &str, shape: &[usize], device: &Device| weights.load(name, shape, dtype, device);
+        let linear = |name: &str, out: usize, inp: usize, device: &Device| -> Result<Linear> {
+            Ok(Linear::dense(load(name, &[out, inp], device)?))
         };
 
         let embed_tokens = Embedding::Dense(load(
             "model.embed_tokens.weight",
             &[config.vocab_size, hidden],
+            device,
         )?);
         // Not sized by the configuration: a missing layer's tensors end the loop with an error.
         let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let d = placement.layer_device(i);
+            let linear = |name: &str, out: usize, inp: usize| {
+                linear(&format!("{p}.{name}.weight"), out, inp, d)
+            };
             layers.push(DecoderLayer {
-                input_layernorm: load(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                input_layernorm: load(&format!("{p}.input_layernorm.weight"), &[hidden], d)?,
                 self_attn: Attention {
-                    q_proj: linear(&format!("{p}.self_attn.q_proj.weight"), q_out, hidden)?,
-                    k_proj: linear(&format!("{p}.self_attn.k_proj.weight"), kv_out, hidden)?,
-                    v_proj: linear(&format!("{p}.self_attn.v_proj.weight"), kv_out, hidden)?,
-                    o_proj: linear(&format!("{p}.self_attn.o_proj.weight"), hidden, q_out)?,
+                    q_proj: linear("self_attn.q_proj", q_out, hidden)?,
+                    k_proj: linear("self_attn.k_proj", kv_out, hidden)?,
+                    v_proj: linear("self_attn.v_proj", kv_out, hidden)?,
+                    o_proj: linear("self_attn.o_proj", hidden, q_out)?,
                 },
                 post_attention_layernorm: load(
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[hidden],
+                    d,
                 )?,
                 mlp: Mlp {
-                    gate_proj: linear(&format!("{p}.mlp.gate_proj.weight"), inter, hidden)?,
-                    up_proj: linear(&format!("{p}.mlp.up_proj.weight"), inter, hidden)?,
-                    down_proj: linear(&format!("{p}.mlp.down_proj.weight"), hidden, inter)?,
+                    gate_proj: linear("mlp.gate_proj", inter, hidden)?,
+                    up_proj: linear("mlp.up_proj", inter, hidden)?,
+                    down_proj: linear("mlp.down_proj", hidden, inter)?,
                 },
             });
         }
-        let norm = load("model.norm.weight", &[hidden])?;
+        let norm = load("model.norm.weight", &[hidden], device)?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.tied_output()
         } else {
-            linear("lm_head.weight", config.vocab_size, hidden)?
+            linear("lm_head.weight", config.vocab_size, hidden, device)?
         };
         let rope = Rope::new(&config, device)?;
         let stored = weights.stored_dtype("model.embed_tokens.weight");
@@ -190,7 +238,7 @@ impl LlamaModel {
         Ok(Self::assemble(
             config,
             (dtype, kv_dtype),
-            device,
+            placement,
             embed_tokens,
             layers,
             norm,
@@ -200,30 +248,32 @@ impl LlamaModel {
     }
 
     /// The model from its parts, computing in `dtypes.0`, with an empty key/value pool of
-    /// `dtypes.1` on `device`.
+    /// `dtypes.1` on the layers' devices.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn assemble(
         config: LlamaConfig,
         (dtype, kv_dtype): (DType, DType),
-        device: &Device,
+        placement: Placement,
         embed_tokens: Embedding,
         layers: Vec<DecoderLayer>,
         norm: Tensor,
         lm_head: Linear,
         rope: Rope,
     ) -> Self {
-        let kv_pool = empty_pool(&config, kv_dtype, device);
+        let kv_pool = empty_pool(&config, kv_dtype, &placement);
+        let device = placement.first().clone();
         Self {
             config,
             dtype,
-            device: device.clone(),
+            batched_decode: !device.is_cpu(),
+            device,
+            placement,
             embed_tokens,
             layers,
             norm,
             lm_head,
             rope,
             kv_pool,
-            batched_decode: !device.is_cpu(),
         }
     }
 
@@ -264,7 +314,7 @@ impl LlamaModel {
                 "the key/value cache's dtype changes only before any cache holds rows".into(),
             ));
         }
-        self.kv_pool = empty_pool(&self.config, dtype, &self.device);
+        self.kv_pool = empty_pool(&self.config, dtype, &self.placement);
         Ok(())
     }
 
@@ -283,9 +333,15 @@ impl LlamaModel {
         &self.rope
     }
 
-    /// The device the weights live on.
+    /// The device of the embedding and the output projection: the one every weight lives on,
+    /// unless the layers are split over several ([`Self::placement`]).
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The devices of the model's layers.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// The dtype computations run in.
@@ -350,15 +406,35 @@ impl LlamaModel {
         let total = ids.len();
         let _span =
             tracing::debug_span!("forward", sequences = batch.len(), tokens = total).entered();
-        let plan = AttentionPlan::new(self, batch, rows)?;
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed_tokens.lookup(&ids, self.dtype)?;
         let (cos, sin) = self.rope.cos_sin(&positions, self.dtype)?;
         let eps = self.config.rms_norm_eps as f32;
+        // Per device of the placement, the step's attention plan and rotary tables there,
+        // made when its first layer comes.
+        let mut on_device: Vec<Option<StepInputs>> =
+            (0..self.placement.devices().len()).map(|_| None).collect();
 
         for (index, layer) in self.layers.iter().enumerate() {
+            let at = self.placement.device_index(index);
+            let device = self.placement.layer_device(index);
+            x = hand_over(x, device)?;
+            let inputs = match &mut on_device[at] {
+                Some(inputs) => inputs,
+                slot => slot.insert(StepInputs {
+                    plan: AttentionPlan::new(self, batch, &rows, device)?,
+                    cos: hand_over(cos.clone(), device)?,
+                    sin: hand_over(sin.clone(), device)?,
+                }),
+            };
             let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let attn = self.attention(index, &layer.self_attn, &h, &cos, &sin, &plan)?;
+            let attn = self.attention(
+                index,
+                &layer.self_attn,
+                &h,
+                (&inputs.cos, &inputs.sin),
+                &inputs.plan,
+            )?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             let mlp = &layer.mlp;
@@ -368,6 +444,7 @@ impl LlamaModel {
         for step in batch.iter_mut() {
             step.cache.advance(step.tokens.len())?;
         }
+        let x = hand_over(x, &self.device)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
 
         // The rows whose logits are wanted go through the output projection together: it is
@@ -504,8 +581,7 @@ impl LlamaModel {
         index: usize,
         attn: &Attention,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         plan: &AttentionPlan,
     ) -> Result<Tensor> {
         let total = h.dim(0)?;
@@ -668,7 +744,7 @@ impl LlamaModel {
                     (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
                 })
                 .collect();
-            let mask = Tensor::from_vec(mask, (new, total), &self.device)?;
+            let mask = Tensor::from_vec(mask, (new, total), q.device())?;
             scores
                 .reshape((kv_heads, group, new, total))?
                 .broadcast_add(&mask)?
@@ -685,14 +761,14 @@ impl LlamaModel {
     }
 }
 
-/// An empty key/value pool for a model of `config`, holding `dtype` on `device`.
-fn empty_pool(config: &LlamaConfig, dtype: DType, device: &Device) -> Arc<KvPool> {
-    Arc::new(KvPool::new(
-        config.num_hidden_layers,
+/// An empty key/value pool for a model of `config`, holding `dtype`, each layer's on that
+/// layer's device.
+fn empty_pool(config: &LlamaConfig, dtype: DType, placement: &Placement) -> Arc<KvPool> {
+    Arc::new(KvPool::placed(
+        placement.layer_devices(),
         config.kv_heads(),
         config.head_dim(),
         dtype,
-        device,
     ))
 }
 
@@ -708,7 +784,14 @@ pub fn auto_kv_dtype(compute: DType, stored_16bit_or_less: bool) -> DType {
     }
 }
 
-/// How one forward step's attention runs, worked out once and used by every layer.
+/// What every layer of a step on one device shares: the attention plan and the rotary tables.
+struct StepInputs {
+    plan: AttentionPlan,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// How one forward step's attention runs, worked out once per device and used by its layers.
 struct AttentionPlan {
     sequences: Vec<SequencePlan>,
     write: Write,
@@ -760,9 +843,14 @@ struct DecodeBatch {
 }
 
 impl AttentionPlan {
-    /// `rows` holds the pool row of every packed token, in order.
-    fn new(model: &LlamaModel, batch: &[SequenceStep<'_>], rows: Vec<u32>) -> Result<Self> {
-        let device = &model.device;
+    /// `rows` holds the pool row of every packed token, in order; the plan's tensors are made
+    /// on `device`.
+    fn new(
+        model: &LlamaModel,
+        batch: &[SequenceStep<'_>],
+        rows: &[u32],
+        device: &Device,
+    ) -> Result<Self> {
         let mut sequences = Vec::with_capacity(batch.len());
         let mut decoding = Vec::new();
         let mut offset = 0u32;
@@ -814,7 +902,7 @@ impl AttentionPlan {
             let (kv_heads, head_dim) = (model.config.kv_heads(), model.config.head_dim());
             let mut index = Vec::with_capacity(kv_heads * rows.len() * head_dim);
             for _ in 0..kv_heads {
-                for &row in &rows {
+                for &row in rows {
                     index.extend(std::iter::repeat_n(row, head_dim));
                 }
             }

@@ -37,7 +37,8 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         "modelPath": model_path,
         "format": spec.source.format,
         "contextLength": plan.serving.context_length,
-        "tensorParallel": plan.instance.gpu_count,
+        // The server splits the model's layers over the instance's GPUs.
+        "gpus": plan.instance.gpu_count,
         "auth": {
             "mode": spec.auth.mode,
             "keysDir": KEYS_DIR,
@@ -122,7 +123,7 @@ mod tests {
         let cfg: serde_yaml::Value = serde_yaml::from_str(text).expect("yaml");
         assert_eq!(cfg["modelName"], "Meta-Llama-3.1-8B-Instruct");
         assert_eq!(cfg["modelPath"], "demo");
-        assert_eq!(cfg["tensorParallel"], 2);
+        assert_eq!(cfg["gpus"], 2);
         assert_eq!(cfg["rateLimits"]["tokensPerMinute"], 200000);
         assert_eq!(cfg["auth"]["mode"], "key");
         assert_eq!(cfg["auth"]["keysDir"], KEYS_DIR);

@@ -12,6 +12,7 @@ use super::metadata;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::linear::{Embedding, Linear};
 use crate::engine::model::{Attention, DecoderLayer, LlamaModel, Mlp, auto_kv_dtype};
+use crate::engine::placement::Placement;
 use crate::engine::rope::Rope;
 
 impl LlamaModel {
@@ -21,13 +22,29 @@ impl LlamaModel {
     /// converted to `dtype`. The tokenizer is not read from the file (the server takes
     /// `tokenizer.json` from the same directory).
     pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_gguf_file(GgufFile::open(path)?, dtype, device)
+        Self::load_gguf_on(path, dtype, std::slice::from_ref(device))
     }
 
-    /// [`Self::load_gguf`] on a file whose header is already read.
-    pub fn load_gguf_file(mut file: GgufFile, dtype: DType, device: &Device) -> Result<Self> {
+    /// [`Self::load_gguf`] with the layers split over `devices` ([`Placement::split`]).
+    pub fn load_gguf_on(path: &Path, dtype: DType, devices: &[Device]) -> Result<Self> {
+        Self::load_gguf_file(GgufFile::open(path)?, dtype, devices)
+    }
+
+    /// [`Self::load_gguf_on`] on a file whose header is already read.
+    pub fn load_gguf_file(file: GgufFile, dtype: DType, devices: &[Device]) -> Result<Self> {
+        Self::load_gguf_with(file, dtype, |config| Placement::split(devices, config))
+    }
+
+    /// [`Self::load_gguf_file`] with the placement `place` chooses for the configuration.
+    pub(crate) fn load_gguf_with(
+        mut file: GgufFile,
+        dtype: DType,
+        place: impl FnOnce(&crate::engine::LlamaConfig) -> Result<Placement>,
+    ) -> Result<Self> {
         let _span = tracing::info_span!("load_gguf", path = %file.path().display()).entered();
         let config = metadata::llama_config(&file)?;
+        let placement = place(&config)?;
+        let device = placement.first();
         let rope = match frequency_factors(&mut file, config.head_dim())? {
             Some(factors) => Rope::with_frequency_factors(&config, &factors, device)?,
             None => Rope::new(&config, device)?,
@@ -49,6 +66,7 @@ impl LlamaModel {
         // Not sized by the configuration: a missing layer's tensors end the loop with an error.
         let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
+            reader.device = placement.layer_device(i);
             let name = |part: &str| block_tensor(i, part);
             layers.push(DecoderLayer {
                 input_layernorm: reader.vector(&name("attn_norm"), hidden)?,
@@ -66,6 +84,7 @@ impl LlamaModel {
                 },
             });
         }
+        reader.device = device;
         let norm = reader.vector(OUTPUT_NORM, hidden)?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.tied_output()
@@ -83,7 +102,7 @@ impl LlamaModel {
         Ok(Self::assemble(
             config,
             (dtype, kv_dtype),
-            device,
+            placement,
             embed_tokens,
             layers,
             norm,
