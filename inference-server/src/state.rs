@@ -9,8 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::auth::Authenticator;
 use crate::chat_template::ChatTemplate;
 use crate::content_safety::ContentFilter;
-use crate::engine::LlamaModel;
-use crate::engine::gguf::{GgufFile, check_file_type, has_tokenizer, split_prefix};
+use crate::engine::gguf::{GgufFile, check_file_type, has_tokenizer, llama_config, split_prefix};
+use crate::engine::{LlamaConfig, LlamaModel};
 use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
 use crate::llama_guard::LlamaGuard;
 use crate::metrics::Metrics;
@@ -119,9 +119,23 @@ impl AppState {
         let devices = spec
             .open_several(self.config.gpu_count())
             .map_err(|e| e.to_string())?;
+        // Split over several GPUs, each one's layers hold their share of the key/value budget
+        // too, so the split balances both.
+        let split_kv_tokens = if devices.len() > 1 {
+            let model_context = match &gguf {
+                Some(file) => llama_config(file),
+                None => LlamaConfig::from_file(&dir.join("config.json")),
+            }
+            .map_err(|e| e.to_string())?
+            .max_position_embeddings;
+            kv_budget(&self.config, served_context(&self.config, model_context))
+        } else {
+            0
+        };
+        let dtype = spec.default_dtype();
         let mut model = match gguf {
-            Some(file) => LlamaModel::load_gguf_file(file, spec.default_dtype(), &devices),
-            None => LlamaModel::load_on(&dir, spec.default_dtype(), &devices),
+            Some(file) => LlamaModel::load_gguf_file(file, dtype, &devices, split_kv_tokens),
+            None => LlamaModel::load_on(&dir, dtype, &devices, split_kv_tokens),
         }
         .map_err(|e| e.to_string())?;
         if devices.len() > 1 {
@@ -141,18 +155,12 @@ impl AppState {
             kv_bytes_per_token = model.kv_bytes_per_token(),
             "key/value cache"
         );
-        let model_context = model.context_length();
-        let context = self
-            .config
-            .context_length
-            .map_or(model_context, |c| c.min(model_context));
+        let context = served_context(&self.config, model.context_length());
         let engine = &self.config.engine;
         let limits = SchedulerLimits {
             context_tokens: context,
             max_batch_size: engine.max_batch_size,
-            kv_cache_tokens: engine
-                .kv_cache_tokens
-                .unwrap_or_else(|| (4 * context).max(65_536)),
+            kv_cache_tokens: kv_budget(&self.config, context),
             max_queue: engine.max_queue,
             prefill_chunk_tokens: engine.prefill_chunk_tokens,
             prefix_cache: engine.prefix_cache,
@@ -182,6 +190,22 @@ impl AppState {
         self.metrics.model_loaded.set(1);
         Ok(())
     }
+}
+
+/// The context window served: `contextLength`, at most the model's (`model_context`).
+fn served_context(config: &ServerConfig, model_context: usize) -> usize {
+    config
+        .context_length
+        .map_or(model_context, |c| c.min(model_context))
+}
+
+/// The key/value budget in tokens: `engine.kvCacheTokens`, else four context windows (at least
+/// 65,536 tokens).
+fn kv_budget(config: &ServerConfig, context: usize) -> usize {
+    config
+        .engine
+        .kv_cache_tokens
+        .unwrap_or_else(|| (4 * context).max(65_536))
 }
 
 /// The Hugging Face directory or the GGUF file to load.

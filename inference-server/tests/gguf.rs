@@ -326,17 +326,18 @@ fn a_gguf_model_split_over_two_devices_computes_what_it_does_on_one() {
     // quantized weights where the placement says and that the split model's logits are the
     // whole model's, bit for bit.
     let path = gguf_of(ModelShape::Tiny256, 3, GgufFileType::Q4KM);
-    let split = LlamaModel::load_gguf_on(&path, DType::F32, &[Device::Cpu, Device::Cpu])
-        .expect("split over two devices");
+    let two = [Device::Cpu, Device::Cpu];
+    let split = LlamaModel::load_gguf_on(&path, DType::F32, &two, 0).expect("split over two");
     // Its 32 M-parameter embedding and output outweigh both 0.6 M-parameter layers, so the
-    // balance puts the layers on the second device.
+    // balance puts the layers on the second device; with room for a million tokens of keys
+    // and values (512 bytes a token and layer in f16), the layers outweigh them and split.
     assert_eq!(split.placement().layer_counts(), vec![0, 2]);
+    let with_cache = LlamaModel::load_gguf_on(&path, DType::F32, &two, 1 << 20).expect("split");
+    assert_eq!(with_cache.placement().layer_counts(), vec![1, 1]);
     let whole = load(&path);
     for depth in [0, 64] {
-        assert_eq!(
-            probe_logits(&split, depth),
-            probe_logits(&whole, depth),
-            "depth {depth}"
-        );
+        let expected = probe_logits(&whole, depth);
+        assert_eq!(probe_logits(&split, depth), expected, "depth {depth}");
+        assert_eq!(probe_logits(&with_cache, depth), expected, "depth {depth}");
     }
 }

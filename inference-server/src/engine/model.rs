@@ -30,7 +30,7 @@ use super::gguf::GgufFile;
 use super::kv_cache::KvCache;
 use super::kv_pool::KvPool;
 use super::linear::{Embedding, Linear};
-use super::placement::{Placement, hand_over};
+use super::placement::{Footprint, Placement, hand_over};
 use super::rope::Rope;
 use super::weights::WeightFiles;
 
@@ -131,25 +131,29 @@ impl LlamaModel {
     /// model directory, memory-mapped, converted to `dtype` on `device`. A path to a file rather
     /// than a directory is read as GGUF ([`LlamaModel::load_gguf`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_on(dir, dtype, std::slice::from_ref(device))
+        Self::load_on(dir, dtype, std::slice::from_ref(device), 0)
     }
 
-    /// [`Self::load`] with the layers split over `devices` ([`Placement::split`]).
-    pub fn load_on(dir: &Path, dtype: DType, devices: &[Device]) -> Result<Self> {
-        Self::load_with(dir, dtype, |config| Placement::split(devices, config))
+    /// [`Self::load`] with the layers split over `devices` ([`Placement::split`]), balancing
+    /// their weights and `kv_tokens` tokens of their keys and values (the key/value budget).
+    pub fn load_on(dir: &Path, dtype: DType, devices: &[Device], kv_tokens: usize) -> Result<Self> {
+        Self::load_with(dir, dtype, |config, footprint| {
+            Placement::split(devices, config, footprint, kv_tokens)
+        })
     }
 
     /// [`Self::load`] with the layers where `placement` puts them (it must place exactly the
     /// model's layers).
     pub fn load_placed(dir: &Path, dtype: DType, placement: Placement) -> Result<Self> {
-        Self::load_with(dir, dtype, |config| placement.for_model(config))
+        Self::load_with(dir, dtype, |config, _| placement.for_model(config))
     }
 
-    /// [`Self::load`] with the placement `place` chooses for the model's configuration.
+    /// [`Self::load`] with the placement `place` chooses for the model's configuration and
+    /// memory footprint.
     fn load_with(
         dir: &Path,
         dtype: DType,
-        place: impl FnOnce(&LlamaConfig) -> Result<Placement>,
+        place: impl FnOnce(&LlamaConfig, Footprint) -> Result<Placement>,
     ) -> Result<Self> {
         if dir.is_file() {
             return Self::load_gguf_with(GgufFile::open(dir)?, dtype, place);
@@ -157,7 +161,8 @@ impl LlamaModel {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let weights = WeightFiles::open(dir)?;
         config.validate()?;
-        let placement = place(&config)?;
+        let footprint = dense_footprint(&config, &weights, dtype);
+        let placement = place(&config, footprint)?;
         Self::from_weights_placed(config, &weights, dtype, placement)
     }
 
@@ -170,7 +175,8 @@ impl LlamaModel {
         devices: &[Device],
     ) -> Result<Self> {
         config.validate()?;
-        let placement = Placement::split(devices, &config)?;
+        let footprint = dense_footprint(&config, weights, dtype);
+        let placement = Placement::split(devices, &config, footprint, 0)?;
         Self::from_weights_placed(config, weights, dtype, placement)
     }
 
@@ -233,8 +239,7 @@ impl LlamaModel {
             linear("lm_head.weight", config.vocab_size, hidden, device)?
         };
         let rope = Rope::new(&config, device)?;
-        let stored = weights.stored_dtype("model.embed_tokens.weight");
-        let kv_dtype = auto_kv_dtype(dtype, stored.is_some_and(|d| d.size_in_bytes() <= 2));
+        let kv_dtype = dense_kv_dtype(weights, dtype);
         Ok(Self::assemble(
             config,
             (dtype, kv_dtype),
@@ -759,6 +764,18 @@ impl LlamaModel {
             .transpose(0, 1)?
             .reshape((new, heads * head_dim))?)
     }
+}
+
+/// The key/value cache's element type by default for safetensors weights ([`auto_kv_dtype`]).
+fn dense_kv_dtype(weights: &WeightFiles, dtype: DType) -> DType {
+    let stored = weights.stored_dtype("model.embed_tokens.weight");
+    auto_kv_dtype(dtype, stored.is_some_and(|d| d.size_in_bytes() <= 2))
+}
+
+/// The memory of safetensors weights, converted to the compute dtype, and their cache.
+fn dense_footprint(config: &LlamaConfig, weights: &WeightFiles, dtype: DType) -> Footprint {
+    let kv_dtype = dense_kv_dtype(weights, dtype);
+    Footprint::new(config, dtype.size_in_bytes() as f64, kv_dtype)
 }
 
 /// An empty key/value pool for a model of `config`, holding `dtype`, each layer's on that

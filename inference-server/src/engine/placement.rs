@@ -2,17 +2,40 @@
 //! (llama.cpp's `--split-mode layer`).
 //!
 //! The decoder layers are cut into consecutive runs, one run a device, so that every device
-//! holds about the same number of parameters; the token embedding, the final norm and the
-//! output projection stay on the first device, whose run of layers is shorter by their size.
-//! A layer's keys and values live on its device. A forward step runs the runs one after
+//! holds about the same memory: its layers' weights and their keys and values at the
+//! key/value budget. The token embedding, the final norm and the output projection stay on the
+//! first device, whose run of layers is shorter by their size. A forward step runs the runs one after
 //! another, handing the hidden state (`[tokens, hidden]`, a few kilobytes a token) from one
 //! device to the next, and back to the first for the output projection. This multiplies the
 //! memory a model can use, not its speed: one device works at a time.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use super::error::{EngineError, Result};
+
+/// The bytes a model's memory is made of, for balancing it over devices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Footprint {
+    /// Bytes a weight parameter takes on the device: the compute dtype's size for weights
+    /// converted to it, the file's average for quantized GGUF weights.
+    pub bytes_per_parameter: f64,
+    /// Bytes one token's keys and values take in one layer.
+    pub kv_bytes_per_token_layer: u64,
+}
+
+impl Footprint {
+    /// Weights at `bytes_per_parameter`, with keys and values of `kv_dtype` for `config`.
+    pub fn new(config: &LlamaConfig, bytes_per_parameter: f64, kv_dtype: DType) -> Self {
+        Self {
+            bytes_per_parameter,
+            kv_bytes_per_token_layer: (2
+                * config.kv_heads()
+                * config.head_dim()
+                * kv_dtype.size_in_bytes()) as u64,
+        }
+    }
+}
 
 /// The devices of a model and, per decoder layer, the one it lives on.
 #[derive(Debug, Clone)]
@@ -32,17 +55,25 @@ impl Placement {
     }
 
     /// The layers of a model of `config` over `devices`, in consecutive runs balanced by
-    /// parameters (see the module docs). One device places every layer there.
-    pub fn split(devices: &[Device], config: &LlamaConfig) -> Result<Self> {
+    /// memory (see the module docs): weights at `footprint`'s bytes a parameter, and
+    /// `kv_tokens` tokens of keys and values a layer. One device places every layer there.
+    pub fn split(
+        devices: &[Device],
+        config: &LlamaConfig,
+        footprint: Footprint,
+        kv_tokens: usize,
+    ) -> Result<Self> {
         if devices.is_empty() {
             return Err(EngineError::InvalidInput(
                 "no device to place the model on".into(),
             ));
         }
+        let weight = footprint.bytes_per_parameter.max(0.0);
         let layers = split_layers(
             config.num_hidden_layers,
-            layer_parameters(config),
-            first_device_parameters(config),
+            layer_parameters(config) as f64 * weight
+                + kv_tokens as f64 * footprint.kv_bytes_per_token_layer as f64,
+            first_device_parameters(config) as f64 * weight,
             devices.len(),
         );
         Ok(Self {
@@ -154,18 +185,19 @@ fn first_device_parameters(config: &LlamaConfig) -> u64 {
 }
 
 /// Per layer, its device among `devices`: layer `i` goes to the device whose equal share of
-/// all parameters holds the layer's middle, counting `first_extra` parameters at the start
-/// (on the first device). Consecutive runs, never decreasing.
-fn split_layers(layers: usize, per_layer: u64, first_extra: u64, devices: usize) -> Vec<usize> {
+/// all the memory holds the layer's middle, counting `first_extra` bytes at the start (on the
+/// first device). Consecutive runs, never decreasing.
+fn split_layers(layers: usize, per_layer: f64, first_extra: f64, devices: usize) -> Vec<usize> {
     if devices <= 1 {
         return vec![0; layers];
     }
-    let per_layer = per_layer.max(1) as f64;
-    let total = first_extra as f64 + layers as f64 * per_layer;
+    let per_layer = per_layer.max(1.0);
+    let first_extra = first_extra.max(0.0);
+    let total = first_extra + layers as f64 * per_layer;
     let share = total / devices as f64;
     (0..layers)
         .map(|i| {
-            let middle = first_extra as f64 + (i as f64 + 0.5) * per_layer;
+            let middle = first_extra + (i as f64 + 0.5) * per_layer;
             ((middle / share) as usize).min(devices - 1)
         })
         .collect()
@@ -200,11 +232,11 @@ mod tests {
     #[test]
     fn seventy_b_over_four_gpus_gives_the_first_fewer_layers_for_the_embeddings() {
         let c = llama_70b();
-        let layers = split_layers(80, layer_parameters(&c), first_device_parameters(&c), 4);
+        let (per_layer, extra) = (layer_parameters(&c), first_device_parameters(&c));
+        let layers = split_layers(80, per_layer as f64, extra as f64, 4);
         assert_eq!(counts(&layers, 4), vec![18, 21, 20, 21]);
         assert!(layers.windows(2).all(|w| w[0] <= w[1]), "consecutive runs");
         // Parameters a device: within one layer (856 M) of a quarter of the total.
-        let (per_layer, extra) = (layer_parameters(&c), first_device_parameters(&c));
         assert_eq!(per_layer, 855_654_400);
         assert_eq!(extra, 2_101_354_496);
         let quarter = (80 * per_layer + extra) / 4;
@@ -219,30 +251,56 @@ mod tests {
 
     #[test]
     fn one_device_or_none_extra_splits_evenly() {
-        assert_eq!(split_layers(5, 10, 0, 1), vec![0; 5]);
-        assert_eq!(split_layers(8, 10, 0, 2), vec![0, 0, 0, 0, 1, 1, 1, 1]);
-        assert_eq!(split_layers(6, 10, 0, 3), vec![0, 0, 1, 1, 2, 2]);
-        assert_eq!(split_layers(0, 10, 5, 2), Vec::<usize>::new());
+        assert_eq!(split_layers(5, 10.0, 0.0, 1), vec![0; 5]);
+        assert_eq!(split_layers(8, 10.0, 0.0, 2), vec![0, 0, 0, 0, 1, 1, 1, 1]);
+        assert_eq!(split_layers(6, 10.0, 0.0, 3), vec![0, 0, 1, 1, 2, 2]);
+        assert_eq!(split_layers(0, 10.0, 5.0, 2), Vec::<usize>::new());
         // More devices than layers: some hold none, none is out of range.
-        assert_eq!(split_layers(2, 10, 0, 4), vec![1, 3]);
+        assert_eq!(split_layers(2, 10.0, 0.0, 4), vec![1, 3]);
     }
 
     #[test]
     fn an_embedding_larger_than_a_share_leaves_the_first_device_no_layer() {
-        assert_eq!(split_layers(4, 10, 100, 2), vec![1, 1, 1, 1]);
+        assert_eq!(split_layers(4, 10.0, 100.0, 2), vec![1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn the_key_value_budget_moves_layers_to_the_first_device() {
+        // 70B in bf16 over four GPUs with 480,000 tokens of keys and values (320 KiB a token,
+        // 157 GB): a layer is 1.71 GB of weights and 1.97 GB of cache, so the embedding and
+        // output (4.2 GB) weigh less beside it and the first GPU takes one layer
+        // more than by weights alone. Every GPU holds within one layer of a quarter.
+        let c = llama_70b();
+        let bf16 = Footprint::new(&c, 2.0, DType::BF16);
+        assert_eq!(bf16.kv_bytes_per_token_layer, 4096);
+        let tokens = 480_000;
+        let devices = vec![Device::Cpu; 4];
+        let placement = Placement::split(&devices, &c, bf16, tokens).expect("placement");
+        assert_eq!(placement.layer_counts(), vec![19, 20, 21, 20]);
+        let layer = layer_parameters(&c) as f64 * 2.0 + tokens as f64 * 4096.0;
+        let first = first_device_parameters(&c) as f64 * 2.0;
+        let quarter = (80.0 * layer + first) / 4.0;
+        for (device, n) in placement.layer_counts().into_iter().enumerate() {
+            let held = n as f64 * layer + if device == 0 { first } else { 0.0 };
+            assert!((held - quarter).abs() <= layer, "device {device}: {held}");
+        }
+        // Without a budget: by weights alone.
+        let weights = Placement::split(&devices, &c, bf16, 0).expect("placement");
+        assert_eq!(weights.layer_counts(), vec![18, 21, 20, 21]);
     }
 
     #[test]
     fn placement_reports_devices_and_counts() {
         let c = llama_70b();
         let devices = vec![Device::Cpu; 2];
-        let placement = Placement::split(&devices, &c).expect("placement");
+        let f = Footprint::new(&c, 2.0, DType::BF16);
+        let placement = Placement::split(&devices, &c, f, 0).expect("placement");
         assert_eq!(placement.layer_counts().iter().sum::<usize>(), 80);
         assert_eq!(placement.layer_counts(), vec![39, 41]);
         assert_eq!(placement.device_index(0), 0);
         assert_eq!(placement.device_index(79), 1);
         assert_eq!(placement.layer_devices().len(), 80);
-        assert!(Placement::split(&[], &c).is_err());
+        assert!(Placement::split(&[], &c, f, 0).is_err());
         let cpu = || vec![Device::Cpu; 2];
         assert!(Placement::new(cpu(), vec![0, 2]).is_err(), "no device 2");
         assert!(Placement::new(vec![], vec![]).is_err());

@@ -9,10 +9,11 @@ use candle_core::{DType, Device, Tensor};
 use super::file::GgufFile;
 use super::layout::{self, OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD, block_tensor};
 use super::metadata;
+use crate::engine::LlamaConfig;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::linear::{Embedding, Linear};
 use crate::engine::model::{Attention, DecoderLayer, LlamaModel, Mlp, auto_kv_dtype};
-use crate::engine::placement::Placement;
+use crate::engine::placement::{Footprint, Placement};
 use crate::engine::rope::Rope;
 
 impl LlamaModel {
@@ -22,28 +23,42 @@ impl LlamaModel {
     /// converted to `dtype`. The tokenizer is not read from the file (the server takes
     /// `tokenizer.json` from the same directory).
     pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_gguf_on(path, dtype, std::slice::from_ref(device))
+        Self::load_gguf_on(path, dtype, std::slice::from_ref(device), 0)
     }
 
-    /// [`Self::load_gguf`] with the layers split over `devices` ([`Placement::split`]).
-    pub fn load_gguf_on(path: &Path, dtype: DType, devices: &[Device]) -> Result<Self> {
-        Self::load_gguf_file(GgufFile::open(path)?, dtype, devices)
+    /// [`Self::load_gguf`] with the layers split over `devices` ([`Placement::split`]),
+    /// balancing their weights and `kv_tokens` tokens of their keys and values.
+    pub fn load_gguf_on(
+        path: &Path,
+        dtype: DType,
+        devices: &[Device],
+        kv_tokens: usize,
+    ) -> Result<Self> {
+        Self::load_gguf_file(GgufFile::open(path)?, dtype, devices, kv_tokens)
     }
 
     /// [`Self::load_gguf_on`] on a file whose header is already read.
-    pub fn load_gguf_file(file: GgufFile, dtype: DType, devices: &[Device]) -> Result<Self> {
-        Self::load_gguf_with(file, dtype, |config| Placement::split(devices, config))
+    pub fn load_gguf_file(
+        file: GgufFile,
+        dtype: DType,
+        devices: &[Device],
+        kv_tokens: usize,
+    ) -> Result<Self> {
+        Self::load_gguf_with(file, dtype, |config, footprint| {
+            Placement::split(devices, config, footprint, kv_tokens)
+        })
     }
 
-    /// [`Self::load_gguf_file`] with the placement `place` chooses for the configuration.
+    /// [`Self::load_gguf_file`] with the placement `place` chooses for the configuration and
+    /// memory footprint.
     pub(crate) fn load_gguf_with(
         mut file: GgufFile,
         dtype: DType,
-        place: impl FnOnce(&crate::engine::LlamaConfig) -> Result<Placement>,
+        place: impl FnOnce(&LlamaConfig, Footprint) -> Result<Placement>,
     ) -> Result<Self> {
         let _span = tracing::info_span!("load_gguf", path = %file.path().display()).entered();
         let config = metadata::llama_config(&file)?;
-        let placement = place(&config)?;
+        let placement = place(&config, footprint(&file, &config, dtype))?;
         let device = placement.first();
         let rope = match frequency_factors(&mut file, config.head_dim())? {
             Some(factors) => Rope::with_frequency_factors(&config, &factors, device)?,
@@ -110,6 +125,38 @@ impl LlamaModel {
             rope,
         ))
     }
+}
+
+/// The memory of the file's weights as the engine keeps them (block-quantized ones packed,
+/// others in the compute dtype, a little over for 1-D float ones) and of their default cache.
+fn footprint(file: &GgufFile, config: &LlamaConfig, dtype: DType) -> Footprint {
+    let (mut bytes, mut parameters) = (0f64, 0f64);
+    for name in file.tensor_names() {
+        let (Ok(shape), Ok(stored)) = (file.shape(name), file.dtype(name)) else {
+            continue;
+        };
+        let count = shape.iter().product::<usize>() as f64;
+        let per = if matches!(stored, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            dtype.size_in_bytes() as f64
+        } else {
+            stored.type_size() as f64 / stored.block_size() as f64
+        };
+        bytes += count * per;
+        parameters += count;
+    }
+    let per_parameter = if parameters > 0.0 {
+        bytes / parameters
+    } else {
+        dtype.size_in_bytes() as f64
+    };
+    let quantized_embedding = file
+        .dtype(TOKEN_EMBD)
+        .is_ok_and(|stored| stored != GgmlDType::F32);
+    Footprint::new(
+        config,
+        per_parameter,
+        auto_kv_dtype(dtype, quantized_embedding),
+    )
 }
 
 /// Reads tensors of one file into the engine's types.
