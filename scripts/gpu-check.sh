@@ -11,6 +11,8 @@
 #   2. bandwidth.json: device-to-device copy bandwidth (torch), which sets the decode ceiling;
 #   3. goldens.json: `llama-server check-goldens` on the GPU against the transformers goldens
 #      (f32: greedy tokens identical; bf16: logits and teacher-forced margins within tolerance);
+#      with --gpus N > 1 (on a GPU, the default is every GPU nvidia-smi lists) also
+#      goldens-split.json: the same with each model's layers split round N GPUs;
 #   4. serve.json: `llama-server serve --device cuda` with the demo model answers a completion;
 #   5. per shape: a random bf16 model (`generate-model`, kept in --work), then
 #      bench-SHAPE.json (`llama-server bench`: prefill, time to first token, decode at batch
@@ -31,6 +33,8 @@ Options:
   --tokenizer-dir DIR   tokenizer.json + tokenizer_config.json (default: BUNDLE/tokenizer)
   --goldens DIR         golden files (default: BUNDLE/goldens, or inference-server/tests/goldens)
   --device DEV          cuda, cuda:N or cpu (default cuda:0)
+  --gpus N              also check the goldens with the layers split over N GPUs from DEV on
+                        (default: the GPUs nvidia-smi lists; 1 on the CPU: no split check)
   --shapes LIST         model shapes (default llama-3.2-1b,llama-3.1-8b)
   --work DIR            where generated models are kept (default ${TMPDIR:-/tmp}/llama-gpu-check)
   --out DIR             results (default ./gpu-check-YYYYmmdd-HHMMSS)
@@ -49,6 +53,7 @@ EOF
 bundle="" binary="" tokenizer="" goldens="" device=cuda:0 shapes=llama-3.2-1b,llama-3.1-8b
 work=${TMPDIR:-/tmp}/llama-gpu-check out="" python=python3 batch=1,16,64 prompt_tokens=128
 decode_tokens=64 prefill_tokens=128,512 repeats=3 skip_transformers=0 skip_serve=0 strict=0
+gpus=
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) bundle=$2; shift 2 ;;
@@ -56,6 +61,7 @@ while [ $# -gt 0 ]; do
     --tokenizer-dir) tokenizer=$2; shift 2 ;;
     --goldens) goldens=$2; shift 2 ;;
     --device) device=$2; shift 2 ;;
+    --gpus) gpus=$2; shift 2 ;;
     --shapes) shapes=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
@@ -150,6 +156,20 @@ log "goldens on $device"
 if ! "$binary" check-goldens --device "$device" --goldens "$goldens" --tokenizer-dir "$tokenizer" \
      --dtypes f32,bf16 --json "$out/goldens.json"; then
   status=1
+fi
+if [ -z "$gpus" ]; then
+  gpus=1
+  if [ "$device" != cpu ] && command -v nvidia-smi >/dev/null; then
+    gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+    [ "$gpus" -ge 1 ] || gpus=1
+  fi
+fi
+if [ "$gpus" -gt 1 ]; then
+  log "goldens with the layers split over $gpus devices from $device"
+  if ! "$binary" check-goldens --device "$device" --gpus "$gpus" --goldens "$goldens" \
+       --tokenizer-dir "$tokenizer" --dtypes f32,bf16 --json "$out/goldens-split.json"; then
+    status=1
+  fi
 fi
 
 if [ "$skip_serve" = 0 ]; then

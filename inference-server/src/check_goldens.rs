@@ -27,7 +27,7 @@ use clap::ValueEnum;
 use serde::Deserialize;
 
 use crate::device::{DeviceError, DeviceSpec, parse_dtype};
-use crate::engine::{EngineError, LlamaModel, LogitsFor, SequenceStep};
+use crate::engine::{EngineError, LlamaConfig, LlamaModel, LogitsFor, Placement, SequenceStep};
 use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
 use crate::sampling::argmax;
 
@@ -53,6 +53,11 @@ pub struct CheckGoldensArgs {
     /// models. Defaults to $LLAMA_SERVER_TOKENIZER_DIR.
     #[arg(long)]
     pub tokenizer_dir: Option<PathBuf>,
+    /// Split each model's layers over this many GPUs, from --device's ordinal on, taking the
+    /// layers round them (layer i on GPU (i + 1) mod N) so that every layer hands the hidden
+    /// state to another GPU. On the CPU, N stand-ins for GPUs (a dry run of the same code).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub gpus: u32,
     /// Dtypes to run the models in, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16", value_parser = parse_dtype)]
     pub dtypes: Vec<DType>,
@@ -147,6 +152,8 @@ impl ModelResult {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GoldenReport {
     pub device: String,
+    /// Devices each model's layers were split over (`--gpus`).
+    pub gpus: u32,
     pub models: Vec<ModelResult>,
 }
 
@@ -196,9 +203,14 @@ impl GoldenReport {
                 if model.passed { "ok" } else { "FAILED" }
             );
         }
+        let split = if self.gpus > 1 {
+            format!(", layers split over {} devices", self.gpus)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "check-goldens: {} on {}",
+            "check-goldens: {} on {}{split}",
             if self.passed() { "passed" } else { "FAILED" },
             self.device
         );
@@ -215,9 +227,27 @@ fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// The model in `dir` with its layers round `devices`: layer i on device (i + 1) mod N, so the
+/// embedding's device holds the last layers and every layer boundary is a handover.
+fn load_round(dir: &Path, dtype: DType, devices: &[Device]) -> Result<LlamaModel, CheckError> {
+    if devices.len() < 2 {
+        return Ok(LlamaModel::load_on(dir, dtype, devices, 0)?);
+    }
+    let layers = LlamaConfig::from_file(&dir.join("config.json"))?.num_hidden_layers;
+    let placement = Placement::new(
+        devices.to_vec(),
+        (0..layers).map(|i| (i + 1) % devices.len()).collect(),
+    )?;
+    Ok(LlamaModel::load_placed(dir, dtype, placement)?)
+}
+
 /// Runs the whole check.
 pub fn run(args: &CheckGoldensArgs) -> Result<GoldenReport, CheckError> {
-    let device = args.device.open()?;
+    let gpus = args.gpus.max(1) as usize;
+    let devices = match args.device {
+        DeviceSpec::Cpu => vec![Device::Cpu; gpus],
+        gpu => gpu.open_several(gpus)?,
+    };
     let tokenizer_dir = args
         .tokenizer_dir
         .clone()
@@ -225,10 +255,11 @@ pub fn run(args: &CheckGoldensArgs) -> Result<GoldenReport, CheckError> {
         .ok_or(CheckError::NoTokenizer)?;
     let goldens = read_goldens(&args.goldens)?;
     let scratch = std::env::temp_dir().join(format!("llama-check-goldens-{}", std::process::id()));
-    let result = check_all(args, &device, &tokenizer_dir, &goldens, &scratch);
+    let result = check_all(args, &devices, &tokenizer_dir, &goldens, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     let report = GoldenReport {
         device: args.device.to_string(),
+        gpus: args.gpus.max(1),
         models: result?,
     };
     if let Some(path) = &args.json {
@@ -247,7 +278,7 @@ pub fn run(args: &CheckGoldensArgs) -> Result<GoldenReport, CheckError> {
 
 fn check_all(
     args: &CheckGoldensArgs,
-    device: &Device,
+    devices: &[Device],
     tokenizer_dir: &Path,
     goldens: &[(String, GoldenFile)],
     scratch: &Path,
@@ -270,7 +301,7 @@ fn check_all(
         }
         .run()?;
         for &dtype in &args.dtypes {
-            let model = LlamaModel::load(&dir, dtype, device)?;
+            let model = load_round(&dir, dtype, devices)?;
             let exact = dtype == DType::F32;
             let mut result = ModelResult {
                 golden: name.clone(),
@@ -543,8 +574,9 @@ mod tests {
 
     #[test]
     fn the_table_has_a_line_per_model_and_a_verdict() {
-        let report = GoldenReport {
+        let mut report = GoldenReport {
             device: "cpu".into(),
+            gpus: 1,
             models: vec![model(None, vec![prompt(64), prompt(64)])],
         };
         let table = report.table();
@@ -555,5 +587,11 @@ mod tests {
             "{table}"
         );
         assert_eq!(lines[2], "check-goldens: passed on cpu");
+        report.gpus = 2;
+        let table = report.table();
+        assert_eq!(
+            table.lines().last(),
+            Some("check-goldens: passed on cpu, layers split over 2 devices")
+        );
     }
 }

@@ -93,6 +93,52 @@ fn check_goldens_passes_on_the_cpu_in_f32_and_bf16() {
 }
 
 #[test]
+fn check_goldens_passes_with_the_layers_split_round_three_devices() {
+    // `--gpus N` on the CPU: N stand-ins for GPUs, every layer boundary a handover (the dry run
+    // of what a multi-GPU host checks with --device cuda --gpus N).
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let json = scratch.path().join("goldens.json");
+    let (output, stdout, stderr) = run(llama_server()
+        .args([
+            "check-goldens",
+            "--device",
+            "cpu",
+            "--gpus",
+            "3",
+            "--dtypes",
+            "f32",
+        ])
+        .arg("--goldens")
+        .arg(goldens_dir())
+        .arg("--tokenizer-dir")
+        .arg(tokenizer_dir())
+        .arg("--json")
+        .arg(&json));
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("check-goldens: passed on cpu, layers split over 3 devices"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json written")).expect("json");
+    assert_eq!(report["gpus"], 3);
+    assert_eq!(report["models"].as_array().map(Vec::len), Some(2));
+
+    let (output, _, stderr) = run(llama_server().args([
+        "check-goldens",
+        "--device",
+        "cpu",
+        "--gpus",
+        "0",
+        "--goldens",
+        ".",
+    ]));
+    assert!(!output.status.success());
+    assert!(stderr.contains("--gpus"), "{stderr}");
+}
+
+#[test]
 fn check_goldens_fails_on_a_doctored_golden() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let text =

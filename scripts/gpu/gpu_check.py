@@ -307,10 +307,16 @@ def cmd_report(args):
         lines.append("- bandwidth: not measured (no ceiling ratios)")
     if not goldens:
         lines.append("- goldens: did not run (see the log)")
-    else:
-        verdict = "passed" if all(m["passed"] for m in goldens["models"]) else "FAILED"
-        lines.append(f"- goldens on {goldens['device']}: {verdict}")
-        for m in goldens["models"]:
+    split = load(out / "goldens-split.json")
+    for report in [goldens, split]:
+        if not report:
+            continue
+        verdict = "passed" if all(m["passed"] for m in report["models"]) else "FAILED"
+        where = report["device"]
+        if report.get("gpus", 1) > 1:
+            where += f", layers split over {report['gpus']} devices"
+        lines.append(f"- goldens on {where}: {verdict}")
+        for m in report["models"]:
             worst = max(p["max_logit_diff"] for p in m["prompts"])
             alone = sum(p["greedy_alone_matching"] for p in m["prompts"])
             total = sum(p["greedy_tokens"] for p in m["prompts"])
