@@ -28,7 +28,8 @@ pub struct ModelInfo {
     pub weights_gb: f64,
     /// GPU memory needed in GiB: weights plus headroom for the KV cache and activations.
     pub gpu_memory_gib: u32,
-    /// GPUs an instance needs (the tensor-parallel degree on the default instance type).
+    /// GPUs an instance needs on the default instance type (the server splits the model's
+    /// layers over an instance's GPUs).
     pub gpus_per_instance: u32,
     /// The instance type used when `spec.compute.instanceType` is unset.
     pub default_instance_type: String,
