@@ -13,6 +13,11 @@
 //!
 //! Weights come from a Hugging Face safetensors directory ([`LlamaModel::load`]) or a llama.cpp
 //! GGUF file ([`LlamaModel::load_gguf`], in `gguf/load.rs`); both end in the same structure.
+//!
+//! A model too large for one GPU has its decoder layers split over several
+//! ([`LlamaModel::load_on`], `placement.rs`): a step runs each device's layers with that
+//! device's copy of the attention plan and rotary tables, handing the hidden state from device
+//! to device, and ends on the first one, which holds the embedding and the output projection.
 
 use std::path::Path;
 use std::sync::Arc;
