@@ -37,8 +37,6 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         "modelPath": model_path,
         "format": spec.source.format,
         "contextLength": plan.serving.context_length,
-        // The server splits the model's layers over the instance's GPUs.
-        "gpus": plan.instance.gpu_count,
         "auth": {
             "mode": spec.auth.mode,
             "keysDir": KEYS_DIR,
@@ -52,10 +50,16 @@ pub fn server_config_map(ld: &LlamaDeployment, plan: &Plan) -> Result<ConfigMap,
         "contentSafety": spec.content_safety,
         "engine": engine_config(ld, plan),
     });
-    if let Some(weight_type) = checked_weight_type(plan)
-        && let Some(fields) = config.as_object_mut()
-    {
-        fields.insert("weightType".into(), json!(weight_type.name()));
+    if let Some(fields) = config.as_object_mut() {
+        if let Some(weight_type) = checked_weight_type(plan) {
+            fields.insert("weightType".into(), json!(weight_type.name()));
+        }
+        // The server splits the model's layers over the instance's GPUs. One GPU is its
+        // default, left unwritten, so that a server image pinned to an earlier version (which
+        // knows no `gpus`) still reads the file.
+        if plan.instance.gpu_count > 1 {
+            fields.insert("gpus".into(), json!(plan.instance.gpu_count));
+        }
     }
     let text = serde_yaml::to_string(&config).map_err(|e| BuildError::Serde {
         kind: "ConfigMap",
@@ -123,7 +127,12 @@ mod tests {
         let cfg: serde_yaml::Value = serde_yaml::from_str(text).expect("yaml");
         assert_eq!(cfg["modelName"], "Meta-Llama-3.1-8B-Instruct");
         assert_eq!(cfg["modelPath"], "demo");
-        assert_eq!(cfg["gpus"], 2);
+        assert_eq!(cfg["gpus"], 2, "the GPUs of Standard_NC48ads_A100_v4");
+        let one = ld(&CHAT.replace("Standard_NC48ads_A100_v4", "Standard_NC24ads_A100_v4"));
+        let cm = server_config_map(&one, &plan(&one)).expect("configmap");
+        let cfg: serde_yaml::Value =
+            serde_yaml::from_str(&cm.data.expect("data")["server.yaml"]).expect("yaml");
+        assert!(cfg.get("gpus").is_none(), "one GPU is the server's default");
         assert_eq!(cfg["rateLimits"]["tokensPerMinute"], 200000);
         assert_eq!(cfg["auth"]["mode"], "key");
         assert_eq!(cfg["auth"]["keysDir"], KEYS_DIR);
