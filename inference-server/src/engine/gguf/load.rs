@@ -135,7 +135,9 @@ fn footprint(file: &GgufFile, config: &LlamaConfig, dtype: DType) -> Footprint {
         let (Ok(shape), Ok(stored)) = (file.shape(name), file.dtype(name)) else {
             continue;
         };
-        let count = shape.iter().product::<usize>() as f64;
+        // In floating point: a damaged header's shape may overflow any integer product (the
+        // tensor itself is refused when it is read).
+        let count: f64 = shape.iter().map(|&d| d as f64).product();
         let per = if matches!(stored, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             dtype.size_in_bytes() as f64
         } else {
