@@ -231,7 +231,7 @@ fn dtype_name(dtype: DType) -> &'static str {
 /// embedding's device holds the last layers and every layer boundary is a handover.
 fn load_round(dir: &Path, dtype: DType, devices: &[Device]) -> Result<LlamaModel, CheckError> {
     if devices.len() < 2 {
-        return Ok(LlamaModel::load_on(dir, dtype, devices, 0)?);
+        return Ok(LlamaModel::load_on(dir, dtype, devices, |_| 0)?);
     }
     let layers = LlamaConfig::from_file(&dir.join("config.json"))?.num_hidden_layers;
     let placement = Placement::new(

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::auth::Authenticator;
 use crate::chat_template::ChatTemplate;
 use crate::content_safety::ContentFilter;
-use crate::engine::gguf::{GgufFile, check_file_type, has_tokenizer, llama_config, split_prefix};
+use crate::engine::gguf::{GgufFile, check_file_type, has_tokenizer, split_prefix};
 use crate::engine::{LlamaConfig, LlamaModel};
 use crate::generate_model::{GenerateModel, ModelShape, WeightDtype};
 use crate::llama_guard::LlamaGuard;
@@ -121,21 +121,16 @@ impl AppState {
             .map_err(|e| e.to_string())?;
         // Split over several GPUs, each one's layers hold their share of the key/value budget
         // too, so the split balances both.
-        let split_kv_tokens = if devices.len() > 1 {
-            let model_context = match &gguf {
-                Some(file) => llama_config(file),
-                None => LlamaConfig::from_file(&dir.join("config.json")),
-            }
-            .map_err(|e| e.to_string())?
-            .max_position_embeddings;
-            kv_budget(&self.config, served_context(&self.config, model_context))
-        } else {
-            0
+        let budget = |model: &LlamaConfig| {
+            kv_budget(
+                &self.config,
+                served_context(&self.config, model.max_position_embeddings),
+            )
         };
         let dtype = spec.default_dtype();
         let mut model = match gguf {
-            Some(file) => LlamaModel::load_gguf_file(file, dtype, &devices, split_kv_tokens),
-            None => LlamaModel::load_on(&dir, dtype, &devices, split_kv_tokens),
+            Some(file) => LlamaModel::load_gguf_file(file, dtype, &devices, budget),
+            None => LlamaModel::load_on(&dir, dtype, &devices, budget),
         }
         .map_err(|e| e.to_string())?;
         if devices.len() > 1 {

@@ -327,12 +327,12 @@ fn a_gguf_model_split_over_two_devices_computes_what_it_does_on_one() {
     // whole model's, bit for bit.
     let path = gguf_of(ModelShape::Tiny256, 3, GgufFileType::Q4KM);
     let two = [Device::Cpu, Device::Cpu];
-    let split = LlamaModel::load_gguf_on(&path, DType::F32, &two, 0).expect("split over two");
+    let split = LlamaModel::load_gguf_on(&path, DType::F32, &two, |_| 0).expect("split over two");
     // Its 32 M-parameter embedding and output outweigh both 0.6 M-parameter layers, so the
     // balance puts the layers on the second device; with room for a million tokens of keys
     // and values (512 bytes a token and layer in f16), the layers outweigh them and split.
     assert_eq!(split.placement().layer_counts(), vec![0, 2]);
-    let with_cache = LlamaModel::load_gguf_on(&path, DType::F32, &two, 1 << 20).expect("split");
+    let with_cache = LlamaModel::load_gguf_on(&path, DType::F32, &two, |_| 1 << 20).expect("split");
     assert_eq!(with_cache.placement().layer_counts(), vec![1, 1]);
     let whole = load(&path);
     for depth in [0, 64] {

@@ -136,14 +136,20 @@ impl LlamaModel {
     /// model directory, memory-mapped, converted to `dtype` on `device`. A path to a file rather
     /// than a directory is read as GGUF ([`LlamaModel::load_gguf`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_on(dir, dtype, std::slice::from_ref(device), 0)
+        Self::load_on(dir, dtype, std::slice::from_ref(device), |_| 0)
     }
 
     /// [`Self::load`] with the layers split over `devices` ([`Placement::split`]), balancing
-    /// their weights and `kv_tokens` tokens of their keys and values (the key/value budget).
-    pub fn load_on(dir: &Path, dtype: DType, devices: &[Device], kv_tokens: usize) -> Result<Self> {
+    /// their weights and their keys and values at the key/value budget `kv_tokens` gives for
+    /// the model's configuration.
+    pub fn load_on(
+        dir: &Path,
+        dtype: DType,
+        devices: &[Device],
+        kv_tokens: impl FnOnce(&LlamaConfig) -> usize,
+    ) -> Result<Self> {
         Self::load_with(dir, dtype, |config, footprint| {
-            Placement::split(devices, config, footprint, kv_tokens)
+            Placement::split(devices, config, footprint, kv_tokens(config))
         })
     }
 

@@ -46,14 +46,6 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Every layer on `device`.
-    pub fn single(device: &Device, layers: usize) -> Self {
-        Self {
-            devices: vec![device.clone()],
-            layers: vec![0; layers],
-        }
-    }
-
     /// The layers of a model of `config` over `devices`, in consecutive runs balanced by
     /// memory (see the module docs): weights at `footprint`'s bytes a parameter, and
     /// `kv_tokens` tokens of keys and values a layer. One device places every layer there.
@@ -63,11 +55,6 @@ impl Placement {
         footprint: Footprint,
         kv_tokens: usize,
     ) -> Result<Self> {
-        if devices.is_empty() {
-            return Err(EngineError::InvalidInput(
-                "no device to place the model on".into(),
-            ));
-        }
         let weight = footprint.bytes_per_parameter.max(0.0);
         let layers = split_layers(
             config.num_hidden_layers,
@@ -76,10 +63,7 @@ impl Placement {
             first_device_parameters(config) as f64 * weight,
             devices.len(),
         );
-        Ok(Self {
-            devices: devices.to_vec(),
-            layers,
-        })
+        Self::new(devices.to_vec(), layers)
     }
 
     /// Layer `i` on `devices[layers[i]]`: a placement chosen by hand (tests, experiments).
@@ -317,6 +301,5 @@ mod tests {
             .expect("by hand")
             .for_model(&c);
         assert!(err.is_err_and(|e| e.to_string().contains("3 layers for a model of 80")));
-        assert_eq!(Placement::single(&Device::Cpu, 3).layer_counts(), vec![3]);
     }
 }

@@ -23,16 +23,17 @@ impl LlamaModel {
     /// converted to `dtype`. The tokenizer is not read from the file (the server takes
     /// `tokenizer.json` from the same directory).
     pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_gguf_on(path, dtype, std::slice::from_ref(device), 0)
+        Self::load_gguf_on(path, dtype, std::slice::from_ref(device), |_| 0)
     }
 
     /// [`Self::load_gguf`] with the layers split over `devices` ([`Placement::split`]),
-    /// balancing their weights and `kv_tokens` tokens of their keys and values.
+    /// balancing their weights and their keys and values at the budget `kv_tokens` gives for
+    /// the model's configuration.
     pub fn load_gguf_on(
         path: &Path,
         dtype: DType,
         devices: &[Device],
-        kv_tokens: usize,
+        kv_tokens: impl FnOnce(&LlamaConfig) -> usize,
     ) -> Result<Self> {
         Self::load_gguf_file(GgufFile::open(path)?, dtype, devices, kv_tokens)
     }
@@ -42,10 +43,10 @@ impl LlamaModel {
         file: GgufFile,
         dtype: DType,
         devices: &[Device],
-        kv_tokens: usize,
+        kv_tokens: impl FnOnce(&LlamaConfig) -> usize,
     ) -> Result<Self> {
         Self::load_gguf_with(file, dtype, |config, footprint| {
-            Placement::split(devices, config, footprint, kv_tokens)
+            Placement::split(devices, config, footprint, kv_tokens(config))
         })
     }
 
