@@ -208,22 +208,38 @@ fn avx512_vnni() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
-/// Asks the CPU to bring block `b + 1` of `w` (past the end: what follows in memory, the next
-/// group's first block) into the cache while the kernel multiplies block `b`.
+/// How far ahead of the block being multiplied the kernels ask for weights: about 12 KiB,
+/// into the L2 cache.
 ///
-/// Decode reads every weight once a step from memory; the hardware prefetchers alone left
-/// the kernels waiting on it. On the 2-core Xeon (2026-12-03), prefetching one block ahead
-/// raised Q4_K_M decode from 15.6–16.2 to 17.4–18.4 tokens/s at one stream and from 53.7–58.2
-/// to 62–70 at eight (`llama-server bench`, interleaved runs); two and four blocks ahead were
-/// slower than one.
+/// Decode reads every weight once a step from memory. On the 2-core Xeon (2026-12-03, 4 KiB
+/// pages), prefetching the next block into L1 raised Q4_K_M decode from 15.6–16.2 to
+/// 17.4–18.4 tokens/s at one stream. On the 2-core Zen 4 class EPYC (2026-12-07, weights in
+/// huge pages since [`super::weight_buffer`]), one activation row multiplies a block in
+/// 25–50 ns from the cache, less than memory takes to deliver it, and the next block was
+/// asked for too late: Q4_K_M single-stream decode ran at 30–31 tokens/s with it, 17–19
+/// without any prefetch, and 33–37 with 12 KiB ahead into L2 (`_MM_HINT_T1`; `llama-server
+/// bench`, interleaved runs, Q6_K already read as one stream). Into L1 at the same distance
+/// it was 25–26: the lines crowd the L1 and its miss buffers. 8 to 16 KiB ahead measured
+/// alike within the VM's spread; eight activation rows were not slower (100–123 against
+/// 99–112 tokens/s).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 12 * 1024;
+
+/// Asks the CPU to bring the block [`PREFETCH_BYTES`] past block `b` of `w` (past the end:
+/// what follows in memory, the next group's blocks) into the L2 cache while the kernel
+/// multiplies block `b`: one block's lines a call, so the stream ahead keeps its distance.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn prefetch_next<B>(w: &[B], b: usize) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    let next = w.as_ptr().wrapping_add(b + 1).cast::<i8>();
+fn prefetch_ahead<B>(w: &[B], b: usize) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    let ahead = w
+        .as_ptr()
+        .wrapping_add(b)
+        .cast::<i8>()
+        .wrapping_add(PREFETCH_BYTES);
     for line in (0..std::mem::size_of::<B>()).step_by(64) {
         // SAFETY: a prefetch is a hint: it never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line)) };
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line)) };
     }
 }
 

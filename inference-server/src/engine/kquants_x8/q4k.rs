@@ -137,7 +137,7 @@ pub(super) mod avx2 {
         let m4 = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
-            super::super::prefetch_next(w, b);
+            super::super::prefetch_ahead(w, b);
             let xq: [&[i8; 256]; R] = std::array::from_fn(|r| &x[r][b].qs);
             let mut sumi = [_mm256_setzero_si256(); R];
             if R <= 4 {
@@ -301,7 +301,7 @@ pub(super) mod vnni {
         let m4 = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
-            super::super::prefetch_next(w, b);
+            super::super::prefetch_ahead(w, b);
             let mut sumi = [_mm256_setzero_si256(); R];
             for c in 0..4 {
                 let mut p_lo = [_mm256_setzero_si256(); R];
@@ -398,7 +398,7 @@ pub(super) mod avx512 {
         let m4 = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
-            super::super::prefetch_next(w, b);
+            super::super::prefetch_ahead(w, b);
             let mut sumi = [_mm512_setzero_si512(); R];
             for c in 0..4 {
                 let mut p_lo = [_mm512_setzero_si512(); R];
