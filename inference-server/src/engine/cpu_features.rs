@@ -1,4 +1,5 @@
-//! Running a portable loop compiled for the CPU's vector extensions.
+//! Running a portable loop compiled for the CPU's vector extensions, and the extensions the
+//! kernels look for.
 
 #![allow(unsafe_code)]
 
@@ -19,4 +20,14 @@ pub(super) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
 #[target_feature(enable = "avx2")]
 fn avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
+}
+
+/// Whether this CPU has AVX-512 F, VL, BW and VNNI, which the Q8_0, Q4_K and Q6_K kernels use
+/// when it is there (cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx512_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
 }

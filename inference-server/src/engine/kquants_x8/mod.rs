@@ -26,6 +26,8 @@ use candle_core::quantized::QTensor;
 pub use q4k::BlockQ4Kx8;
 pub use q6k::BlockQ6Kx8;
 
+#[cfg(target_arch = "x86_64")]
+use super::cpu_features::avx512_vnni;
 use super::error::{EngineError, Result};
 use super::grouped_matmul::{self, GroupKernel};
 use super::kquants::{KBlock, Q8KBlock, QK_K};
@@ -196,16 +198,6 @@ fn scalar_dot<B: BlockX8, const R: usize>(w: &[B], x: [&[Q8KBlock]; R]) -> [[f32
         }
     }
     out
-}
-
-/// Whether this CPU has AVX-512 F, VL, BW and VNNI, which the Q4_K and Q6_K kernels use when
-/// it is there (cached by the standard library).
-#[cfg(target_arch = "x86_64")]
-fn avx512_vnni() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
 /// How far ahead of the block being multiplied the kernels ask for weights: about 12 KiB,
