@@ -417,12 +417,14 @@ pub(super) mod avx512 {
                 }
                 let s_lo = row_pair_lanes_u8(&wb.scales[2 * c]);
                 let s_hi = row_pair_lanes_u8(&wb.scales[2 * c + 1]);
+                // Each lane summed four `vpdpbusd`s of four products: at most 4 × 4 × 15 ×
+                // 128 = 30720 in magnitude, an i16 in the lane's low half, the high half its
+                // sign. A word multiply-add with the scale in the low half (the high one
+                // zero) is then the exact product, added in the same instruction: where
+                // `vpmulld` and an addition took 18 % of this kernel's samples at eight rows.
                 for r in 0..R {
-                    let p = _mm512_add_epi32(
-                        _mm512_mullo_epi32(p_lo[r], s_lo),
-                        _mm512_mullo_epi32(p_hi[r], s_hi),
-                    );
-                    sumi[r] = _mm512_add_epi32(sumi[r], p);
+                    sumi[r] = _mm512_dpwssd_epi32(sumi[r], p_lo[r], s_lo);
+                    sumi[r] = _mm512_dpwssd_epi32(sumi[r], p_hi[r], s_hi);
                 }
             }
             // A loop, not `array::map`: the map was not inlined into the kernel and moved

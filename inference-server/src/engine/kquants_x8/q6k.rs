@@ -437,7 +437,7 @@ pub(super) mod avx512 {
                         for r in 0..R {
                             let a = broadcast8(&x[r][b].qs[at..]);
                             let p = _mm512_maddubs_epi16(wv, a);
-                            sumi[r] = _mm512_add_epi32(sumi[r], _mm512_madd_epi16(p, s));
+                            sumi[r] = _mm512_dpwssd_epi32(sumi[r], p, s);
                         }
                     }
                 }
