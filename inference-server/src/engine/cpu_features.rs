@@ -22,6 +22,13 @@ fn avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether this CPU has AVX-VNNI (the VEX-encoded `vpdpbusd`), which the Q8_0 and Q4_K kernels
+/// use when it is there (cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx_vnni() -> bool {
+    std::arch::is_x86_feature_detected!("avxvnni")
+}
+
 /// Whether this CPU has AVX-512 F, VL, BW and VNNI, which the Q8_0, Q4_K and Q6_K kernels use
 /// when it is there (cached by the standard library).
 #[cfg(target_arch = "x86_64")]

@@ -30,9 +30,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
-#[cfg(target_arch = "x86_64")]
-use super::cpu_features::avx512_vnni;
 use super::cpu_features::with_avx2;
+#[cfg(target_arch = "x86_64")]
+use super::cpu_features::{avx_vnni, avx512_vnni};
 use super::cpu_pool::{for_each_row, for_each_task};
 use super::error::{EngineError, Result};
 use super::kquants::nearest_int;
@@ -312,13 +312,6 @@ fn quantize_row_portable(values: &[f32], blocks: &mut [ActBlock]) {
         }
         block.offset = sums.map(|s| -128 * s);
     }
-}
-
-/// Whether this CPU has AVX-VNNI, which the kernels use when it is there (cached by the
-/// standard library).
-#[cfg(target_arch = "x86_64")]
-pub(super) fn avx_vnni() -> bool {
-    std::arch::is_x86_feature_detected!("avxvnni")
 }
 
 /// `R` activation rows against one weight quad: row `r`'s four dot products.

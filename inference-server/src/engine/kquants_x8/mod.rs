@@ -27,14 +27,12 @@ pub use q4k::BlockQ4Kx8;
 pub use q6k::BlockQ6Kx8;
 
 #[cfg(target_arch = "x86_64")]
-use super::cpu_features::avx512_vnni;
+use super::cpu_features::{avx_vnni, avx512_vnni};
 use super::error::{EngineError, Result};
 use super::grouped_matmul::{self, GroupKernel};
 use super::kquants::{KBlock, Q8KBlock, QK_K};
 use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
-#[cfg(target_arch = "x86_64")]
-use super::q8_0::avx_vnni;
 use super::q8_0::supported;
 use super::weight_buffer::WeightBuffer;
 
