@@ -30,6 +30,17 @@ pub(super) trait GroupKernel: Sync {
     /// Group `group` against activation rows `first .. first + R`; writes their outputs (the
     /// group's columns of those rows) through `dst`.
     fn run<const R: usize>(&self, group: usize, first: usize, x: [&[Q8KBlock]; R], dst: OutColumns);
+    /// Whether [`GroupKernel::run_pair`] multiplies two adjacent groups in one pass on this
+    /// CPU: the driver then hands it eight activation rows at a time, the groups of a task
+    /// two by two.
+    fn pairs(&self) -> bool {
+        false
+    }
+    /// Groups `group` and `group + 1` against eight activation rows.
+    fn run_pair(&self, group: usize, first: usize, x: [&[Q8KBlock]; 8], dst: OutColumns) {
+        self.run(group, first, x, dst);
+        self.run(group + 1, first, x, dst);
+    }
 }
 
 /// `x Wᵀ` for `x` holding `m` rows of the matrix's `cols` values: `m` rows of `rows` values.
@@ -46,29 +57,49 @@ pub(super) fn matmul<K: GroupKernel>(kernel: &K, x: &[f32], m: usize) -> Result<
     let groups = n / K::GROUP;
     let dst = OutColumns::new(&mut out, m, n);
     let x = |r: usize| &act[r * per_row..(r + 1) * per_row];
+    // The rows of one tile against one group, in calls of eight (where the kernel takes
+    // them) or up to four activation rows.
+    let rows = |group: usize, from: usize, to: usize| {
+        let mut r = from;
+        while r < to {
+            if K::EIGHT_ROWS && to - r >= 8 {
+                let rows: [&[Q8KBlock]; 8] = std::array::from_fn(|i| x(r + i));
+                kernel.run(group, r, rows, dst);
+                r += 8;
+                continue;
+            }
+            let run = (to - r).min(4);
+            match run {
+                1 => kernel.run(group, r, [x(r)], dst),
+                2 => kernel.run(group, r, [x(r), x(r + 1)], dst),
+                3 => kernel.run(group, r, [x(r), x(r + 1), x(r + 2)], dst),
+                _ => kernel.run(group, r, [x(r), x(r + 1), x(r + 2), x(r + 3)], dst),
+            }
+            r += run;
+        }
+    };
+    let pairs = kernel.pairs();
     for_each_task(groups.div_ceil(groups_per_task), |task| {
         let first_group = task * groups_per_task;
         let last_group = (first_group + groups_per_task).min(groups);
         for tile in (0..m).step_by(tile_rows) {
             let tile_end = (tile + tile_rows).min(m);
-            for group in first_group..last_group {
-                let mut r = tile;
-                while r < tile_end {
-                    if K::EIGHT_ROWS && tile_end - r >= 8 {
-                        let rows: [&[Q8KBlock]; 8] = std::array::from_fn(|i| x(r + i));
-                        kernel.run(group, r, rows, dst);
-                        r += 8;
-                        continue;
-                    }
-                    let run = (tile_end - r).min(4);
-                    match run {
-                        1 => kernel.run(group, r, [x(r)], dst),
-                        2 => kernel.run(group, r, [x(r), x(r + 1)], dst),
-                        3 => kernel.run(group, r, [x(r), x(r + 1), x(r + 2)], dst),
-                        _ => kernel.run(group, r, [x(r), x(r + 1), x(r + 2), x(r + 3)], dst),
-                    }
-                    r += run;
+            let mut group = first_group;
+            while group < last_group {
+                if !pairs || group + 1 == last_group || tile_end - tile < 8 {
+                    rows(group, tile, tile_end);
+                    group += 1;
+                    continue;
                 }
+                let mut r = tile;
+                while tile_end - r >= 8 {
+                    let rows: [&[Q8KBlock]; 8] = std::array::from_fn(|i| x(r + i));
+                    kernel.run_pair(group, r, rows, dst);
+                    r += 8;
+                }
+                rows(group, r, tile_end);
+                rows(group + 1, r, tile_end);
+                group += 2;
             }
         }
     });

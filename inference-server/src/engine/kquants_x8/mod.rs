@@ -18,6 +18,7 @@
 
 #![allow(unsafe_code)]
 
+mod pairs;
 mod q4k;
 mod q6k;
 
@@ -49,6 +50,23 @@ pub trait BlockX8: Copy + Send + Sync + 'static {
     fn dequantize_row(&self, i: usize, out: &mut [f32]);
     /// Eight weight rows (one group's blocks) against `R` activation rows.
     fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R];
+    /// Whether this CPU runs [`BlockX8::dot_pair`] in one pass ([`pairs`]); where it does
+    /// not, the product driver does not ask for it.
+    fn pairs() -> bool {
+        false
+    }
+    /// Two groups' blocks (sixteen weight rows) against eight activation rows: each
+    /// activation row's sixteen results, `a`'s eight then `b`'s.
+    fn dot_pair(a: &[Self], b: &[Self], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8] {
+        two_dots(a, b, x)
+    }
+}
+
+/// Two groups' products through [`BlockX8::dot`], one group after the other, as
+/// [`BlockX8::dot_pair`] returns them.
+fn two_dots<B: BlockX8>(a: &[B], b: &[B], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8] {
+    let (first, second) = (B::dot(a, x), B::dot(b, x));
+    std::array::from_fn(|r| std::array::from_fn(|i| [first[r], second[r]][i / ROWS][i % ROWS]))
 }
 
 /// A `[rows, cols]` K-quant matrix whose rows are a multiple of eight, in blocks of eight rows.
@@ -170,12 +188,26 @@ impl<B: BlockX8> GroupKernel for KMatrixX8<B> {
         x: [&[Q8KBlock]; R],
         dst: OutColumns,
     ) {
-        write::<R>(dst, first, group * ROWS, B::dot(self.group(group), x));
+        write(dst, first, group * ROWS, B::dot(self.group(group), x));
+    }
+
+    fn pairs(&self) -> bool {
+        B::pairs()
+    }
+
+    fn run_pair(&self, group: usize, first: usize, x: [&[Q8KBlock]; 8], dst: OutColumns) {
+        let values = B::dot_pair(self.group(group), self.group(group + 1), x);
+        write(dst, first, group * ROWS, values);
     }
 }
 
-/// Writes columns `col .. col + 8` of output rows `row ..= row + R - 1`.
-fn write<const R: usize>(dst: OutColumns, row: usize, col: usize, values: [[f32; ROWS]; R]) {
+/// Writes columns `col .. col + N` of output rows `row ..= row + R - 1`.
+fn write<const R: usize, const N: usize>(
+    dst: OutColumns,
+    row: usize,
+    col: usize,
+    values: [[f32; N]; R],
+) {
     for (r, row_values) in values.iter().enumerate() {
         dst.set_run(row + r, col, row_values);
     }
@@ -221,13 +253,32 @@ const PREFETCH_BYTES: usize = 12 * 1024;
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn prefetch_ahead<B>(w: &[B], b: usize) {
+    prefetch_lines(w.as_ptr().wrapping_add(b), std::mem::size_of::<B>());
+}
+
+/// [`prefetch_ahead`] for a kernel that multiplies two adjacent groups block by block
+/// ([`pairs`]): the two groups lie one after the other in memory, and the pair's kernel
+/// consumes their run two blocks a step, so the prefetch follows a pointer that moves two
+/// blocks a step from the first group's start, and asks for two blocks' lines. (Prefetching
+/// ahead of each group's own block instead, one of the two streams asked mostly for lines the
+/// other had just used: with groups of 8 blocks, 12 KiB past the first group's block is the
+/// second group's block just multiplied.)
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_pair_ahead<B>(first: &[B], b: usize) {
+    prefetch_lines(
+        first.as_ptr().wrapping_add(2 * b),
+        2 * std::mem::size_of::<B>(),
+    );
+}
+
+/// Prefetches `bytes` bytes into L2, [`PREFETCH_BYTES`] past `at`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_lines<B>(at: *const B, bytes: usize) {
     use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-    let ahead = w
-        .as_ptr()
-        .wrapping_add(b)
-        .cast::<i8>()
-        .wrapping_add(PREFETCH_BYTES);
-    for line in (0..std::mem::size_of::<B>()).step_by(64) {
+    let ahead = at.cast::<i8>().wrapping_add(PREFETCH_BYTES);
+    for line in (0..bytes).step_by(64) {
         // SAFETY: a prefetch is a hint: it never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line)) };
     }
@@ -539,6 +590,57 @@ mod tests {
                 |w, x| unsafe { q6k::avx512::dot(w, x) },
             ),
         ])
+    }
+
+    /// Two groups in one pass ([`BlockX8::dot_pair`]: on this CPU the AVX-512 pair kernel
+    /// where it has AVX-512 VNNI, else the one-group kernel twice) against the scalar
+    /// reference of each group, eight activation rows with values at the i8 extremes.
+    fn pair_kernel_matches_the_reference<B: BlockX8>() -> Result<()> {
+        if !supported() {
+            return Ok(());
+        }
+        let (n, k) = (24, 768);
+        let weight = Tensor::from_vec(values(n * k, 9), (n, k), &Device::Cpu)?;
+        let q = QTensor::quantize(&weight, B::File::DTYPE)?;
+        let ours = KMatrixX8::<B>::from_qtensor(&q)?
+            .ok_or_else(|| EngineError::InvalidInput("a K-quant CPU tensor is taken".into()))?;
+        let mut extreme = values(8 * k, 17);
+        for (r, at) in [5, 300, 700, 1, 256, 511, 767, 128].into_iter().enumerate() {
+            extreme[r * k + at] = if r % 2 == 0 { 60.0 } else { -60.0 };
+        }
+        let act = quantize_rows(&extreme, k);
+        let per_row = k / QK_K;
+        let x: [&[Q8KBlock]; 8] = std::array::from_fn(|r| &act[r * per_row..(r + 1) * per_row]);
+        // Groups 1 and 2: the pair need not start at the matrix's first group.
+        let (a, b) = (ours.group(1), ours.group(2));
+        let (first, second) = (scalar_dot(a, x), scalar_dot(b, x));
+        let got = B::dot_pair(a, b, x);
+        for r in 0..8 {
+            for i in 0..2 * ROWS {
+                let e = if i < ROWS {
+                    first[r][i]
+                } else {
+                    second[r][i - ROWS]
+                };
+                let g = got[r][i];
+                assert!(
+                    (g - e).abs() <= 1e-3 * e.abs().max(1.0),
+                    "{:?}: activation row {r}, weight row {i}: {g} vs {e}",
+                    B::File::DTYPE
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn q4k_pair_kernel_matches_the_reference() -> Result<()> {
+        pair_kernel_matches_the_reference::<BlockQ4Kx8>()
+    }
+
+    #[test]
+    fn q6k_pair_kernel_matches_the_reference() -> Result<()> {
+        pair_kernel_matches_the_reference::<BlockQ6Kx8>()
     }
 
     #[test]

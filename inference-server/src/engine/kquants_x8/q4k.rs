@@ -11,17 +11,17 @@ use crate::engine::kquants::{BlockQ4K, Q8KBlock, q4k_scale_min};
 #[derive(Clone, Copy)]
 pub struct BlockQ4Kx8 {
     /// Each row's scale of its sub-block scales (f16 bits).
-    d: [u16; ROWS],
+    pub(super) d: [u16; ROWS],
     /// Each row's scale of its sub-block minimums (f16 bits).
-    dmin: [u16; ROWS],
+    pub(super) dmin: [u16; ROWS],
     /// `scales[j][i]`: row `i`'s 6-bit scale of sub-block `j` (values `32 j .. 32 j + 32`).
-    scales: [[u8; ROWS]; 8],
+    pub(super) scales: [[u8; ROWS]; 8],
     /// `mins[j][i]`: row `i`'s 6-bit minimum of sub-block `j`.
-    mins: [[u8; ROWS]; 8],
+    pub(super) mins: [[u8; ROWS]; 8],
     /// The rows' `qs` bytes four at a time: byte `t` of group `g` of chunk `c` of row `i` (file
     /// byte `32 c + 4 g + t`, holding values `64 c + 4 g + t` in its low nibble and
     /// `64 c + 32 + 4 g + t` in its high one) is at `((8 c + g) * 8 + i) * 4 + t`.
-    qs: [u8; 1024],
+    pub(super) qs: [u8; 1024],
 }
 
 impl BlockX8 for BlockQ4Kx8 {
@@ -97,6 +97,25 @@ impl BlockX8 for BlockQ4Kx8 {
         {
             super::scalar_dot(w, x)
         }
+    }
+    fn pairs() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::avx512_vnni()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    fn dot_pair(a: &[Self], b: &[Self], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if super::avx512_vnni() {
+            // SAFETY: checked just now (AVX2, FMA and F16C wherever a `KMatrixX8` exists).
+            return unsafe { super::pairs::q4k::dot(a, b, x) };
+        }
+        super::two_dots(a, b, x)
     }
 }
 

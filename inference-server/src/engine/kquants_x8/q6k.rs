@@ -23,24 +23,24 @@ use crate::engine::kquants::{BlockQ6K, Q8KBlock};
 #[derive(Clone, Copy)]
 pub struct BlockQ6Kx8 {
     /// Each row's scale of its sub-block scales (f16 bits).
-    d: [u16; ROWS],
+    pub(super) d: [u16; ROWS],
     /// `scales[j][i]`: row `i`'s signed scale of values `16 j .. 16 j + 16` (i8 bits).
-    scales: [[u8; ROWS]; 16],
+    pub(super) scales: [[u8; ROWS]; 16],
     /// The packed bits: byte `t` of row `i` from file `ql[64 h + 32 p + 4 g + t]` at
     /// `ql_at(8 h + g) + 32 p + 4 i + t`, and from file `qh[32 h + 4 g + t]` at
     /// `qh_at(8 h + g) + 4 i + t`.
-    bits: [u8; 1536],
+    pub(super) bits: [u8; 1536],
 }
 
 /// Where the 64 `ql` bytes of group `g` (0..16; `8 h + g` of the file's half `h`) begin in
 /// [`BlockQ6Kx8::bits`]: the two parts `p` of 32 bytes, each four bytes of every row.
-const fn ql_at(g: usize) -> usize {
+pub(super) const fn ql_at(g: usize) -> usize {
     (g / 2) * 192 + (g % 2) * 64
 }
 
 /// Where the 32 `qh` bytes of group `g` begin in [`BlockQ6Kx8::bits`], just after the `ql`
 /// bytes of its pair.
-const fn qh_at(g: usize) -> usize {
+pub(super) const fn qh_at(g: usize) -> usize {
     (g / 2) * 192 + 128 + (g % 2) * 32
 }
 
@@ -118,6 +118,25 @@ impl BlockX8 for BlockQ6Kx8 {
         {
             super::scalar_dot(w, x)
         }
+    }
+    fn pairs() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::avx512_vnni()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    fn dot_pair(a: &[Self], b: &[Self], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if super::avx512_vnni() {
+            // SAFETY: checked just now (AVX2, FMA and F16C wherever a `KMatrixX8` exists).
+            return unsafe { super::pairs::q6k::dot(a, b, x) };
+        }
+        super::two_dots(a, b, x)
     }
 }
 
