@@ -9,6 +9,8 @@ mod cpu_features;
 #[cfg(target_arch = "x86_64")]
 mod cpu_lanes;
 mod cpu_pool;
+#[cfg(target_arch = "x86_64")]
+mod cpu_prefetch;
 mod cpu_prefill_attention;
 #[cfg(target_arch = "x86_64")]
 mod cpu_prefill_tiles;

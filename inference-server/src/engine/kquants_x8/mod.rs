@@ -253,32 +253,13 @@ const PREFETCH_BYTES: usize = 12 * 1024;
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn prefetch_ahead<B>(w: &[B], b: usize) {
-    prefetch_lines(w.as_ptr().wrapping_add(b), std::mem::size_of::<B>());
-}
-
-/// [`prefetch_ahead`] for a kernel that multiplies two adjacent groups block by block
-/// ([`pairs`]): the two groups lie one after the other in memory, and the pair's kernel
-/// consumes their run two blocks a step, so the prefetch follows a pointer that moves two
-/// blocks a step from the first group's start, and asks for two blocks' lines. (Prefetching
-/// ahead of each group's own block instead, one of the two streams asked mostly for lines the
-/// other had just used: with groups of 8 blocks, 12 KiB past the first group's block is the
-/// second group's block just multiplied.)
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn prefetch_pair_ahead<B>(first: &[B], b: usize) {
-    prefetch_lines(
-        first.as_ptr().wrapping_add(2 * b),
-        2 * std::mem::size_of::<B>(),
-    );
-}
-
-/// Prefetches `bytes` bytes into L2, [`PREFETCH_BYTES`] past `at`.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn prefetch_lines<B>(at: *const B, bytes: usize) {
     use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-    let ahead = at.cast::<i8>().wrapping_add(PREFETCH_BYTES);
-    for line in (0..bytes).step_by(64) {
+    let ahead = w
+        .as_ptr()
+        .wrapping_add(b)
+        .cast::<i8>()
+        .wrapping_add(PREFETCH_BYTES);
+    for line in (0..std::mem::size_of::<B>()).step_by(64) {
         // SAFETY: a prefetch is a hint: it never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line)) };
     }

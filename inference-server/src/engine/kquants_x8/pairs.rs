@@ -99,9 +99,13 @@ fn store(v: __m512) -> [f32; PAIR_ROWS] {
 pub(super) mod q4k {
     use std::arch::x86_64::*;
 
-    use super::super::BlockQ4Kx8;
+    use super::super::{BlockQ4Kx8, PREFETCH_BYTES};
     use super::{PAIR_ROWS, broadcast4, bytes_both, bytes8, load_both, scales_f32, store};
+    use crate::engine::cpu_prefetch::{pair_ahead, steps_for};
     use crate::engine::kquants::Q8KBlock;
+
+    /// Steps of the pair the prefetch runs ahead: [`PREFETCH_BYTES`] of the two streams.
+    const STEPS: usize = steps_for::<BlockQ4Kx8>(PREFETCH_BYTES);
 
     /// Groups `wa` and `wb` (the same number of blocks) against `R` Q8_K rows: row `r`'s
     /// sixteen results, `wa`'s eight rows then `wb`'s.
@@ -123,7 +127,7 @@ pub(super) mod q4k {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, (ba, bb)) in wa.iter().zip(wb).enumerate() {
-            super::super::prefetch_pair_ahead(wa, b);
+            pair_ahead(wa, wb, b, STEPS);
             let mut sumi = [_mm512_setzero_si512(); R];
             for c in 0..4 {
                 let mut p_lo = [_mm512_setzero_si512(); R];
@@ -193,10 +197,14 @@ pub(super) mod q4k {
 pub(super) mod q6k {
     use std::arch::x86_64::*;
 
-    use super::super::BlockQ6Kx8;
     use super::super::q6k::{qh_at, ql_at};
+    use super::super::{BlockQ6Kx8, PREFETCH_BYTES};
     use super::{PAIR_ROWS, broadcast4, bytes_both, load_both, scales_f32, store};
+    use crate::engine::cpu_prefetch::{pair_ahead, steps_for};
     use crate::engine::kquants::Q8KBlock;
+
+    /// Steps of the pair the prefetch runs ahead: [`PREFETCH_BYTES`] of the two streams.
+    const STEPS: usize = steps_for::<BlockQ6Kx8>(PREFETCH_BYTES);
 
     /// The sixteen rows' 6-bit values `128 h + 32 c + 4 g ..` (unsigned, 0..63) of group
     /// `8 h + g`, four a row.
@@ -267,7 +275,7 @@ pub(super) mod q6k {
     ) -> [[f32; PAIR_ROWS]; R] {
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, (ba, bb)) in wa.iter().zip(wb).enumerate() {
-            super::super::prefetch_pair_ahead(wa, b);
+            pair_ahead(wa, wb, b, STEPS);
             let xb: [&Q8KBlock; R] = std::array::from_fn(|r| &x[r][b]);
             // −32 × each 16-value sum, the start of its sub-block's sum.
             let mut offsets = [[0i32; 16]; R];
