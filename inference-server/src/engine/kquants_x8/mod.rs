@@ -50,16 +50,34 @@ pub trait BlockX8: Copy + Send + Sync + 'static {
     fn dequantize_row(&self, i: usize, out: &mut [f32]);
     /// Eight weight rows (one group's blocks) against `R` activation rows.
     fn dot<const R: usize>(w: &[Self], x: [&[Q8KBlock]; R]) -> [[f32; ROWS]; R];
-    /// Whether this CPU runs [`BlockX8::dot_pair`] in one pass ([`pairs`]); where it does
-    /// not, the product driver does not ask for it.
+    /// Whether this CPU runs [`BlockX8::dot_pair`] in one pass ([`pairs`], with AVX-512
+    /// VNNI); where it does not, the product driver does not ask for it.
     fn pairs() -> bool {
-        false
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx512_vnni()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
     /// Two groups' blocks (sixteen weight rows) against eight activation rows: each
     /// activation row's sixteen results, `a`'s eight then `b`'s.
     fn dot_pair(a: &[Self], b: &[Self], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8] {
+        #[cfg(target_arch = "x86_64")]
+        if avx512_vnni() {
+            // SAFETY: checked just now (AVX2, FMA and F16C wherever a `KMatrixX8` exists).
+            return unsafe { Self::dot_pair_avx512(a, b, x) };
+        }
         two_dots(a, b, x)
     }
+    /// [`BlockX8::dot_pair`] in one pass, the block type's kernel in [`pairs`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, F16C and AVX-512 F, VL, BW and VNNI.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_pair_avx512(a: &[Self], b: &[Self], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8];
 }
 
 /// Two groups' products through [`BlockX8::dot`], one group after the other, as
@@ -595,20 +613,26 @@ mod tests {
         // Groups 1 and 2: the pair need not start at the matrix's first group.
         let (a, b) = (ours.group(1), ours.group(2));
         let (first, second) = (scalar_dot(a, x), scalar_dot(b, x));
-        let got = B::dot_pair(a, b, x);
-        for r in 0..8 {
-            for i in 0..2 * ROWS {
-                let e = if i < ROWS {
-                    first[r][i]
-                } else {
-                    second[r][i - ROWS]
-                };
-                let g = got[r][i];
-                assert!(
-                    (g - e).abs() <= 1e-3 * e.abs().max(1.0),
-                    "{:?}: activation row {r}, weight row {i}: {g} vs {e}",
-                    B::File::DTYPE
-                );
+        // The dispatched path (this CPU's) and the fallback of two one-group passes.
+        let paths = [
+            ("dispatched", B::dot_pair(a, b, x)),
+            ("two passes", two_dots(a, b, x)),
+        ];
+        for (path, got) in paths {
+            for r in 0..8 {
+                for i in 0..2 * ROWS {
+                    let e = if i < ROWS {
+                        first[r][i]
+                    } else {
+                        second[r][i - ROWS]
+                    };
+                    let g = got[r][i];
+                    assert!(
+                        (g - e).abs() <= 1e-3 * e.abs().max(1.0),
+                        "{:?}, {path}: activation row {r}, weight row {i}: {g} vs {e}",
+                        B::File::DTYPE
+                    );
+                }
             }
         }
         Ok(())

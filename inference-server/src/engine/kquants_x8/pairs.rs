@@ -85,13 +85,15 @@ fn scales_f32(a: &[u16; ROWS], b: &[u16; ROWS]) -> __m512 {
     _mm512_cvtph_ps(both)
 }
 
-/// Sixteen f32 results.
+/// Each activation row's sixteen f32 results.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-fn store(v: __m512) -> [f32; PAIR_ROWS] {
-    let mut out = [0f32; PAIR_ROWS];
-    // SAFETY: sixteen f32, the width of the store.
-    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+fn store<const R: usize>(acc: [__m512; R]) -> [[f32; PAIR_ROWS]; R] {
+    let mut out = [[0f32; PAIR_ROWS]; R];
+    for (out, acc) in out.iter_mut().zip(acc) {
+        // SAFETY: sixteen f32, the width of the store.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    }
     out
 }
 
@@ -185,11 +187,7 @@ pub(super) mod q4k {
                 acc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(xb.d), acc[r]);
             }
         }
-        let mut out = [[0f32; PAIR_ROWS]; R];
-        for (out, acc) in out.iter_mut().zip(acc) {
-            *out = store(acc);
-        }
-        out
+        store(acc)
     }
 }
 
@@ -300,10 +298,6 @@ pub(super) mod q6k {
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sumi[r]), acc[r]);
             }
         }
-        let mut out = [[0f32; PAIR_ROWS]; R];
-        for (out, acc) in out.iter_mut().zip(acc) {
-            *out = store(acc);
-        }
-        out
+        store(acc)
     }
 }

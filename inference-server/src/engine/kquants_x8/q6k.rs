@@ -119,24 +119,11 @@ impl BlockX8 for BlockQ6Kx8 {
             super::scalar_dot(w, x)
         }
     }
-    fn pairs() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::avx512_vnni()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
 
-    fn dot_pair(a: &[Self], b: &[Self], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8] {
-        #[cfg(target_arch = "x86_64")]
-        if super::avx512_vnni() {
-            // SAFETY: checked just now (AVX2, FMA and F16C wherever a `KMatrixX8` exists).
-            return unsafe { super::pairs::q6k::dot(a, b, x) };
-        }
-        super::two_dots(a, b, x)
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_pair_avx512(a: &[Self], b: &[Self], x: [&[Q8KBlock]; 8]) -> [[f32; 2 * ROWS]; 8] {
+        // SAFETY: the caller's contract, the kernel's.
+        unsafe { super::pairs::q6k::dot(a, b, x) }
     }
 }
 
