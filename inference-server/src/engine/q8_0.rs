@@ -458,25 +458,34 @@ mod common {
     pub(super) fn scales(w: &QuadBlock) -> __m256 {
         // SAFETY: `w.d` is 4 × u16 = the 8 bytes `_mm_loadl_epi64` reads.
         let d = unsafe { _mm_loadl_epi64(w.d.as_ptr().cast()) };
-        _mm256_cvtph_ps(_mm_unpacklo_epi16(d, d))
+        _mm256_cvtph_ps(_mm_unpacklo_epi32(d, d))
     }
 
-    /// Adds the block's integer sums, scaled, to the row's accumulator.
+    /// Adds the block's integer sums, scaled, to the row's accumulator. Each row's two lanes
+    /// are added as integers first (`[r0, r1, r0, r1 | r2, r3, r2, r3]`, [`scales`]' order),
+    /// so a row's result is Σ over blocks of (its scale × the activation's) × its block sum,
+    /// in block order: the same float operations, bit for bit, as the two-quad kernel
+    /// ([`super::octets`]) does at eight activation rows, whichever of them multiplies a
+    /// prompt's rows (a prompt's answer must not depend on how the steps split it).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn accumulate(acc: __m256, sums: __m256i, scales: __m256, x: &ActBlock) -> __m256 {
         let scale = _mm256_mul_ps(scales, _mm256_set1_ps(x.d));
-        _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc)
+        _mm256_fmadd_ps(
+            scale,
+            _mm256_cvtepi32_ps(_mm256_hadd_epi32(sums, sums)),
+            acc,
+        )
     }
 
-    /// The four rows' dot products from their two lanes each.
+    /// The four rows' dot products: lanes 0, 1, 4 and 5 of the accumulator.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn finish(acc: __m256) -> [f32; ROWS] {
-        let sums = _mm_hadd_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let rows = _mm_movelh_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         let mut out = [0f32; ROWS];
         // SAFETY: `out` holds the 4 floats stored.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), rows) };
         out
     }
 }
@@ -754,6 +763,17 @@ mod tests {
             &matrix.blocks[2 * per_row..3 * per_row],
         );
         let got = dot_octet(wa, wb, rows);
+        // The same bits as the one-quad kernel at one activation row: a prompt's rows give
+        // the same results whether a step holds eight of them or one.
+        for (r, row) in rows.iter().enumerate() {
+            let one = [dot(wa, [*row])[0], dot(wb, [*row])[0]].concat();
+            assert_eq!(
+                got[r].map(f32::to_bits).to_vec(),
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "activation row {r}: {:?} vs {one:?}",
+                got[r]
+            );
+        }
         for (r, row) in rows.iter().enumerate() {
             let expected = [scalar_dot(wa, row), scalar_dot(wb, row)].concat();
             for (i, (g, e)) in got[r].iter().zip(&expected).enumerate() {

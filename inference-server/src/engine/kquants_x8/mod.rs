@@ -613,6 +613,19 @@ mod tests {
         // Groups 1 and 2: the pair need not start at the matrix's first group.
         let (a, b) = (ours.group(1), ours.group(2));
         let (first, second) = (scalar_dot(a, x), scalar_dot(b, x));
+        // The same bits as the one-group kernel at one activation row: a prompt's rows give
+        // the same results whether a step holds eight of them or one.
+        let paired = B::dot_pair(a, b, x);
+        for (r, row) in x.iter().enumerate() {
+            let one = [B::dot(a, [*row])[0], B::dot(b, [*row])[0]].concat();
+            assert_eq!(
+                paired[r].map(f32::to_bits).to_vec(),
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{:?}, activation row {r}: {:?} vs {one:?}",
+                B::File::DTYPE,
+                paired[r]
+            );
+        }
         // The dispatched path (this CPU's) and the fallback of two one-group passes.
         let paths = [
             ("dispatched", B::dot_pair(a, b, x)),

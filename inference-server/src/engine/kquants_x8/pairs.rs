@@ -182,9 +182,13 @@ pub(super) mod q4k {
                     let pair = _mm512_permutexvar_epi32(_mm512_set1_epi32(lane), pairs);
                     summ = _mm512_dpwssd_epi32(summ, mins[q], pair);
                 }
-                let m = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(summ));
-                let v = _mm512_fmsub_ps(d, _mm512_cvtepi32_ps(sumi[r]), m);
-                acc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(xb.d), acc[r]);
+                // The one-group kernels' float operations, in their order: a row's result
+                // has the same bits whichever kernel multiplies it.
+                let xd = _mm512_set1_ps(xb.d);
+                let sumi = _mm512_cvtepi32_ps(sumi[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, xd), sumi, acc[r]);
+                let summ = _mm512_cvtepi32_ps(summ);
+                acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, xd), summ, acc[r]);
             }
         }
         store(acc)
