@@ -24,15 +24,14 @@ pub(super) fn pair_ahead<B>(first: &[B], second: &[B], b: usize, steps: usize) {
     // Past the end of this pair: the next pair's groups, `2 × per_group` blocks further on.
     let skip = if at >= per_group { per_group } else { 0 };
     let bytes = std::mem::size_of::<B>();
-    lines(first.as_ptr().wrapping_add(at + skip), bytes);
-    lines(second.as_ptr().wrapping_add(at + skip), bytes);
+    lines(first.as_ptr().wrapping_add(at + skip).cast(), bytes);
+    lines(second.as_ptr().wrapping_add(at + skip).cast(), bytes);
 }
 
-/// Prefetches the `bytes` bytes from `at` into L2.
+/// Prefetches the `bytes` bytes from `at` into L2 (any address: a prefetch never faults).
 #[inline]
-fn lines<B>(at: *const B, bytes: usize) {
+pub(super) fn lines(at: *const i8, bytes: usize) {
     use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-    let at = at.cast::<i8>();
     for line in (0..bytes).step_by(64) {
         // SAFETY: a prefetch is a hint: it never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(line)) };

@@ -679,15 +679,20 @@ mod tests {
         Ok(())
     }
 
+    /// A `[n, k]` matrix of [`values`] quantized by candle and regrouped from its bytes.
+    fn test_matrix(n: usize, k: usize, seed: u32) -> Result<Q8Matrix> {
+        let weight = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu)?;
+        let q = QTensor::quantize(&weight, GgmlDType::Q8_0)?;
+        Q8Matrix::from_gguf_bytes(n, k, &q.data()?)
+    }
+
     #[test]
     fn kernels_match_the_scalar_reference() -> Result<()> {
         if !supported() {
             return Ok(());
         }
         let (n, k) = (8, 256);
-        let weight = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu)?;
-        let q = QTensor::quantize(&weight, GgmlDType::Q8_0)?;
-        let matrix = Q8Matrix::from_gguf_bytes(n, k, &q.data()?)?;
+        let matrix = test_matrix(n, k, 3)?;
         let per_row = k / QK;
         let act = quantize_rows(&values(8 * k, 5), k);
         let rows: Vec<&[ActBlock]> = act.chunks_exact(per_row).collect();
@@ -748,9 +753,7 @@ mod tests {
         // Three quads; the pair is quads 1 and 2. Activations with an extreme value in
         // each row.
         let (n, k) = (12, 256);
-        let weight = Tensor::from_vec(values(n * k, 13), (n, k), &Device::Cpu)?;
-        let q = QTensor::quantize(&weight, GgmlDType::Q8_0)?;
-        let matrix = Q8Matrix::from_gguf_bytes(n, k, &q.data()?)?;
+        let matrix = test_matrix(n, k, 13)?;
         let per_row = k / QK;
         let mut x = values(8 * k, 21);
         for r in 0..8 {

@@ -271,16 +271,12 @@ const PREFETCH_BYTES: usize = 12 * 1024;
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn prefetch_ahead<B>(w: &[B], b: usize) {
-    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
     let ahead = w
         .as_ptr()
         .wrapping_add(b)
         .cast::<i8>()
         .wrapping_add(PREFETCH_BYTES);
-    for line in (0..std::mem::size_of::<B>()).step_by(64) {
-        // SAFETY: a prefetch is a hint: it never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line)) };
-    }
+    super::cpu_prefetch::lines(ahead, std::mem::size_of::<B>());
 }
 
 /// Helpers of the AVX2 kernels.

@@ -238,10 +238,6 @@ pub(super) mod q6k {
         offsets: &[[i32; 16]; R],
         sumi: &mut [__m512i; R],
     ) {
-        // Each chunk loads its packed bytes afresh: without this opaque copy of the block
-        // references the compiler keeps the four chunks' shared loads in registers, and the
-        // sixteen rows' sums then spill.
-        let (a, b) = (std::hint::black_box(a), std::hint::black_box(b));
         for half in 0..2 {
             let sub = 8 * h + 2 * C + half;
             let mut p: [__m512i; R] = std::array::from_fn(|r| _mm512_set1_epi32(offsets[r][sub]));
