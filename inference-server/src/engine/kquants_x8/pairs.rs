@@ -202,57 +202,73 @@ pub(super) mod q6k {
     use super::super::q6k::{qh_at, ql_at};
     use super::super::{BlockQ6Kx8, PREFETCH_BYTES};
     use super::{PAIR_ROWS, broadcast4, bytes_both, load_both, scales_f32, store};
-    use crate::engine::cpu_prefetch::{pair_ahead, steps_for};
+    use crate::engine::cpu_prefetch::{pair_ahead_at, part, steps_for};
     use crate::engine::kquants::Q8KBlock;
 
     /// Steps of the pair the prefetch runs ahead: [`PREFETCH_BYTES`] of the two streams.
     const STEPS: usize = steps_for::<BlockQ6Kx8>(PREFETCH_BYTES);
 
-    /// The sixteen rows' 6-bit values `128 h + 32 c + 4 g ..` (unsigned, 0..63) of group
-    /// `8 h + g`, four a row.
+    /// Chunks `P` and `P + 2` of half `h`, which share their bytes: `ql`'s low nibbles are
+    /// chunk `P`'s low bits and its high nibbles chunk `P + 2`'s, and one `qh` byte holds the
+    /// high bits of both. Sub-blocks `8 h + 2 C` (groups 0..4) and `8 h + 2 C + 1` (groups
+    /// 4..8) of each chunk `C` are summed from −32 × the activation's sum of their 16 values,
+    /// scaled and added to `sumi`.
+    ///
+    /// Taking the two chunks together loads each byte once and keeps the values' lifetimes
+    /// short: with the chunks one at a time, the compiler kept the loads shared by chunk `P`
+    /// and `P + 2` alive across the chunks between them and spilled them to the stack.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    fn values<const C: usize>(a: &BlockQ6Kx8, b: &BlockQ6Kx8, group: usize) -> __m512i {
-        let ql = load_both(&a.bits, &b.bits, ql_at(group) + 32 * (C % 2));
-        let qh = load_both(&a.bits, &b.bits, qh_at(group));
-        let (low, high) = match C {
-            0 => (ql, _mm512_slli_epi16::<4>(qh)),
-            1 => (ql, _mm512_slli_epi16::<2>(qh)),
-            2 => (_mm512_srli_epi16::<4>(ql), qh),
-            _ => (_mm512_srli_epi16::<4>(ql), _mm512_srli_epi16::<2>(qh)),
-        };
-        let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-        _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(high, m30))
-    }
-
-    /// Chunk `C` of half `h`: sub-blocks `8 h + 2 C` (groups 0..4) and `8 h + 2 C + 1`
-    /// (groups 4..8), each summed from −32 × the activation's sum of its 16 values, scaled and
-    /// added to `sumi`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-    fn chunk<const C: usize, const R: usize>(
+    fn chunks<const P: usize, const R: usize>(
         a: &BlockQ6Kx8,
         b: &BlockQ6Kx8,
+        ahead: [*const i8; 2],
         h: usize,
         x: &[&Q8KBlock; R],
         offsets: &[[i32; 16]; R],
         sumi: &mut [__m512i; R],
     ) {
+        let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        part::<BlockQ6Kx8>(ahead, 2 * h + P, 4);
         for half in 0..2 {
-            let sub = 8 * h + 2 * C + half;
-            let mut p: [__m512i; R] = std::array::from_fn(|r| _mm512_set1_epi32(offsets[r][sub]));
+            let (sub_lo, sub_hi) = (8 * h + 2 * P + half, 8 * h + 2 * (P + 2) + half);
+            let mut p_lo: [__m512i; R] =
+                std::array::from_fn(|r| _mm512_set1_epi32(offsets[r][sub_lo]));
+            let mut p_hi: [__m512i; R] =
+                std::array::from_fn(|r| _mm512_set1_epi32(offsets[r][sub_hi]));
             for g in 4 * half..4 * half + 4 {
-                let w = values::<C>(a, b, 8 * h + g);
-                let at = 128 * h + 32 * C + 4 * g;
+                let group = 8 * h + g;
+                let ql = load_both(&a.bits, &b.bits, ql_at(group) + 32 * P);
+                let qh = load_both(&a.bits, &b.bits, qh_at(group));
+                // Chunk C's two high bits are bits 2 C, 2 C + 1 of `qh`, moved to bits 4, 5.
+                let (high_lo, high_hi) = if P == 0 {
+                    (_mm512_slli_epi16::<4>(qh), qh)
+                } else {
+                    (_mm512_slli_epi16::<2>(qh), _mm512_srli_epi16::<2>(qh))
+                };
+                let w_lo =
+                    _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(high_lo, m30));
+                let w_hi = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                    _mm512_and_si512(high_hi, m30),
+                );
+                let at = 128 * h + 32 * P + 4 * g;
                 for r in 0..R {
-                    // SAFETY: `at + 4 <= 128 + 96 + 28 + 4 = 256`.
-                    let xq = unsafe { broadcast4(&x[r].qs, at) };
-                    p[r] = _mm512_dpbusd_epi32(p[r], w, xq);
+                    // SAFETY: `at + 64 + 4 <= 128 + 32 + 28 + 68 = 256`.
+                    let (x_lo, x_hi) =
+                        unsafe { (broadcast4(&x[r].qs, at), broadcast4(&x[r].qs, at + 64)) };
+                    p_lo[r] = _mm512_dpbusd_epi32(p_lo[r], w_lo, x_lo);
+                    p_hi[r] = _mm512_dpbusd_epi32(p_hi[r], w_hi, x_hi);
                 }
             }
-            let s = _mm512_cvtepi8_epi32(bytes_both(&a.scales[sub], &b.scales[sub]));
+            let s_lo = _mm512_cvtepi8_epi32(bytes_both(&a.scales[sub_lo], &b.scales[sub_lo]));
+            let s_hi = _mm512_cvtepi8_epi32(bytes_both(&a.scales[sub_hi], &b.scales[sub_hi]));
             for r in 0..R {
-                sumi[r] = _mm512_add_epi32(sumi[r], _mm512_mullo_epi32(p[r], s));
+                let scaled = _mm512_add_epi32(
+                    _mm512_mullo_epi32(p_lo[r], s_lo),
+                    _mm512_mullo_epi32(p_hi[r], s_hi),
+                );
+                sumi[r] = _mm512_add_epi32(sumi[r], scaled);
             }
         }
     }
@@ -273,7 +289,7 @@ pub(super) mod q6k {
     ) -> [[f32; PAIR_ROWS]; R] {
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, (ba, bb)) in wa.iter().zip(wb).enumerate() {
-            pair_ahead(wa, wb, b, STEPS);
+            let ahead = pair_ahead_at(wa, wb, b, STEPS);
             let xb: [&Q8KBlock; R] = std::array::from_fn(|r| &x[r][b]);
             // −32 × each 16-value sum, the start of its sub-block's sum.
             let mut offsets = [[0i32; 16]; R];
@@ -287,10 +303,8 @@ pub(super) mod q6k {
             }
             let mut sumi = [_mm512_setzero_si512(); R];
             for h in 0..2 {
-                chunk::<0, R>(ba, bb, h, &xb, &offsets, &mut sumi);
-                chunk::<1, R>(ba, bb, h, &xb, &offsets, &mut sumi);
-                chunk::<2, R>(ba, bb, h, &xb, &offsets, &mut sumi);
-                chunk::<3, R>(ba, bb, h, &xb, &offsets, &mut sumi);
+                chunks::<0, R>(ba, bb, ahead, h, &xb, &offsets, &mut sumi);
+                chunks::<1, R>(ba, bb, ahead, h, &xb, &offsets, &mut sumi);
             }
             let d = scales_f32(&ba.d, &bb.d);
             for r in 0..R {
