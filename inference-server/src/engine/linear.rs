@@ -8,6 +8,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::cpu_slice::with_f32;
 use super::error::{EngineError, Result};
+use super::grouped_matmul::{Product, Tasks, run};
+use super::kquants::quantize_rows;
 use super::kquants::{Q4KMatrix, Q6KMatrix};
 use super::kquants_x8::{Q4KX8Matrix, Q6KX8Matrix};
 use super::q8_0::Q8Matrix;
@@ -96,6 +98,116 @@ impl Linear {
             Self::Q6KX8(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
         }
     }
+}
+
+impl Linear {
+    /// `x Wᵀ` of each of `layers`, which share the input `x` (a layer's query, key and value
+    /// projections; its gate and up projections): as [`Linear::forward`] on each, to the bit.
+    ///
+    /// Where every layer is a K-quant matrix in groups of eight rows on the CPU (Q4_K_M's
+    /// layers), `x` is quantized once for all of them and their tasks share one hand-out on
+    /// the engine's CPU pool. One at a time, the input was quantized for each on the stepping
+    /// thread while the pool's helper waited, and each product ended with a wait for the
+    /// slower thread.
+    pub fn forward_each<const N: usize>(layers: [&Self; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let shared: Option<Vec<KQuantX8<'_>>> = layers.iter().map(|l| l.k_quant_x8()).collect();
+        let outputs = match shared {
+            Some(matrices) if x.device().is_cpu() => shared_forward(&matrices, x)?,
+            _ => layers
+                .iter()
+                .map(|layer| layer.forward(x))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        outputs.try_into().map_err(|outputs: Vec<Tensor>| {
+            EngineError::InvalidInput(format!("{} outputs for {N} layers", outputs.len()))
+        })
+    }
+
+    /// The K-quant matrix in groups of eight rows this layer multiplies, if it is one.
+    fn k_quant_x8(&self) -> Option<KQuantX8<'_>> {
+        match self {
+            Self::Q4KX8(m) => Some(KQuantX8::Q4K(m)),
+            Self::Q6KX8(m) => Some(KQuantX8::Q6K(m)),
+            _ => None,
+        }
+    }
+}
+
+/// A K-quant matrix in groups of eight rows: its activations are Q8_K blocks, whatever its
+/// own block type.
+enum KQuantX8<'a> {
+    Q4K(&'a Q4KX8Matrix),
+    Q6K(&'a Q6KX8Matrix),
+}
+
+impl KQuantX8<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Self::Q4K(m) => m.rows(),
+            Self::Q6K(m) => m.rows(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Self::Q4K(m) => m.cols(),
+            Self::Q6K(m) => m.cols(),
+        }
+    }
+}
+
+/// [`Linear::forward_each`] for K-quant matrices in groups of eight rows: the input quantized
+/// once, the products' tasks handed out together.
+fn shared_forward(matrices: &[KQuantX8<'_>], x: &Tensor) -> Result<Vec<Tensor>> {
+    let dims = x.dims();
+    let Some((&k, leading)) = dims.split_last() else {
+        return Err(EngineError::InvalidInput(
+            "a linear layer's input needs a dimension".into(),
+        ));
+    };
+    if let Some(other) = matrices.iter().find(|matrix| matrix.cols() != k) {
+        return Err(EngineError::InvalidInput(format!(
+            "input of {k} features for a layer of {}",
+            other.cols()
+        )));
+    }
+    let m = leading.iter().product::<usize>();
+    let input = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut outs: Vec<Vec<f32>> = matrices
+        .iter()
+        .map(|mx| vec![0f32; m * mx.rows()])
+        .collect();
+    with_f32(&input, "the engine's quantized kernels", |values| {
+        if values.len() != m * k {
+            return Err(EngineError::InvalidInput(format!(
+                "{} input values are not {m} rows of {k}",
+                values.len()
+            )));
+        }
+        let act = quantize_rows(values, k);
+        let products = matrices
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(matrix, out)| -> Result<Box<dyn Tasks + '_>> {
+                Ok(match matrix {
+                    KQuantX8::Q4K(m4) => Box::new(Product::new(*m4, &act, m, out)?),
+                    KQuantX8::Q6K(m6) => Box::new(Product::new(*m6, &act, m, out)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tasks: Vec<&dyn Tasks> = products.iter().map(|p| p.as_ref()).collect();
+        run(&tasks);
+        Ok(())
+    })?;
+    matrices
+        .iter()
+        .zip(outs)
+        .map(|(matrix, out)| {
+            let mut shape = leading.to_vec();
+            shape.push(matrix.rows());
+            Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
+        })
+        .collect()
 }
 
 /// The token embedding table, dense or quantized.
@@ -276,6 +388,57 @@ mod tests {
             Embedding::from_qtensor(q, DType::F32)?,
             Embedding::Dense(_)
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn layers_sharing_an_input_give_each_layers_own_bits() -> Result<()> {
+        // Q4_K and Q6_K layers of different heights (rows in whole groups of eight, some in
+        // pairs, one odd group), then a dense one, which takes the one-at-a-time path.
+        let hidden = 512;
+        let q4 = Linear::from_qtensor(
+            Arc::new(QTensor::quantize(&ramp(48, hidden)?, GgmlDType::Q4K)?),
+            DType::F32,
+        )?;
+        let q6 = Linear::from_qtensor(
+            Arc::new(QTensor::quantize(
+                &(ramp(24, hidden)? * 3.0)?,
+                GgmlDType::Q6K,
+            )?),
+            DType::F32,
+        )?;
+        let dense = Linear::dense(ramp(16, hidden)?);
+        // Where the CPU runs the engine's K-quant kernels, both take the shared path.
+        let shared = q4.k_quant_x8().is_some() && q6.k_quant_x8().is_some();
+        assert_eq!(shared, crate::engine::q8_0::supported());
+        for m in [1, 3, 8, 11] {
+            let x = (ramp(m, hidden)? * 7.0)?;
+            let [a, b] = Linear::forward_each([&q4, &q6], &x)?;
+            let [c, d, e] = Linear::forward_each([&q6, &dense, &q4], &x)?;
+            for (got, layer) in [(a, &q4), (b, &q6), (c, &q6), (d, &dense), (e, &q4)] {
+                let want = layer.forward(&x)?;
+                assert_eq!(got.dims(), want.dims());
+                let (got, want) = (
+                    got.flatten_all()?.to_vec1::<f32>()?,
+                    want.flatten_all()?.to_vec1::<f32>()?,
+                );
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{m} rows");
+            }
+        }
+        // A layer of another width is refused, whichever path it takes.
+        let narrow = Linear::from_qtensor(
+            Arc::new(QTensor::quantize(&ramp(8, 256)?, GgmlDType::Q4K)?),
+            DType::F32,
+        )?;
+        let x = ramp(2, hidden)?;
+        let err = Linear::forward_each([&q4, &narrow], &x)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.is_some_and(|e| e.contains("512 features for a layer of 256")),
+            "shared path: {shared}"
+        );
         Ok(())
     }
 }

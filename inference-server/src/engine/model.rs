@@ -454,7 +454,8 @@ impl LlamaModel {
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             let mlp = &layer.mlp;
-            let gated = swiglu(&mlp.gate_proj.forward(&h)?, &mlp.up_proj.forward(&h)?)?;
+            let [gate, up] = Linear::forward_each([&mlp.gate_proj, &mlp.up_proj], &h)?;
+            let gated = swiglu(&gate, &up)?;
             x = (x + mlp.down_proj.forward(&gated)?)?;
         }
         for step in batch.iter_mut() {
@@ -610,9 +611,10 @@ impl LlamaModel {
                 .transpose(0, 1)?
                 .contiguous()?)
         };
-        let q = Rope::apply(&heads_first(attn.q_proj.forward(h)?, heads)?, cos, sin)?;
-        let k = Rope::apply(&heads_first(attn.k_proj.forward(h)?, kv_heads)?, cos, sin)?;
-        let v = heads_first(attn.v_proj.forward(h)?, kv_heads)?;
+        let [q, k, v] = Linear::forward_each([&attn.q_proj, &attn.k_proj, &attn.v_proj], h)?;
+        let q = Rope::apply(&heads_first(q, heads)?, cos, sin)?;
+        let k = Rope::apply(&heads_first(k, kv_heads)?, cos, sin)?;
+        let v = heads_first(v, kv_heads)?;
         let (keys, values) = self.kv_pool.layer(index)?;
         // The pool may hold a narrower type than the compute dtype (`auto_kv_dtype`).
         let (k, v) = (k.to_dtype(keys.dtype())?, v.to_dtype(values.dtype())?);
