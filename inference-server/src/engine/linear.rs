@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::cpu_slice::with_f32;
 use super::error::{EngineError, Result};
 use super::grouped_matmul::{Product, Tasks, run};
-use super::kquants::quantize_rows;
+use super::kquants;
 use super::kquants::{Q4KMatrix, Q6KMatrix};
 use super::kquants_x8::{Q4KX8Matrix, Q6KX8Matrix};
-use super::q8_0::Q8Matrix;
+use super::q8_0::{self, Q8Matrix, Q8Product};
 
 /// A bias-free linear layer `y = x Wᵀ`.
 #[derive(Debug, Clone)]
@@ -104,15 +104,14 @@ impl Linear {
     /// `x Wᵀ` of each of `layers`, which share the input `x` (a layer's query, key and value
     /// projections; its gate and up projections): as [`Linear::forward`] on each, to the bit.
     ///
-    /// Where every layer is a K-quant matrix in groups of eight rows on the CPU (Q4_K_M's
-    /// layers), `x` is quantized once for all of them and their tasks share one hand-out on
-    /// the engine's CPU pool. One at a time, the input was quantized for each on the stepping
-    /// thread while the pool's helper waited, and each product ended with a wait for the
-    /// slower thread.
+    /// Where the layers are all Q8_0, or all K-quant matrices in groups of eight rows (Q4_K_M's
+    /// Q4_K and Q6_K), on the engine's CPU kernels, `x` is quantized once for all of them and
+    /// their tasks share one hand-out on the engine's CPU pool. One at a time, the input was
+    /// quantized for each on the stepping thread while the pool's helper waited, and each
+    /// product ended with a wait for the slower thread.
     pub fn forward_each<const N: usize>(layers: [&Self; N], x: &Tensor) -> Result<[Tensor; N]> {
-        let shared: Option<Vec<KQuantX8<'_>>> = layers.iter().map(|l| l.k_quant_x8()).collect();
-        let outputs = match shared {
-            Some(matrices) if x.device().is_cpu() => shared_forward(&matrices, x)?,
+        let outputs = match Shared::of(&layers) {
+            Some(shared) if x.device().is_cpu() => shared.forward(x)?,
             _ => layers
                 .iter()
                 .map(|layer| layer.forward(x))
@@ -122,92 +121,119 @@ impl Linear {
             EngineError::InvalidInput(format!("{} outputs for {N} layers", outputs.len()))
         })
     }
-
-    /// The K-quant matrix in groups of eight rows this layer multiplies, if it is one.
-    fn k_quant_x8(&self) -> Option<KQuantX8<'_>> {
-        match self {
-            Self::Q4KX8(m) => Some(KQuantX8::Q4K(m)),
-            Self::Q6KX8(m) => Some(KQuantX8::Q6K(m)),
-            _ => None,
-        }
-    }
 }
 
-/// A K-quant matrix in groups of eight rows: its activations are Q8_K blocks, whatever its
-/// own block type.
+/// Layers whose products can share one quantization of their input.
+enum Shared<'a> {
+    /// Q4_K and Q6_K matrices in groups of eight rows: Q8_K activations.
+    KQuant(Vec<KQuantX8<'a>>),
+    /// Q8_0 matrices: Q8_0 activations.
+    Q8(Vec<&'a Q8Matrix>),
+}
+
+/// A K-quant matrix in groups of eight rows.
 enum KQuantX8<'a> {
     Q4K(&'a Q4KX8Matrix),
     Q6K(&'a Q6KX8Matrix),
 }
 
-impl KQuantX8<'_> {
-    fn rows(&self) -> usize {
+impl<'a> Shared<'a> {
+    /// The layers' matrices, where they are all of one family on the engine's kernels.
+    fn of(layers: &[&'a Linear]) -> Option<Self> {
+        let k_quants = layers.iter().map(|layer| match layer {
+            Linear::Q4KX8(m) => Some(KQuantX8::Q4K(m)),
+            Linear::Q6KX8(m) => Some(KQuantX8::Q6K(m)),
+            _ => None,
+        });
+        if let Some(matrices) = k_quants.collect::<Option<Vec<_>>>() {
+            return Some(Self::KQuant(matrices));
+        }
+        let q8 = layers.iter().map(|layer| match layer {
+            Linear::Q8_0(m) => Some(&**m),
+            _ => None,
+        });
+        q8.collect::<Option<Vec<_>>>().map(Self::Q8)
+    }
+
+    /// Each matrix's (rows, cols).
+    fn shapes(&self) -> Vec<(usize, usize)> {
         match self {
-            Self::Q4K(m) => m.rows(),
-            Self::Q6K(m) => m.rows(),
+            Self::KQuant(matrices) => matrices
+                .iter()
+                .map(|matrix| match matrix {
+                    KQuantX8::Q4K(m) => (m.rows(), m.cols()),
+                    KQuantX8::Q6K(m) => (m.rows(), m.cols()),
+                })
+                .collect(),
+            Self::Q8(matrices) => matrices.iter().map(|m| (m.rows(), m.cols())).collect(),
         }
     }
 
-    fn cols(&self) -> usize {
-        match self {
-            Self::Q4K(m) => m.cols(),
-            Self::Q6K(m) => m.cols(),
-        }
-    }
-}
-
-/// [`Linear::forward_each`] for K-quant matrices in groups of eight rows: the input quantized
-/// once, the products' tasks handed out together.
-fn shared_forward(matrices: &[KQuantX8<'_>], x: &Tensor) -> Result<Vec<Tensor>> {
-    let dims = x.dims();
-    let Some((&k, leading)) = dims.split_last() else {
-        return Err(EngineError::InvalidInput(
-            "a linear layer's input needs a dimension".into(),
-        ));
-    };
-    if let Some(other) = matrices.iter().find(|matrix| matrix.cols() != k) {
-        return Err(EngineError::InvalidInput(format!(
-            "input of {k} features for a layer of {}",
-            other.cols()
-        )));
-    }
-    let m = leading.iter().product::<usize>();
-    let input = x.to_dtype(DType::F32)?.contiguous()?;
-    let mut outs: Vec<Vec<f32>> = matrices
-        .iter()
-        .map(|mx| vec![0f32; m * mx.rows()])
-        .collect();
-    with_f32(&input, "the engine's quantized kernels", |values| {
-        if values.len() != m * k {
+    /// [`Linear::forward_each`]: the input quantized once, the products' tasks handed out
+    /// together.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let dims = x.dims();
+        let Some((&k, leading)) = dims.split_last() else {
+            return Err(EngineError::InvalidInput(
+                "a linear layer's input needs a dimension".into(),
+            ));
+        };
+        let shapes = self.shapes();
+        if let Some((_, cols)) = shapes.iter().find(|(_, cols)| *cols != k) {
             return Err(EngineError::InvalidInput(format!(
-                "{} input values are not {m} rows of {k}",
-                values.len()
+                "input of {k} features for a layer of {cols}"
             )));
         }
-        let act = quantize_rows(values, k);
-        let products = matrices
+        let m = leading.iter().product::<usize>();
+        let input = x.to_dtype(DType::F32)?.contiguous()?;
+        let mut outs: Vec<Vec<f32>> = shapes
             .iter()
-            .zip(outs.iter_mut())
-            .map(|(matrix, out)| -> Result<Box<dyn Tasks + '_>> {
-                Ok(match matrix {
-                    KQuantX8::Q4K(m4) => Box::new(Product::new(*m4, &act, m, out)?),
-                    KQuantX8::Q6K(m6) => Box::new(Product::new(*m6, &act, m, out)?),
-                })
+            .map(|(rows, _)| vec![0f32; m * rows])
+            .collect();
+        with_f32(&input, "the engine's quantized kernels", |values| {
+            if values.len() != m * k {
+                return Err(EngineError::InvalidInput(format!(
+                    "{} input values are not {m} rows of {k}",
+                    values.len()
+                )));
+            }
+            match self {
+                Self::KQuant(matrices) => {
+                    let act = kquants::quantize_rows(values, k);
+                    let products = matrices
+                        .iter()
+                        .zip(outs.iter_mut())
+                        .map(|(matrix, out)| -> Result<Box<dyn Tasks + '_>> {
+                            Ok(match matrix {
+                                KQuantX8::Q4K(m4) => Box::new(Product::new(*m4, &act, m, out)?),
+                                KQuantX8::Q6K(m6) => Box::new(Product::new(*m6, &act, m, out)?),
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    run(&products.iter().map(|p| p.as_ref()).collect::<Vec<_>>());
+                }
+                Self::Q8(matrices) => {
+                    let act = q8_0::quantize_rows(values, k);
+                    let products = matrices
+                        .iter()
+                        .zip(outs.iter_mut())
+                        .map(|(matrix, out)| Q8Product::new(matrix, &act, m, out))
+                        .collect::<Result<Vec<_>>>()?;
+                    run(&products.iter().map(|p| p as &dyn Tasks).collect::<Vec<_>>());
+                }
+            }
+            Ok(())
+        })?;
+        shapes
+            .iter()
+            .zip(outs)
+            .map(|(&(rows, _), out)| {
+                let mut shape = leading.to_vec();
+                shape.push(rows);
+                Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
             })
-            .collect::<Result<Vec<_>>>()?;
-        let tasks: Vec<&dyn Tasks> = products.iter().map(|p| p.as_ref()).collect();
-        run(&tasks);
-        Ok(())
-    })?;
-    matrices
-        .iter()
-        .zip(outs)
-        .map(|(matrix, out)| {
-            let mut shape = leading.to_vec();
-            shape.push(matrix.rows());
-            Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(x.dtype())?)
-        })
-        .collect()
+            .collect()
+    }
 }
 
 /// The token embedding table, dense or quantized.
@@ -394,36 +420,50 @@ mod tests {
     #[test]
     fn layers_sharing_an_input_give_each_layers_own_bits() -> Result<()> {
         // Q4_K and Q6_K layers of different heights (rows in whole groups of eight, some in
-        // pairs, one odd group), then a dense one, which takes the one-at-a-time path.
+        // pairs, one odd group), Q8_0 layers (quads in pairs and an odd one), and a dense
+        // one, which takes the one-at-a-time path, as does a mix of families.
         let hidden = 512;
-        let q4 = Linear::from_qtensor(
-            Arc::new(QTensor::quantize(&ramp(48, hidden)?, GgmlDType::Q4K)?),
-            DType::F32,
-        )?;
-        let q6 = Linear::from_qtensor(
-            Arc::new(QTensor::quantize(
-                &(ramp(24, hidden)? * 3.0)?,
-                GgmlDType::Q6K,
-            )?),
-            DType::F32,
-        )?;
+        let quantized = |rows: usize, scale: f64, dtype: GgmlDType| -> Result<Linear> {
+            let weight = (ramp(rows, hidden)? * scale)?;
+            Linear::from_qtensor(Arc::new(QTensor::quantize(&weight, dtype)?), DType::F32)
+        };
+        let q4 = quantized(48, 1.0, GgmlDType::Q4K)?;
+        let q6 = quantized(24, 3.0, GgmlDType::Q6K)?;
+        let q8_tall = quantized(40, 2.0, GgmlDType::Q8_0)?;
+        let q8_short = quantized(12, 0.5, GgmlDType::Q8_0)?;
         let dense = Linear::dense(ramp(16, hidden)?);
-        // Where the CPU runs the engine's K-quant kernels, both take the shared path.
-        let shared = q4.k_quant_x8().is_some() && q6.k_quant_x8().is_some();
-        assert_eq!(shared, crate::engine::q8_0::supported());
+        // Where the CPU runs the engine's kernels, those groups take the shared path.
+        let supported = crate::engine::q8_0::supported();
+        assert_eq!(Shared::of(&[&q4, &q6]).is_some(), supported);
+        assert_eq!(Shared::of(&[&q8_tall, &q8_short]).is_some(), supported);
+        assert!(Shared::of(&[&q4, &q8_tall]).is_none());
+        assert!(Shared::of(&[&q6, &dense]).is_none());
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|f| f.to_bits())
+                .collect())
+        };
         for m in [1, 3, 8, 11] {
             let x = (ramp(m, hidden)? * 7.0)?;
             let [a, b] = Linear::forward_each([&q4, &q6], &x)?;
-            let [c, d, e] = Linear::forward_each([&q6, &dense, &q4], &x)?;
-            for (got, layer) in [(a, &q4), (b, &q6), (c, &q6), (d, &dense), (e, &q4)] {
+            let [c, d, e] = Linear::forward_each([&q8_short, &q8_tall, &q8_short], &x)?;
+            let [f, g, h] = Linear::forward_each([&q6, &dense, &q8_tall], &x)?;
+            let pairs = [
+                (a, &q4),
+                (b, &q6),
+                (c, &q8_short),
+                (d, &q8_tall),
+                (e, &q8_short),
+                (f, &q6),
+                (g, &dense),
+                (h, &q8_tall),
+            ];
+            for (i, (got, layer)) in pairs.into_iter().enumerate() {
                 let want = layer.forward(&x)?;
                 assert_eq!(got.dims(), want.dims());
-                let (got, want) = (
-                    got.flatten_all()?.to_vec1::<f32>()?,
-                    want.flatten_all()?.to_vec1::<f32>()?,
-                );
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{m} rows");
+                assert_eq!(bits(&got)?, bits(&want)?, "{m} rows, output {i}");
             }
         }
         // A layer of another width is refused, whichever path it takes.
@@ -436,8 +476,9 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(
-            err.is_some_and(|e| e.contains("512 features for a layer of 256")),
-            "shared path: {shared}"
+            err.as_deref()
+                .is_some_and(|e| e.contains("512 features for a layer of 256")),
+            "{err:?}"
         );
         Ok(())
     }

@@ -27,14 +27,17 @@
 
 #![allow(unsafe_code)]
 
+use std::marker::PhantomData;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
 use super::cpu_features::with_avx2;
 #[cfg(target_arch = "x86_64")]
 use super::cpu_features::{avx_vnni, avx512_vnni};
-use super::cpu_pool::{for_each_row, for_each_task};
+use super::cpu_pool::for_each_row;
 use super::error::{EngineError, Result};
+use super::grouped_matmul::{Tasks, run};
 use super::kquants::nearest_int;
 use super::matrix_shape::MatrixShape;
 use super::out_columns::OutColumns;
@@ -85,7 +88,7 @@ impl QuadBlock {
 /// One 32-value block of a quantized activation row.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ActBlock {
+pub(super) struct ActBlock {
     /// The scale, already rounded through f16 as the weights' are.
     d: f32,
     /// −128 times the sum of the values `v` with `v % 8 < 4` (`offset[0]`) and with
@@ -202,61 +205,131 @@ impl Q8Matrix {
     /// `x Wᵀ` for `x` holding `m` rows of `cols` values: `m` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         self.shape.check_input(x, m)?;
-        let (n, k) = (self.shape.rows, self.shape.cols);
-        let per_row = k / QK;
-        let act = quantize_rows(x, k);
-        let mut out = vec![0f32; m * n];
-        let quads = n.div_ceil(ROWS);
-        // Tasks own whole weight quads: one row of activations needs few rows per task to
-        // spread over the threads, a tile of many rows amortises each task's weights over more.
-        let quads_per_task = if m == 1 { 16 } else { 4 };
-        let tile_rows = (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<ActBlock>()))
-            .clamp(MAX_CALL_ROWS, 64)
-            & !(MAX_CALL_ROWS - 1);
-        let dst = OutColumns::new(&mut out, m, n);
-        let x = |r: usize| &act[r * per_row..(r + 1) * per_row];
-        // The rows of one tile against one quad, eight, four, two or one at a time.
-        let rows = |quad: usize, from: usize, to: usize| {
-            let w = &self.blocks[quad * per_row..(quad + 1) * per_row];
-            let mut r = from;
-            while r < to {
-                let col = quad * ROWS;
-                let run = match to - r {
-                    8.. => write_rows(dst, r, col, n, dot(w, rows_at::<8>(&x, r))),
-                    4..=7 => write_rows(dst, r, col, n, dot(w, rows_at::<4>(&x, r))),
-                    2 | 3 => write_rows(dst, r, col, n, dot(w, rows_at::<2>(&x, r))),
-                    _ => write_rows(dst, r, col, n, dot(w, [x(r)])),
-                };
-                r += run;
-            }
-        };
-        let octets = octets();
-        for_each_task(quads.div_ceil(quads_per_task), |task| {
-            let first = task * quads_per_task;
-            let last = (first + quads_per_task).min(quads);
-            for tile in (0..m).step_by(tile_rows) {
-                let tile_end = (tile + tile_rows).min(m);
-                let mut quad = first;
-                while quad < last {
-                    if !octets || quad + 1 == last || tile_end - tile < 8 {
-                        rows(quad, tile, tile_end);
-                        quad += 1;
-                        continue;
-                    }
-                    let wa = &self.blocks[quad * per_row..(quad + 1) * per_row];
-                    let wb = &self.blocks[(quad + 1) * per_row..(quad + 2) * per_row];
-                    let mut r = tile;
-                    while tile_end - r >= 8 {
-                        write_rows(dst, r, quad * ROWS, n, dot_octet(wa, wb, rows_at(&x, r)));
-                        r += 8;
-                    }
-                    rows(quad, r, tile_end);
-                    rows(quad + 1, r, tile_end);
-                    quad += 2;
-                }
-            }
-        });
+        let act = quantize_rows(x, self.shape.cols);
+        let mut out = vec![0f32; m * self.shape.rows];
+        let product = Q8Product::new(self, &act, m, &mut out)?;
+        run(&[&product]);
         Ok(out)
+    }
+}
+
+/// One product `x Wᵀ` of Q8_0 activations, cut into tasks that own whole weight quads.
+pub(super) struct Q8Product<'a> {
+    matrix: &'a Q8Matrix,
+    act: &'a [ActBlock],
+    /// Activation rows.
+    m: usize,
+    /// Blocks an activation row.
+    per_row: usize,
+    quads_per_task: usize,
+    /// Activation rows a task walks at a time.
+    tile_rows: usize,
+    octets: bool,
+    dst: OutColumns,
+    _out: PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Q8Product<'a> {
+    /// The product of `matrix` and `m` rows of activations `act`, written to `out` (`m` rows
+    /// of the matrix's `rows` values).
+    pub(super) fn new(
+        matrix: &'a Q8Matrix,
+        act: &'a [ActBlock],
+        m: usize,
+        out: &'a mut [f32],
+    ) -> Result<Self> {
+        let MatrixShape { rows: n, cols: k } = matrix.shape;
+        let per_row = k / QK;
+        if act.len() != m * per_row || out.len() != m * n {
+            return Err(EngineError::InvalidInput(format!(
+                "a [{n}, {k}] Q8_0 product of {m} rows got {} activation blocks (wants {}) and \
+                 an output of {} values (wants {})",
+                act.len(),
+                m * per_row,
+                out.len(),
+                m * n
+            )));
+        }
+        Ok(Self {
+            matrix,
+            act,
+            m,
+            per_row,
+            // One row of activations needs few rows per task to spread over the threads, a
+            // tile of many rows amortises each task's weights over more.
+            quads_per_task: if m == 1 { 16 } else { 4 },
+            tile_rows: (ACTIVATION_TILE_BYTES / (per_row * std::mem::size_of::<ActBlock>()))
+                .clamp(MAX_CALL_ROWS, 64)
+                & !(MAX_CALL_ROWS - 1),
+            octets: octets(),
+            dst: OutColumns::new(out, m, n),
+            _out: PhantomData,
+        })
+    }
+
+    /// Activation row `r`'s blocks.
+    fn x(&self, r: usize) -> &'a [ActBlock] {
+        &self.act[r * self.per_row..(r + 1) * self.per_row]
+    }
+
+    /// Quad `quad`'s blocks.
+    fn quad(&self, quad: usize) -> &'a [QuadBlock] {
+        &self.matrix.blocks[quad * self.per_row..(quad + 1) * self.per_row]
+    }
+
+    /// The rows `from..to` of one tile against one quad, eight, four, two or one at a time.
+    fn rows(&self, quad: usize, from: usize, to: usize) {
+        let (w, dst, n) = (self.quad(quad), self.dst, self.matrix.shape.rows);
+        let x = |r: usize| self.x(r);
+        let col = quad * ROWS;
+        let mut r = from;
+        while r < to {
+            r += match to - r {
+                8.. => write_rows(dst, r, col, n, dot(w, rows_at::<8>(&x, r))),
+                4..=7 => write_rows(dst, r, col, n, dot(w, rows_at::<4>(&x, r))),
+                2 | 3 => write_rows(dst, r, col, n, dot(w, rows_at::<2>(&x, r))),
+                _ => write_rows(dst, r, col, n, dot(w, [x(r)])),
+            };
+        }
+    }
+}
+
+impl Tasks for Q8Product<'_> {
+    fn tasks(&self) -> usize {
+        self.matrix
+            .shape
+            .rows
+            .div_ceil(ROWS)
+            .div_ceil(self.quads_per_task)
+    }
+
+    fn run(&self, task: usize) {
+        let quads = self.matrix.shape.rows.div_ceil(ROWS);
+        let n = self.matrix.shape.rows;
+        let x = |r: usize| self.x(r);
+        let first = task * self.quads_per_task;
+        let last = (first + self.quads_per_task).min(quads);
+        for tile in (0..self.m).step_by(self.tile_rows) {
+            let tile_end = (tile + self.tile_rows).min(self.m);
+            let mut quad = first;
+            while quad < last {
+                if !self.octets || quad + 1 == last || tile_end - tile < 8 {
+                    self.rows(quad, tile, tile_end);
+                    quad += 1;
+                    continue;
+                }
+                let (wa, wb) = (self.quad(quad), self.quad(quad + 1));
+                let mut r = tile;
+                while tile_end - r >= 8 {
+                    let values = dot_octet(wa, wb, rows_at(&x, r));
+                    write_rows(self.dst, r, quad * ROWS, n, values);
+                    r += 8;
+                }
+                self.rows(quad, r, tile_end);
+                self.rows(quad + 1, r, tile_end);
+                quad += 2;
+            }
+        }
     }
 }
 
@@ -285,7 +358,7 @@ fn write_rows<const R: usize, const W: usize>(
 }
 
 /// Quantizes rows of `k` values to Q8_0 blocks, as ggml's AVX2 code does (ties to even).
-fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
+pub(super) fn quantize_rows(x: &[f32], k: usize) -> Vec<ActBlock> {
     let per_row = k / QK;
     let empty = ActBlock {
         d: 0.0,
