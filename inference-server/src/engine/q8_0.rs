@@ -18,6 +18,10 @@
 //! from it (computed once per activation block when the activations are quantized). Without
 //! VNNI the kernel restores the signed weights once per block for all its rows.
 //!
+//! With AVX-512 VNNI and eight activation rows, a task's quads go four at a time to
+//! [`sixteens`] (one 32-bit lane a weight row, the runs rearranged once per block), or two at a
+//! time to [`octets`] where fewer are left.
+//!
 //! The arithmetic is llama.cpp's and candle's: the activations are quantized to Q8_0 blocks
 //! (scale `max|x| / 127`, kept as f16), the products of a block are summed exactly in
 //! integers and scaled by both scales in f32. Only the order of the f32 additions differs.
@@ -318,16 +322,23 @@ impl Tasks for Q8Product<'_> {
                     quad += 1;
                     continue;
                 }
-                let (wa, wb) = (self.quad(quad), self.quad(quad + 1));
+                // Four quads a pass where the task has them, else two.
+                let width = if last - quad >= 4 { 4 } else { 2 };
+                let w: [&[QuadBlock]; 4] = std::array::from_fn(|i| self.quad(quad + i % width));
                 let mut r = tile;
                 while tile_end - r >= 8 {
-                    let values = dot_octet(wa, wb, rows_at(&x, r));
-                    write_rows(self.dst, r, quad * ROWS, n, values);
+                    let rows = rows_at(&x, r);
+                    if width == 4 {
+                        write_rows(self.dst, r, quad * ROWS, n, dot_sixteen(w, rows));
+                    } else {
+                        write_rows(self.dst, r, quad * ROWS, n, dot_octet(w[0], w[1], rows));
+                    }
                     r += 8;
                 }
-                self.rows(quad, r, tile_end);
-                self.rows(quad + 1, r, tile_end);
-                quad += 2;
+                for q in quad..quad + width {
+                    self.rows(q, r, tile_end);
+                }
+                quad += width;
             }
         }
     }
@@ -464,6 +475,20 @@ fn dot_octet(wa: &[QuadBlock], wb: &[QuadBlock], x: [&[ActBlock]; 8]) -> [[f32; 
     std::array::from_fn(|r| std::array::from_fn(|i| [first[r], second[r]][i / ROWS][i % ROWS]))
 }
 
+/// Eight activation rows against the four quads `w`: row `r`'s sixteen dot products, quad by
+/// quad ([`sixteens`] with AVX-512 VNNI, else two passes of [`dot_octet`]).
+fn dot_sixteen(w: [&[QuadBlock]; 4], x: [&[ActBlock]; 8]) -> [[f32; 4 * ROWS]; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if avx512_vnni() {
+        // SAFETY: checked just now; AVX2, FMA and F16C wherever a `Q8Matrix` exists.
+        return unsafe { sixteens::dot(w, x) };
+    }
+    let (first, second) = (dot_octet(w[0], w[1], x), dot_octet(w[2], w[3], x));
+    std::array::from_fn(|r| {
+        std::array::from_fn(|i| [first[r], second[r]][i / (2 * ROWS)][i % (2 * ROWS)])
+    })
+}
+
 /// The reference the kernels are tested against (and the path off x86-64).
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn scalar_dot(w: &[QuadBlock], x: &[ActBlock]) -> [f32; ROWS] {
@@ -499,6 +524,7 @@ fn prefetch_ahead(w: &[QuadBlock], b: usize) {
 }
 
 mod octets;
+mod sixteens;
 
 /// What both instruction sets' kernels share: loads, scales and the final sums.
 #[cfg(target_arch = "x86_64")]
@@ -813,6 +839,48 @@ mod tests {
                     close(&avx512::dot(w, [rows[0]]), "AVX-512 VNNI, 1 row");
                     close(&avx512::dot(w, eight), "AVX-512 VNNI, 8 rows");
                 }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn four_quads_at_once_give_the_one_quad_kernels_bits() -> Result<()> {
+        if !supported() {
+            return Ok(());
+        }
+        // Five quads; the four are quads 1..5. Activations with an extreme value in each row.
+        let (n, k) = (20, 256);
+        let matrix = test_matrix(n, k, 29)?;
+        let per_row = k / QK;
+        let mut x = values(8 * k, 31);
+        for r in 0..8 {
+            x[r * k + 29 * r + 3] = if r % 2 == 0 { -95.0 } else { 95.0 };
+        }
+        let act = quantize_rows(&x, k);
+        let rows: [&[ActBlock]; 8] = std::array::from_fn(|r| &act[r * per_row..(r + 1) * per_row]);
+        let w: [&[QuadBlock]; 4] =
+            std::array::from_fn(|q| &matrix.blocks[(q + 1) * per_row..(q + 2) * per_row]);
+        let got = dot_sixteen(w, rows);
+        // The fallback: two passes of the two-quad kernel.
+        let (first, second) = (dot_octet(w[0], w[1], rows), dot_octet(w[2], w[3], rows));
+        for (r, row) in rows.iter().enumerate() {
+            let one: Vec<f32> = w.iter().flat_map(|quad| dot(quad, [*row])[0]).collect();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got[r]),
+                bits(&one),
+                "activation row {r}: {:?} vs {one:?}",
+                got[r]
+            );
+            let two = [first[r], second[r]].concat();
+            assert_eq!(bits(&two), bits(&one), "two passes, activation row {r}");
+            let expected: Vec<f32> = w.iter().flat_map(|quad| scalar_dot(quad, row)).collect();
+            for (i, (g, e)) in got[r].iter().zip(&expected).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                    "activation row {r}, weight row {i}: {g} vs {e}"
+                );
             }
         }
         Ok(())
