@@ -98,9 +98,7 @@ impl Linear {
             Self::Q6KX8(m) => cpu_forward(m.rows(), m.cols(), x, |v, n| m.matmul(v, n)),
         }
     }
-}
 
-impl Linear {
     /// `x Wᵀ` of each of `layers`, which share the input `x` (a layer's query, key and value
     /// projections; its gate and up projections): as [`Linear::forward`] on each, to the bit.
     ///

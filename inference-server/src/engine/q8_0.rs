@@ -779,6 +779,16 @@ mod tests {
     }
 
     /// A `[n, k]` matrix of [`values`] quantized by candle and regrouped from its bytes.
+    /// Eight activation rows of `k` values, quantized, each with one extreme value: `peak` in
+    /// the even rows, `-peak` in the odd ones, at a different column in each.
+    fn extreme_rows(k: usize, seed: u32, peak: f32) -> Vec<ActBlock> {
+        let mut x = values(8 * k, seed);
+        for r in 0..8 {
+            x[r * k + 31 * r] = if r % 2 == 0 { peak } else { -peak };
+        }
+        quantize_rows(&x, k)
+    }
+
     fn test_matrix(n: usize, k: usize, seed: u32) -> Result<Q8Matrix> {
         let weight = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu)?;
         let q = QTensor::quantize(&weight, GgmlDType::Q8_0)?;
@@ -849,15 +859,11 @@ mod tests {
         if !supported() {
             return Ok(());
         }
-        // Five quads; the four are quads 1..5. Activations with an extreme value in each row.
+        // Five quads; the four are quads 1..5.
         let (n, k) = (20, 256);
         let matrix = test_matrix(n, k, 29)?;
         let per_row = k / QK;
-        let mut x = values(8 * k, 31);
-        for r in 0..8 {
-            x[r * k + 29 * r + 3] = if r % 2 == 0 { -95.0 } else { 95.0 };
-        }
-        let act = quantize_rows(&x, k);
+        let act = extreme_rows(k, 31, -95.0);
         let rows: [&[ActBlock]; 8] = std::array::from_fn(|r| &act[r * per_row..(r + 1) * per_row]);
         let w: [&[QuadBlock]; 4] =
             std::array::from_fn(|q| &matrix.blocks[(q + 1) * per_row..(q + 2) * per_row]);
@@ -891,16 +897,11 @@ mod tests {
         if !supported() {
             return Ok(());
         }
-        // Three quads; the pair is quads 1 and 2. Activations with an extreme value in
-        // each row.
+        // Three quads; the pair is quads 1 and 2.
         let (n, k) = (12, 256);
         let matrix = test_matrix(n, k, 13)?;
         let per_row = k / QK;
-        let mut x = values(8 * k, 21);
-        for r in 0..8 {
-            x[r * k + 31 * r] = if r % 2 == 0 { 90.0 } else { -90.0 };
-        }
-        let act = quantize_rows(&x, k);
+        let act = extreme_rows(k, 21, 90.0);
         let rows: [&[ActBlock]; 8] = std::array::from_fn(|r| &act[r * per_row..(r + 1) * per_row]);
         let (wa, wb) = (
             &matrix.blocks[per_row..2 * per_row],
