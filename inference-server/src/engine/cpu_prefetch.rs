@@ -1,5 +1,6 @@
-//! Software prefetch for the kernels that multiply two adjacent weight groups in one pass
-//! ([`super::kquants_x8`]'s pairs, [`super::q8_0`]'s octets).
+//! Software prefetch for the kernels that multiply adjacent weight groups in one pass
+//! ([`super::kquants_x8`]'s pairs, [`super::q8_0`]'s octets of two quads and sixteens of
+//! four).
 //!
 //! Such a kernel reads two streams, block `b` of the first group and block `b` of the
 //! second, and then the next two groups, which follow in memory. Prefetching a fixed
@@ -12,7 +13,7 @@
 //! unprefetched: one thread multiplied eight activation rows at 176–229 ns a block from
 //! memory against 128–151 from its L2.
 //!
-//! The Q6_K pair kernel asks for its next pair's lines a quarter at a time ([`pair_ahead_at`],
+//! The Q6_K pair kernel asks for its next pair's lines a quarter at a time ([`ahead_at`],
 //! [`part`]), between its chunks, not all 54 at the start of a step: issued together, the kernel's own
 //! loads waited behind them (most likely for the core's queue of outstanding misses). One thread, eight activation rows, weights from memory: 142–148 ns an 8-row block
 //! with every line asked for at the start, 120–125 spread over the step (111 and 115–117 from
@@ -20,42 +21,39 @@
 
 #![allow(unsafe_code)]
 
-/// Asks for the blocks that a pair kernel multiplying `first[b]` and `second[b]` will
-/// multiply `steps` steps later, into L2; `second` must follow `first` in memory, and the
-/// next pair must follow `second`, as in a matrix stored group after group.
+/// Asks for the blocks that a kernel multiplying block `b` of each of `streams` (adjacent
+/// weight groups, each following the one before in memory) will multiply `steps` steps later,
+/// into L2; past the end of these groups, the same blocks of the next `N` groups, which
+/// follow them in memory, as in a matrix stored group after group.
 #[inline]
-pub(super) fn pair_ahead<B>(first: &[B], second: &[B], b: usize, steps: usize) {
-    let per_group = first.len();
-    let at = b + steps;
-    // Past the end of this pair: the next pair's groups, `2 × per_group` blocks further on.
-    let skip = if at >= per_group { per_group } else { 0 };
-    let bytes = std::mem::size_of::<B>();
-    lines(first.as_ptr().wrapping_add(at + skip).cast(), bytes);
-    lines(second.as_ptr().wrapping_add(at + skip).cast(), bytes);
+pub(super) fn ahead<B, const N: usize>(streams: [&[B]; N], b: usize, steps: usize) {
+    for at in ahead_at(streams, b, steps) {
+        lines(at, std::mem::size_of::<B>());
+    }
 }
 
-/// Where [`pair_ahead`] prefetches from: the two blocks the kernel will multiply `steps`
-/// steps after step `b`, for a kernel that prefetches them in parts ([`part`]) to spread its
-/// prefetches over the step instead of issuing them all at its start.
+/// Where [`ahead`] prefetches from, for a kernel that prefetches in parts ([`part`]) to
+/// spread its prefetches over the step instead of issuing them all at its start.
 #[inline]
-pub(super) fn pair_ahead_at<B>(
-    first: &[B],
-    second: &[B],
+pub(super) fn ahead_at<B, const N: usize>(
+    streams: [&[B]; N],
     b: usize,
     steps: usize,
-) -> [*const i8; 2] {
-    let per_group = first.len();
+) -> [*const i8; N] {
+    let per_group = streams[0].len();
     let at = b + steps;
-    let skip = if at >= per_group { per_group } else { 0 };
-    [
-        first.as_ptr().wrapping_add(at + skip).cast(),
-        second.as_ptr().wrapping_add(at + skip).cast(),
-    ]
+    // Past the end of these groups: the next `N` groups, `N × per_group` blocks further on.
+    let skip = if at >= per_group {
+        (N - 1) * per_group
+    } else {
+        0
+    };
+    streams.map(|group| group.as_ptr().wrapping_add(at + skip).cast())
 }
 
-/// Part `part` of `parts` of the lines of the two blocks of `B` at `ahead`.
+/// Part `part` of `parts` of the lines of the blocks of `B` at `ahead`.
 #[inline]
-pub(super) fn part<B>(ahead: [*const i8; 2], part: usize, parts: usize) {
+pub(super) fn part<B, const N: usize>(ahead: [*const i8; N], part: usize, parts: usize) {
     let lines_per_block = std::mem::size_of::<B>().div_ceil(64);
     let (from, to) = (
         part * lines_per_block / parts,
@@ -76,8 +74,9 @@ pub(super) fn lines(at: *const i8, bytes: usize) {
     }
 }
 
-/// Steps of a pair kernel over two blocks of `B` that make up about `bytes` bytes.
-pub(super) const fn steps_for<B>(bytes: usize) -> usize {
-    let step = 2 * std::mem::size_of::<B>();
+/// Steps that make up about `bytes` bytes for a kernel reading a block of `B` from each of
+/// `streams` groups a step.
+pub(super) const fn steps_for<B>(bytes: usize, streams: usize) -> usize {
+    let step = streams * std::mem::size_of::<B>();
     if bytes > step { bytes / step } else { 1 }
 }

@@ -103,11 +103,11 @@ pub(super) mod q4k {
 
     use super::super::{BlockQ4Kx8, PREFETCH_BYTES};
     use super::{PAIR_ROWS, broadcast4, bytes_both, bytes8, load_both, scales_f32, store};
-    use crate::engine::cpu_prefetch::{pair_ahead, steps_for};
+    use crate::engine::cpu_prefetch::{ahead, steps_for};
     use crate::engine::kquants::Q8KBlock;
 
     /// Steps of the pair the prefetch runs ahead: [`PREFETCH_BYTES`] of the two streams.
-    const STEPS: usize = steps_for::<BlockQ4Kx8>(PREFETCH_BYTES);
+    const STEPS: usize = steps_for::<BlockQ4Kx8>(PREFETCH_BYTES, 2);
 
     /// Groups `wa` and `wb` (the same number of blocks) against `R` Q8_K rows: row `r`'s
     /// sixteen results, `wa`'s eight rows then `wb`'s.
@@ -129,7 +129,7 @@ pub(super) mod q4k {
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, (ba, bb)) in wa.iter().zip(wb).enumerate() {
-            pair_ahead(wa, wb, b, STEPS);
+            ahead([wa, wb], b, STEPS);
             let mut sumi = [_mm512_setzero_si512(); R];
             for c in 0..4 {
                 let mut p_lo = [_mm512_setzero_si512(); R];
@@ -202,11 +202,11 @@ pub(super) mod q6k {
     use super::super::q6k::{qh_at, ql_at};
     use super::super::{BlockQ6Kx8, PREFETCH_BYTES};
     use super::{PAIR_ROWS, broadcast4, bytes_both, load_both, scales_f32, store};
-    use crate::engine::cpu_prefetch::{pair_ahead_at, part, steps_for};
+    use crate::engine::cpu_prefetch::{ahead_at, part, steps_for};
     use crate::engine::kquants::Q8KBlock;
 
     /// Steps of the pair the prefetch runs ahead: [`PREFETCH_BYTES`] of the two streams.
-    const STEPS: usize = steps_for::<BlockQ6Kx8>(PREFETCH_BYTES);
+    const STEPS: usize = steps_for::<BlockQ6Kx8>(PREFETCH_BYTES, 2);
 
     /// Chunks `P` and `P + 2` of half `h`, which share their bytes: `ql`'s low nibbles are
     /// chunk `P`'s low bits and its high nibbles chunk `P + 2`'s, and one `qh` byte holds the
@@ -229,7 +229,7 @@ pub(super) mod q6k {
         sumi: &mut [__m512i; R],
     ) {
         let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-        part::<BlockQ6Kx8>(ahead, 2 * h + P, 4);
+        part::<BlockQ6Kx8, 2>(ahead, 2 * h + P, 4);
         for half in 0..2 {
             let (sub_lo, sub_hi) = (8 * h + 2 * P + half, 8 * h + 2 * (P + 2) + half);
             let mut p_lo: [__m512i; R] =
@@ -289,7 +289,7 @@ pub(super) mod q6k {
     ) -> [[f32; PAIR_ROWS]; R] {
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, (ba, bb)) in wa.iter().zip(wb).enumerate() {
-            let ahead = pair_ahead_at(wa, wb, b, STEPS);
+            let ahead = ahead_at([wa, wb], b, STEPS);
             let xb: [&Q8KBlock; R] = std::array::from_fn(|r| &x[r][b]);
             // −32 × each 16-value sum, the start of its sub-block's sum.
             let mut offsets = [[0i32; 16]; R];

@@ -15,12 +15,12 @@
 use std::arch::x86_64::*;
 
 use super::{ActBlock, QuadBlock, ROWS, RUN};
-use crate::engine::cpu_prefetch::{pair_ahead, steps_for};
+use crate::engine::cpu_prefetch::{ahead, steps_for};
 
 /// Steps the prefetch runs ahead: about 12 KiB of the two quads' blocks, into L2 (as the
 /// K-quant kernels' prefetch; the quad kernels' 8 blocks into L1 are 80 ns ahead of eight
 /// activation rows, less than memory takes).
-const STEPS: usize = steps_for::<QuadBlock>(12 * 1024);
+const STEPS: usize = steps_for::<QuadBlock>(12 * 1024, 2);
 
 /// Rows of the two quads.
 pub(super) const OCTET: usize = 2 * ROWS;
@@ -82,7 +82,7 @@ pub(super) unsafe fn dot(
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let mut acc = [_mm512_setzero_ps(); 4];
     for (b, (ba, bb)) in wa.iter().zip(wb).enumerate() {
-        pair_ahead(wa, wb, b, STEPS);
+        ahead([wa, wb], b, STEPS);
         let wq = [0, 1, 2, 3].map(|g| weights(ba, bb, g));
         let d = scales(ba, bb);
         let mut sums = [_mm512_setzero_si512(); 8];

@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 
 use super::{ActBlock, QuadBlock, ROWS, RUN};
-use crate::engine::cpu_prefetch::lines;
+use crate::engine::cpu_prefetch::{ahead, steps_for};
 
 /// Quads a pass takes.
 pub(super) const QUADS: usize = 4;
@@ -25,7 +25,7 @@ pub(super) const QUADS: usize = 4;
 pub(super) const SIXTEEN: usize = QUADS * ROWS;
 
 /// Steps the prefetch runs ahead: about 12 KiB of the four quads' blocks, into L2.
-const STEPS: usize = 12 * 1024 / (QUADS * std::mem::size_of::<QuadBlock>());
+const STEPS: usize = steps_for::<QuadBlock>(12 * 1024, QUADS);
 
 /// Run `g` (0..4) of quads `a` and `b`: `a`'s four rows' eight bytes in the low half, `b`'s in
 /// the high one (32-bit lanes 2 i and 2 i + 1: row i's two halves).
@@ -82,7 +82,7 @@ pub(super) unsafe fn dot(w: [&[QuadBlock]; QUADS], x: [&[ActBlock]; 8]) -> [[f32
     let second = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let mut acc = [_mm512_setzero_ps(); 8];
     for b in 0..blocks {
-        ahead(w, b);
+        ahead(w, b, STEPS);
         let wb = w.map(|quad| &quad[b]);
         let halves: [[__m512i; 2]; 4] = std::array::from_fn(|g| {
             let (low, high) = (run_of(wb[0], wb[1], g), run_of(wb[2], wb[3], g));
@@ -109,23 +109,4 @@ pub(super) unsafe fn dot(w: [&[QuadBlock]; QUADS], x: [&[ActBlock]; 8]) -> [[f32
         unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
     }
     out
-}
-
-/// Asks for the blocks the kernel will multiply [`STEPS`] steps after step `b`, into L2: in
-/// these quads, or past their end in the next four, which follow them in memory.
-#[inline]
-fn ahead(w: [&[QuadBlock]; QUADS], b: usize) {
-    let blocks = w[0].len();
-    let at = b + STEPS;
-    let skip = if at >= blocks {
-        (QUADS - 1) * blocks
-    } else {
-        0
-    };
-    for quad in w {
-        lines(
-            quad.as_ptr().wrapping_add(at + skip).cast(),
-            std::mem::size_of::<QuadBlock>(),
-        );
-    }
 }
