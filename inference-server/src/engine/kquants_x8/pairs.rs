@@ -11,8 +11,9 @@
 //! sub-block summed by `vpdpbusd` alone before one `vpmulld` scales it.
 //!
 //! At eight activation rows these kernels are bound by the vector multiplier (on the 2-core
-//! Zen 4 class EPYC, its two vCPUs share one core's: a `vpdpbusd` on 512 bits a cycle
-//! between them). For 64 products of Q6_K they issue 1¼ multiplier instructions where the
+//! Zen 4 class EPYC, 2026-12-08, each vCPU runs a 512-bit `vpdpbusd`, `vpmulld` or
+//! `vpdpwssd` a cycle at about 3.6 GHz, and two processes each keep that rate: the vCPUs do
+//! not share one multiplier). For 64 products of Q6_K they issue 1¼ multiplier instructions where the
 //! one-group kernel issues 2⅛, and Q6_K's offset of 32 costs none: each sub-block's sum
 //! starts from −32 × the activation's sum. For Q4_K, 1⅛ where it issues 1¼.
 //!
